@@ -1,0 +1,1 @@
+"""Sub-commands of ``gill-hf``; each module exposes ``register(subparsers)``."""

@@ -1,0 +1,165 @@
+"""Tiny random backbones written with ``save_pretrained``, so tests and demos run offline through real loaders.
+
+``build_tiny_backbones(out_dir)`` writes::
+
+    out_dir/opt/     OPTForCausalLM (tied output embeddings) + byte-level BPE tokenizer
+    out_dir/llama/   LlamaForCausalLM (untied output embeddings) + the same tokenizer
+    out_dir/clip/    CLIPVisionModel + CLIPImageProcessor (32 x 32 px)
+    out_dir/sd/      Stable Diffusion folder: unet, vae, text_encoder, tokenizer, scheduler, model_index.json
+
+Widths are small (LLM 64, CLIP 32, SD text 32) and all weights are seeded, so two calls give identical files.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_CORPUS_WORDS = (
+    "a an the of on in at to and with is are this that photo picture image drawing painting of my dog cat "
+    "red green blue yellow purple orange white black gray pink circle square triangle star ring cross "
+    "small big large tiny left right top bottom middle center corner next beach park street city house "
+    "man woman child people tree flower sky water sun moon car bus train show me same here there it "
+    "story day we went saw had fun then after finally first one two three four five . , ! ? : ' Q A"
+).split()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The GPT-2 byte -> printable-character table that byte-level BPE vocabularies are written in."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer (any text encodes, no unknowns) trained on a toy corpus; bos ``<s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    sentences = [" ".join(TINY_CORPUS_WORDS[i:i + 6]) for i in range(len(TINY_CORPUS_WORDS))]
+    tok.train_from_iterator(sentences * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def _build_clip_text_tokenizer():
+    """A character-level CLIPTokenizer (the SD tokenizer class) from hand-written vocab/merges files."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt")
+        Path(vocab_file).write_text(json.dumps(vocab))
+        Path(merges_file).write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+    return tokenizer
+
+
+def tiny_llm_config(kind: str, vocab_size: int):
+    """Config of a 2-layer, 64-wide OPT (tied) or Llama (untied) model."""
+    from transformers import LlamaConfig, OPTConfig
+
+    if kind == "opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                         num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0, attention_dropout=0.0,
+                         tie_word_embeddings=True)
+    if kind == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    raise ValueError(f"unknown tiny LLM kind {kind!r}; expected 'opt' or 'llama'")
+
+
+def tiny_clip_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=32)
+
+
+def tiny_image_processor():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def _save_llm(kind: str, out_dir: Path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_llm_config(kind, len(tokenizer)))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _save_clip(out_dir: Path):
+    from transformers import CLIPVisionModel
+
+    CLIPVisionModel(tiny_clip_vision_config()).save_pretrained(out_dir)
+    tiny_image_processor().save_pretrained(out_dir)
+
+
+def _save_stable_diffusion(out_dir: Path):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _build_clip_text_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out_dir)
+
+
+def build_tiny_backbones(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
+    """Write tiny random OPT, Llama, CLIP-vision and Stable Diffusion checkpoints; return their paths by name.
+
+    Folders that already hold a ``config.json`` / ``model_index.json`` are reused, so the call is cheap to repeat.
+    """
+    out = Path(out_dir)
+    paths = {"opt": out / "opt", "llama": out / "llama", "clip": out / "clip", "sd": out / "sd"}
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = None
+    for name, path in paths.items():
+        marker = path / ("model_index.json" if name == "sd" else "config.json")
+        if marker.exists():
+            continue
+        torch.manual_seed(seed)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
+        if name in ("opt", "llama"):
+            tokenizer = tokenizer or build_tiny_tokenizer()
+            _save_llm(name, tmp, tokenizer)
+        elif name == "clip":
+            _save_clip(tmp)
+        else:
+            _save_stable_diffusion(tmp)
+        os.replace(tmp, path)  # a crash leaves no half-written backbone behind
+    return {name: str(path) for name, path in paths.items()}

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny offline backbones (built once per session) and small GILL models on top of them."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from gill_hf import GILLForConditionalGeneration, build_tiny_backbones  # noqa: E402
+
+torch.set_num_threads(2)
+
+# A paper-shaped GILL (k=4, r=8, p=256, 4+4 mapper layers, L=77) scaled down in width so tests stay fast.
+SMALL_MAPPER = dict(mapper_hidden_dim=32, mapper_num_heads=4, mapper_ffn_dim=64, mapper_encoder_layers=2,
+                    mapper_decoder_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbones(tmp_path_factory) -> dict[str, str]:
+    """Paths of the tiny random OPT (tied), Llama (untied), CLIP vision and Stable Diffusion checkpoints."""
+    return build_tiny_backbones(tmp_path_factory.mktemp("backbones"))
+
+
+@pytest.fixture(scope="session")
+def make_model(tiny_backbones):
+    """``make_model(llm="opt", seed=0, **config_overrides)`` -> a fresh GILL with its processor attached."""
+
+    def _make(llm: str = "opt", seed: int = 0, **overrides) -> GILLForConditionalGeneration:
+        torch.manual_seed(seed)
+        kwargs = {**SMALL_MAPPER, **overrides}
+        return GILLForConditionalGeneration.from_backbones(tiny_backbones[llm], tiny_backbones["clip"],
+                                                           tiny_backbones["sd"], **kwargs)
+
+    return _make
+
+
+@pytest.fixture
+def caption_batch():
+    """``batch(model, n)``: n toy image-caption pairs encoded by the model's processor, plus random targets."""
+    from PIL import Image
+
+    captions = ["a red circle on the left", "a blue square at the top", "a yellow star in the middle",
+                "a green triangle at the bottom", "a purple ring in the corner", "a white cross on the right"]
+    colours = ["red", "blue", "yellow", "green", "purple", "white"]
+
+    def _batch(model, n: int = 4, seed: int = 0) -> dict:
+        proc = model.processor
+        enc = proc.encode_captions(captions[:n], max_length=24)
+        images = [Image.new("RGB", (40, 36), colours[i]) for i in range(n)]
+        g = torch.Generator().manual_seed(seed)
+        targets = torch.randn(n, model.config.num_gen_queries, model.config.gen_emb_dim, generator=g)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "pixel_values": proc.preprocess_images(images), "gen_targets": targets}
+
+    return _batch
