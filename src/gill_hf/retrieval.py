@@ -1,0 +1,204 @@
+"""RetrievalIndex: L2-normalised candidate image embeddings (W_i2t CLIP(x)) with exact chunked top-k search.
+
+On disk a folder holds ``embeddings.safetensors`` (one ``(N, p)`` fp16/fp32 tensor, already normalised; the
+logit scale in its metadata) and ``paths.json`` (N image paths or URLs). Loading memory-maps the tensor, so a
+corpus larger than RAM is searched page by page. Scores reproduce the original's ``exp(logit_scale) * cosine``.
+"""
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+EMBEDDINGS_FILE = "embeddings.safetensors"
+PATHS_FILE = "paths.json"
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32}
+
+
+class RetrievalIndex:
+    """``(N, p)`` unit-norm candidates + their paths; ``search`` returns scaled cosines and indices.
+
+    Args:
+        embeddings: ``(N, p)`` candidate embeddings; normalised here unless ``normalized=True``.
+        paths: N image paths or URLs, in row order.
+        logit_scale: log of the score scale (the model's ``adapter.logit_scale``); scores = exp(it) * cosine.
+        dtype: storage dtype, ``torch.float16`` (half the bytes to scan) or ``torch.float32``.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, paths: Sequence[str], logit_scale: float = 0.0,
+                 dtype: torch.dtype | None = None, normalized: bool = False):
+        if embeddings.dim() != 2:
+            raise ValueError(f"embeddings must be (N, p), got shape {tuple(embeddings.shape)}")
+        if embeddings.shape[0] == 0:
+            raise ValueError("a RetrievalIndex needs at least one candidate embedding")
+        if len(paths) != embeddings.shape[0]:
+            raise ValueError(f"{embeddings.shape[0]} embeddings but {len(paths)} paths")
+        dtype = dtype or (embeddings.dtype if embeddings.dtype in (torch.float16, torch.float32) else torch.float32)
+        if dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"index dtype must be float16 or float32, got {dtype}")
+        if not normalized:
+            embeddings = F.normalize(embeddings.float(), dim=-1)
+        self.embeddings = embeddings.to(dtype)  # (N, p), unit rows
+        self.paths = list(paths)
+        self.logit_scale = float(logit_scale)
+        self._faiss = None
+
+    # ---- construction ----
+    @classmethod
+    @torch.no_grad()
+    def from_images(cls, model, images: Sequence, paths: Sequence[str] | None = None, batch_size: int = 64,
+                    dtype: torch.dtype = torch.float16) -> "RetrievalIndex":
+        """Embed images (PIL or paths) with CLIP -> W_i2t; ``paths`` default to the images' own paths."""
+        if paths is None:
+            if not all(isinstance(im, (str, os.PathLike)) for im in images):
+                raise ValueError("pass `paths` when the images are not file paths")
+            paths = [os.fspath(im) for im in images]
+        if len(images) == 0:
+            raise ValueError("a RetrievalIndex needs at least one image")
+        chunks = []
+        for start in tqdm(range(0, len(images), batch_size), desc="embedding images", unit="batch"):
+            pixels = model.processor.preprocess_images(images[start:start + batch_size])
+            features = model.encode_images(pixels.to(model.adapter.logit_scale.device))
+            chunks.append(F.normalize(model.image_retrieval_embeddings(features).float(), dim=-1).cpu())
+        return cls(torch.cat(chunks), paths, model.adapter.logit_scale.item(), dtype=dtype, normalized=True)
+
+    @classmethod
+    def from_original_release(cls, path: str | os.PathLike, logit_scale: float,
+                              dtype: torch.dtype = torch.float16) -> "RetrievalIndex":
+        """Import the original release's ``cc3m_embeddings*.npy`` (a pickle of ``{"paths", "embeddings"}``)
+        through the restricted unpickler; ``logit_scale`` is the released model's."""
+        from .safe_pickle import safe_load
+
+        data = safe_load(path)
+        if not isinstance(data, dict) or not {"paths", "embeddings"} <= set(data):
+            raise ValueError(f"{os.fspath(path)} is not a GILL embeddings file (expected keys 'paths', 'embeddings')")
+        rows = data["embeddings"]
+        matrix = np.asarray(rows, dtype=np.float32) if isinstance(rows, np.ndarray) else \
+            np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in rows])
+        return cls(torch.from_numpy(matrix), [str(p) for p in data["paths"]], logit_scale, dtype=dtype)
+
+    # ---- persistence ----
+    def save(self, directory: str | os.PathLike):
+        """Write ``embeddings.safetensors`` + ``paths.json`` into ``directory`` via a temporary folder."""
+        target = os.fspath(directory)
+        os.makedirs(target, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".index-", dir=target)
+        try:
+            safetensors.torch.save_file({"embeddings": self.embeddings.contiguous()},
+                                        os.path.join(staging, EMBEDDINGS_FILE),
+                                        metadata={"logit_scale": repr(self.logit_scale), "normalized": "true"})
+            with open(os.path.join(staging, PATHS_FILE), "w") as handle:
+                json.dump(self.paths, handle)
+            for name in (EMBEDDINGS_FILE, PATHS_FILE):
+                os.replace(os.path.join(staging, name), os.path.join(target, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "RetrievalIndex":
+        """Open a saved index; with ``mmap`` the embeddings stay on disk and are paged in while searching."""
+        directory = os.fspath(directory)
+        file = os.path.join(directory, EMBEDDINGS_FILE)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"no {EMBEDDINGS_FILE} in {directory}: not a saved RetrievalIndex")
+        with open(os.path.join(directory, PATHS_FILE)) as handle:
+            paths = json.load(handle)
+        embeddings, metadata = _open_safetensors(file, "embeddings", mmap)
+        return cls(embeddings, paths, float(metadata.get("logit_scale", 0.0)),
+                   normalized=metadata.get("normalized") == "true")
+
+    # ---- search ----
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def use_faiss(self, index=None):
+        """Search through FAISS instead (``faiss.IndexFlatIP`` by default; pass any trained inner-product index,
+        e.g. IVF-PQ, for corpora of tens of millions). Needs ``pip install faiss-cpu``."""
+        try:
+            import faiss
+        except ImportError as err:
+            raise ImportError("RetrievalIndex.use_faiss needs the faiss package (pip install faiss-cpu)") from err
+        if index is None:
+            index = faiss.IndexFlatIP(self.dim)
+            index.add(self.embeddings.float().numpy())
+        if index.d != self.dim:
+            raise ValueError(f"the FAISS index is {index.d} wide but the embeddings are {self.dim} wide")
+        self._faiss = index
+        return self
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int = 5, chunk_size: int = 262_144,
+               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k: ``(Q, p)`` or ``(p,)`` queries -> scores ``(Q, k)`` (exp(logit_scale) * cosine, fp32)
+        and row indices ``(Q, k)``. ``exclude``: a bool ``(Q, N)`` mask of candidates to skip (e.g. images
+        already shown; it bypasses FAISS). Rows are scanned ``chunk_size`` at a time, so memory stays bounded."""
+        single = queries.dim() == 1
+        queries = queries.unsqueeze(0) if single else queries
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}) to match the index, got shape {tuple(queries.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = min(k, len(self))
+        unit = F.normalize(queries.float(), dim=-1)
+        if self._faiss is not None and exclude is None:
+            cos, idx = self._faiss.search(unit.cpu().numpy(), k)
+            scores, indices = torch.from_numpy(cos).float(), torch.from_numpy(idx).long()
+        else:
+            scores, indices = self._exact_topk(unit, k, chunk_size, exclude)
+        scores = scores * math.exp(self.logit_scale)
+        return (scores[0], indices[0]) if single else (scores, indices)
+
+    def _exact_topk(self, unit: torch.Tensor, k: int, chunk_size: int, exclude):
+        device = self.embeddings.device
+        q = unit.to(device=device, dtype=self.embeddings.dtype)  # (Q, p)
+        best_scores = torch.full((q.shape[0], 0), float("-inf"), device=device)
+        best_idx = torch.zeros((q.shape[0], 0), dtype=torch.long, device=device)
+        for start in range(0, len(self), chunk_size):
+            chunk = self.embeddings[start:start + chunk_size]  # (C, p)
+            if device.type == "cpu" and q.shape[0] <= 8:  # CPU GEMV streams the chunk once per query, fastest here
+                cos = torch.stack([torch.mv(chunk, query) for query in q]).float()  # (Q, C)
+            else:
+                cos = (q @ chunk.t()).float()
+            if exclude is not None:
+                cos = cos.masked_fill(exclude[:, start:start + chunk.shape[0]].to(device), float("-inf"))
+            top = cos.topk(min(k, cos.shape[1]), dim=1)
+            best_scores = torch.cat([best_scores, top.values], dim=1)
+            best_idx = torch.cat([best_idx, top.indices + start], dim=1)
+            keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
+            best_scores, best_idx = keep.values, best_idx.gather(1, keep.indices)
+        return best_scores.cpu(), best_idx.cpu()
+
+
+def _open_safetensors(file: str, name: str, mmap: bool) -> tuple[torch.Tensor, dict]:
+    """One tensor of a safetensors file, memory-mapped read-only through numpy when ``mmap`` (fp16/fp32 only)."""
+    with open(file, "rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+    metadata = header.pop("__metadata__", {}) or {}
+    if name not in header:
+        raise ValueError(f"{file} holds no tensor named {name!r}")
+    entry = header[name]
+    if not mmap or entry["dtype"] not in _NUMPY_DTYPES:
+        return safetensors.torch.load_file(file)[name], metadata
+    begin, end = entry["data_offsets"]
+    array = np.memmap(file, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r", offset=8 + header_len + begin,
+                      shape=tuple(entry["shape"]))
+    if array.nbytes != end - begin:
+        raise ValueError(f"{file}: tensor {name!r} has {end - begin} bytes, its shape and dtype say {array.nbytes}")
+    with warnings.catch_warnings():  # torch warns that the read-only map is not writable; the index never writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array), metadata
