@@ -1,0 +1,184 @@
+"""The GILL training recipe on the HF ``Trainer``: parameter groups, trainable sets, LDM loss, resume with LoRA.
+
+``train_gill(model, train_dataset, output_dir, **training_args)`` builds and returns a ready :class:`GILLTrainer`
+(call ``.train()``); the same script scales to many processes with ``accelerate launch`` / ``torchrun``.
+"""
+
+from collections import defaultdict
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer, TrainingArguments
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .callbacks import RenormalizeImgEmbeddingsCallback
+from .data import GILLDataCollator
+from .distributed import gather_with_grad
+from .lora import load_lora_weights
+
+LOSS_FIELDS = ("caption_loss", "img_token_loss", "gen_loss", "ret_loss")
+NO_DECAY_KEYS = ("logit_scale", "queries", "img_embeddings", "img_output_embeddings")
+GILL_TRAINING_DEFAULTS = dict(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.01,
+                              max_grad_norm=1.0, lr_scheduler_type="constant_with_warmup", warmup_steps=0,
+                              remove_unused_columns=False, report_to="none", save_strategy="no",
+                              logging_steps=10)
+
+
+def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """No decay on 1-D tensors (norms, biases, logit scale) and on the queries and [IMG] rows."""
+    return param.ndim >= 2 and not any(key in name for key in NO_DECAY_KEYS)
+
+
+def parameter_groups(model, weight_decay: float, mapper_lr_mult: float = 1.0, learning_rate: float | None = None
+                     ) -> list[dict]:
+    """Trainable parameters split by (weight decay?, mapper?); mapper groups get ``lr * mapper_lr_mult``."""
+    groups: dict[tuple[bool, bool], list] = defaultdict(list)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[(uses_weight_decay(name, param), ".mapper." in f".{name}")].append(param)
+    out = []
+    for (decay, is_mapper), params in sorted(groups.items()):
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if is_mapper and mapper_lr_mult != 1.0:
+            if learning_rate is None:
+                raise ValueError("mapper_lr_mult needs learning_rate")
+            group["lr"] = learning_rate * mapper_lr_mult
+        out.append(group)
+    return out
+
+
+def configure_trainable(model) -> list[str]:
+    """Freeze adapter parts the configured stage does not train; keep trainables in fp32 (master weights).
+
+    Stage "align" trains every adapter part whose loss is on; "interleaved" (MiniGPT-5 stage 2) freezes the
+    retrieval heads and the mapper's input projection and queries. The decision head stays frozen (it is fit
+    separately, see ``decision_training``). Returns the trainable parameter names.
+    """
+    cfg, adapter = model.config, model.adapter
+    frozen = [adapter.decision_head]
+    if cfg.ret_loss_weight == 0 or cfg.training_stage == "interleaved":
+        frozen += [adapter.w_t2i, adapter.w_i2t]
+        adapter.logit_scale.requires_grad_(False)
+    if cfg.training_stage == "interleaved":
+        for name in ("in_proj", "queries"):
+            part = getattr(adapter.mapper, name, None)
+            if isinstance(part, torch.nn.Parameter):
+                part.requires_grad_(False)
+            elif part is not None:
+                frozen.append(part)
+    for module in frozen:
+        module.requires_grad_(False)
+    names = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+            names.append(name)
+    return names
+
+
+def enable_frozen_llm_checkpointing(language_model) -> int:
+    """Per-layer activation checkpointing that also works while the frozen LLM stays in eval mode (transformers'
+    own checkpointing only runs in training mode, which would switch on the LLM's dropout). Returns #layers."""
+    layers = [m for m in language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        if getattr(layer, "_gill_checkpointed", False):
+            continue
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward, layer._gill_checkpointed = checkpointed, True
+    return len(layers)
+
+
+class GILLTrainer(Trainer):
+    """``Trainer`` with GILL's parameter groups, per-loss logging, the optional LDM loss and LoRA-aware resume.
+
+    Args:
+        ldm_loss: a :class:`~gill_hf.training.ldm_loss.LatentDiffusionLoss`, weighted by ``config.ldm_loss_weight``
+            and applied to ``outputs.gen_embeds`` against the batch's ``ldm_pixel_values``.
+        mapper_lr_mult: learning-rate multiplier of the mapper (MiniGPT-5 stage 1: 10).
+    """
+
+    def __init__(self, *args, ldm_loss=None, mapper_lr_mult: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ldm_loss, self.mapper_lr_mult = ldm_loss, mapper_lr_mult
+        self._loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        if ldm_loss is not None:
+            ldm_loss.to(self.args.device)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            groups = parameter_groups(model, self.args.weight_decay, self.mapper_lr_mult, self.args.learning_rate)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss (Eq. 5, or stage 2's) plus ``ldm_loss_weight`` x the LDM loss; a per-batch mean."""
+        ldm_pixels = inputs.pop("ldm_pixel_values", None)
+        outputs = model(**inputs)
+        loss = outputs.loss
+        for name in LOSS_FIELDS:
+            value = getattr(outputs, name)
+            if value is not None:
+                self._loss_parts[name].append(value.detach().float())
+        weight = self.model.config.ldm_loss_weight
+        if self.ldm_loss is not None and weight > 0 and ldm_pixels is not None and outputs.gen_embeds is not None:
+            ldm = self.ldm_loss(outputs.gen_embeds, ldm_pixels)
+            loss = loss + weight * ldm
+            self._loss_parts["ldm_loss"].append(ldm.detach().float())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean of every loss term since the last log (this process's batches)."""
+        if "loss" in logs:
+            for name, values in self._loss_parts.items():
+                logs[name] = round(torch.stack(values).mean().item(), 6)
+            self._loss_parts.clear()
+        super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_lora_weights(self.model if model is None else model, resume_from_checkpoint)
+
+
+def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, targets=None, ldm_loss=None,
+               max_length: int = 32, activation_checkpointing: bool = False, mapper_lr_mult: float = 1.0,
+               callbacks=(), **training_args) -> GILLTrainer:
+    """A :class:`GILLTrainer` for ``model`` on ``train_dataset`` (call ``.train()`` on it).
+
+    Args:
+        train_dataset: a ``CaptionImageDataset`` (stage 1; the default collator is used) or any dataset matching
+            ``data_collator`` (e.g. ``VISTTaskDataset`` + ``InterleavedDataCollator`` for stage 2).
+        targets: a ``TargetStore`` with the captions' text-encoder outputs (enables l_g and CFG targets).
+        ldm_loss: the MiniGPT-5 latent-diffusion loss (needs ``config.ldm_loss_weight > 0``).
+        activation_checkpointing: checkpoint the frozen LLM's layers (less memory, one extra LLM forward).
+        training_args: ``TrainingArguments`` fields; GILL's optimiser defaults (``GILL_TRAINING_DEFAULTS``) fill
+            the rest. bf16 autocast is on by default where CUDA supports it; trainables stay fp32.
+    """
+    if targets is not None and hasattr(train_dataset, "captions"):
+        targets.check_captions(train_dataset.captions)
+    if model.config.ldm_loss_weight > 0 and ldm_loss is None:
+        raise ValueError("config.ldm_loss_weight > 0 needs ldm_loss=LatentDiffusionLoss.from_pretrained(...)")
+    if model.config.cfg_dropout_prob > 0 and targets is None and model.config.training_stage == "align":
+        raise ValueError("cfg_dropout_prob > 0 needs a target store (its null embedding is the dropped target)")
+    args = {**GILL_TRAINING_DEFAULTS, "output_dir": output_dir,
+            "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(), **training_args}
+    if args.get("remove_unused_columns"):
+        raise ValueError("remove_unused_columns must stay False: the collator builds the model inputs")
+    configure_trainable(model)
+    if activation_checkpointing:
+        enable_frozen_llm_checkpointing(model.language_model)
+    model.contrastive_gather = gather_with_grad  # identity in a single process
+    if data_collator is None:
+        data_collator = GILLDataCollator(model.processor, max_length=max_length, targets=targets,
+                                         ldm_image_size=ldm_loss.image_size if ldm_loss is not None else None)
+    return GILLTrainer(model=model, args=TrainingArguments(**args), train_dataset=train_dataset,
+                       data_collator=data_collator, ldm_loss=ldm_loss, mapper_lr_mult=mapper_lr_mult,
+                       callbacks=[RenormalizeImgEmbeddingsCallback(), *callbacks])
