@@ -49,7 +49,7 @@ def caption_batch():
     def _batch(model, n: int = 4, seed: int = 0) -> dict:
         proc = model.processor
         enc = proc.encode_captions(captions[:n], max_length=24)
-        images = [Image.new("RGB", (40, 36), colours[i]) for i in range(n)]
+        images = [Image.new("RGB", (40, 36), colour) for colour in colours[:n]]
         g = torch.Generator().manual_seed(seed)
         targets = torch.randn(n, model.config.num_gen_queries, model.config.gen_emb_dim, generator=g)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],

@@ -9,7 +9,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +22,7 @@ from .packing import pack_pairs
 
 ADAPTER_PREFIX = "adapter."
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
+LORA_SUBFOLDER = "lora"  # peft adapter of a LoRA-tuned language model, saved beside the GILL adapter
 IGNORE_INDEX = -100
 
 
@@ -114,9 +114,14 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
             backbone.eval()
         self._check_backbone_widths()
         self.adapter = GILLAdapter(config).to(self._backbone_device)
+        # The decision head is fit after the rest has converged (paper Sec. 3.3), not by Eq. 5: keep it out of the
+        # optimizer (and out of DDP's unused-parameter check) until decision training switches it on.
+        self.adapter.decision_head.requires_grad_(False)
         self.register_buffer("img_token_ids", torch.tensor(config.img_token_ids), persistent=False)
         self.processor = None  # a GILLProcessor, attached by from_backbones / from_pretrained
         self._frozen_row_norm: dict[str, float] = {}
+        # Data-parallel hook (set by gill_hf.training): (n, p) local embeddings -> (N_global, p) for l_r.
+        self.contrastive_gather = None
         self.post_init()
         self.renormalize_img_embeddings()
 
@@ -195,8 +200,15 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
             llm, vision = cls._load_backbones(config, dtype=dtype, device_map=device_map)
             language_model, vision_model = language_model or llm, vision_model or vision
         model = cls(config, language_model=language_model, vision_model=vision_model)
-        weights = cached_file(path, ADAPTER_WEIGHTS_NAME, **hub_kwargs)
-        model.load_adapter_state_dict(safetensors.torch.load_file(weights), source=weights)
+        from .hub import load_adapter_weights  # model.safetensors, or its shards
+
+        model.load_adapter_state_dict(*load_adapter_weights(path, **hub_kwargs))
+        if cached_file(path, f"{LORA_SUBFOLDER}/adapter_config.json", _raise_exceptions_for_missing_entries=False,
+                       **hub_kwargs):  # a LoRA-tuned LLM (MiniGPT-5 stage 2): re-apply the peft adapter
+            from peft import PeftModel
+
+            model.language_model = PeftModel.from_pretrained(model.language_model, path, subfolder=LORA_SUBFOLDER,
+                                                             **hub_kwargs)
         if dtype is not None:
             model.adapter.to(dtype)
         if cached_file(path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
@@ -241,10 +253,21 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
             processor = processor or self.processor
             if processor is not None:
                 processor.save_pretrained(staging)
+            if hasattr(self.language_model, "peft_config"):  # LoRA on the LLM: a peft adapter beside ours
+                self.language_model.save_pretrained(os.path.join(staging, LORA_SUBFOLDER))
             for name in os.listdir(staging):
+                if os.path.isdir(os.path.join(target, name)):
+                    shutil.rmtree(os.path.join(target, name))
                 os.replace(os.path.join(staging, name), os.path.join(target, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload adapter, config, processor, LoRA adapter and a gill_hf model card in one commit; see
+        :func:`gill_hf.hub.push_to_hub` for the options (``revision``, ``retrieval_index``, card fields...)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     # ------------------------------------------------------------------ mode and [IMG] rows
     def train(self, mode: bool = True):
@@ -416,7 +439,10 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
             image_features = self.encode_images(pixel_values)  # CLIP once, shared by l_c and l_r
             out["caption_loss"] = self._caption_loss(input_ids, lengths, image_features, pad_id, pack)
             out["image_embeds"] = self.image_retrieval_embeddings(image_features)
-            out["ret_loss"] = contrastive_loss(out["text_embeds"], out["image_embeds"], self.adapter.logit_scale)
+            text_embeds, image_embeds = out["text_embeds"], out["image_embeds"]
+            if self.contrastive_gather is not None:  # InfoNCE over the global batch under data parallelism
+                text_embeds, image_embeds = self.contrastive_gather(text_embeds), self.contrastive_gather(image_embeds)
+            out["ret_loss"] = contrastive_loss(text_embeds, image_embeds, self.adapter.logit_scale)
             terms += [cfg.caption_loss_weight * out["caption_loss"], cfg.ret_loss_weight * out["ret_loss"]]
 
         return GILLOutput(loss=torch.stack([t.float() for t in terms]).sum(), **out)
