@@ -1,0 +1,34 @@
+"""``gill-hf precompute-targets``: encode every caption once with the diffusion text encoder into a target store."""
+
+
+def run(args) -> int:
+    import torch
+
+    from ..training.data import CaptionImageDataset
+    from ..training.targets import DiffusionTextEncoder, precompute_targets
+
+    captions = CaptionImageDataset.from_tsv(args.tsv, caption_column=args.caption_column,
+                                            image_column=args.image_column).captions
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    encoder = DiffusionTextEncoder(args.diffusion_model, device=device, dtype=dtype)
+    out = precompute_targets(captions, args.out_dir, encoder, batch_size=args.batch_size, shard_size=args.shard_size,
+                             dtype=args.dtype, process_index=args.process_index, num_processes=args.num_processes)
+    print(f"targets for {len(captions)} captions in {out}")
+    return 0
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("precompute-targets", help=__doc__)
+    parser.add_argument("tsv", help="caption<TAB>image TSV (CC3M format)")
+    parser.add_argument("out_dir", help="folder of the target store (resumes if it exists)")
+    parser.add_argument("--diffusion-model", required=True, help="Stable Diffusion id or folder (text_encoder/)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--process-index", type=int, default=0, help="this process's share of the shards")
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.set_defaults(func=run)
