@@ -1,0 +1,341 @@
+"""GILLPipeline: interleaved text/images in, interleaved text + retrieved or generated images out (paper Fig. 3).
+
+One ``__call__`` runs the LLM (:func:`generate_interleaved`), decides per [IMG] block whether to retrieve or to
+generate (:mod:`gill_hf.decision`), searches the :class:`RetrievalIndex` and runs the diffusion model only for the
+images that are generated, conditioned on the mapper output (``prompt_embeds``) and either the model's mapped-null
+embedding (models trained with CFG dropout, MiniGPT-5) or the diffusion text encoder's ``""`` embedding (computed
+once per pipeline) as ``negative_prompt_embeds``.
+
+Loading from the Hub: diffusers cannot resolve a component class from a third-party package on a Hub repo (it
+expects ``<component>/<module>.py`` files there; hf-ecosystem-notes §3.3), so :meth:`GILLPipeline.from_pretrained`
+first downloads the repo with ``huggingface_hub.snapshot_download`` and then loads the local folder; the GILL
+component itself reloads its frozen backbones by the ids in its ``config.json``::
+
+    pipe = GILLPipeline.from_pretrained("user/gill-pipeline")        # snapshot, then local load
+    pipe = GILLPipeline.from_pretrained("/path/to/saved/pipeline")   # saved with pipe.save_pretrained(...)
+"""
+
+import inspect
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .decision import Decision, decide
+from .generation_gill import GeneratedImageSlot, GILLGenerationOutput, generate_interleaved, image_conditioning
+from .modeling_gill import GILLForConditionalGeneration
+from .processing_gill import GILLProcessor, load_image
+from .retrieval import RetrievalIndex
+
+GILL_MODEL_FOLDER = "gill_model"
+RETRIEVAL_FOLDER = "retrieval_index"
+
+
+@dataclass
+class ImagePart:
+    """An image of the answer. ``kind`` "generated" (``image`` from the diffusion model) or "retrieved" (``path``
+    of the best candidate, ``score`` = exp(logit_scale) * cosine, ``image`` loaded when the path is a local file);
+    ``candidates``: the top-k ``(path, score)`` of the search, when an index was searched."""
+
+    kind: Literal["generated", "retrieved"]
+    image: Any
+    decision: Decision
+    score: float | None = None
+    path: str | None = None
+    candidates: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class GILLPipelineOutput(BaseOutput):
+    """``parts``: the answer as ``str`` and :class:`ImagePart` items (a list of such lists for a batch of prompts);
+    ``images``: every image of every answer in reading order; ``generation``: the raw LLM result."""
+
+    parts: list
+    images: list
+    generation: GILLGenerationOutput | None = None
+
+
+def _is_single_prompt(prompt) -> bool:
+    if isinstance(prompt, (str, Image.Image, dict, os.PathLike)):
+        return True
+    return len(prompt) > 0 and not isinstance(prompt[0], (list, tuple))
+
+
+def _has_text(sample) -> bool:
+    items = [sample] if isinstance(sample, (str, Image.Image, dict, os.PathLike)) else sample
+    return any((isinstance(x, str) and x.strip()) or (isinstance(x, dict) and (x.get("type") == "text" or "content"
+                                                                                 in x)) for x in items)
+
+
+class GILLPipeline(DiffusionPipeline):
+    r"""GILL on a Stable-Diffusion-style UNet + VAE.
+
+    Components: ``gill_model`` (:class:`GILLForConditionalGeneration`), ``processor`` (:class:`GILLProcessor`),
+    ``unet``, ``vae``, ``scheduler``; optional ``text_encoder`` + ``tokenizer`` (only to embed the empty negative
+    prompt, once) and ``retrieval_index`` (:class:`RetrievalIndex`, saved in ``retrieval_index/``).
+    """
+
+    model_cpu_offload_seq = "gill_model->text_encoder->unet->vae"
+    _optional_components = ["text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(self, gill_model: GILLForConditionalGeneration, processor: GILLProcessor,
+                 unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: KarrasDiffusionSchedulers,
+                 text_encoder: CLIPTextModel | None = None, tokenizer: CLIPTokenizer | None = None,
+                 retrieval_index: RetrievalIndex | None = None):
+        super().__init__()
+        if gill_model.processor is None:
+            gill_model.processor = processor
+        self.register_modules(gill_model=gill_model, processor=processor, unet=unet, vae=vae, scheduler=scheduler,
+                              text_encoder=text_encoder, tokenizer=tokenizer)
+        self.retrieval_index = retrieval_index
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._empty_prompt_embeds = None  # (1, L, D), computed on first need
+
+    # ------------------------------------------------------------------ construction and persistence
+    @classmethod
+    def from_gill(cls, gill_model: GILLForConditionalGeneration, diffusion_model: str | None = None,
+                  retrieval_index: RetrievalIndex | None = None, dtype: torch.dtype | None = None, **hub_kwargs):
+        """Wrap a GILL model with the diffusion model named in its config (or ``diffusion_model``)."""
+        source = diffusion_model or gill_model.config.diffusion_model_name_or_path
+        if not source:
+            raise ValueError("no diffusion model: pass diffusion_model= or set config.diffusion_model_name_or_path")
+        sd = DiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None, **hub_kwargs)
+        return cls(gill_model=gill_model, processor=gill_model.processor, unet=sd.unet, vae=sd.vae,
+                   scheduler=sd.scheduler, text_encoder=getattr(sd, "text_encoder", None),
+                   tokenizer=getattr(sd, "tokenizer", None), retrieval_index=retrieval_index)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """diffusers' save (the GILL component writes only its adapter) + the retrieval index, if any."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.retrieval_index is not None:
+            self.retrieval_index.save(os.path.join(save_directory, RETRIEVAL_FOLDER))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a saved pipeline folder, or snapshot a Hub repo first (see the module docstring).
+
+        The GILL component is loaded by :meth:`GILLForConditionalGeneration.from_pretrained` (backbones by id),
+        the retrieval index from ``retrieval_index/`` (memory-mapped) unless passed.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        hub_keys = ("revision", "token", "cache_dir", "local_files_only")
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, **{k: kwargs[k] for k in hub_keys if k in kwargs})
+        kwargs = {k: v for k, v in kwargs.items() if k not in hub_keys}
+        if "gill_model" not in kwargs:
+            kwargs["gill_model"] = GILLForConditionalGeneration.from_pretrained(
+                os.path.join(path, GILL_MODEL_FOLDER), dtype=kwargs.get("dtype"))
+        index_dir = os.path.join(path, RETRIEVAL_FOLDER)
+        if "retrieval_index" not in kwargs and os.path.isdir(index_dir):
+            kwargs["retrieval_index"] = RetrievalIndex.load(index_dir)
+        return super().from_pretrained(path, **kwargs)
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def empty_prompt_embeds(self) -> torch.Tensor:
+        """The diffusion text encoder's output for ``""`` ``(1, L, D)``, computed once and cached."""
+        if self._empty_prompt_embeds is None:
+            if self.text_encoder is None or self.tokenizer is None:
+                raise ValueError("classifier-free guidance needs negative_prompt_embeds: this GILL model has no "
+                                 "mapped-null embedding (cfg_dropout_prob=0) and the pipeline has no text_encoder/"
+                                 "tokenizer to embed the empty prompt; pass negative_prompt_embeds or "
+                                 "guidance_scale<=1")
+            ids = self.tokenizer([""], padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            self._empty_prompt_embeds = self.text_encoder(ids.to(self.text_encoder.device))[0]
+        return self._empty_prompt_embeds
+
+    def encode_prompt(self, prompt, generator: torch.Generator | None = None, **generation_kwargs):
+        """Run GILL on interleaved prompt(s) -> ``(prompt_embeds, negative_prompt_embeds)`` ``(N_images, L, D)``
+        for every [IMG] block produced, ready for any Stable Diffusion pipeline (negative is None for models
+        without a mapped-null embedding). Use ``force_image_after=0`` to ask for an image outright."""
+        generation = self._generate(prompt, generator, generation_kwargs)
+        if not any(generation.images):
+            raise ValueError("the model produced no [IMG] block: pass force_image_after=N or gen_scale_factor>1")
+        return image_conditioning(self.gill_model, generation.voken_states())
+
+    # ------------------------------------------------------------------ call
+    def _generate(self, prompt, generator, generation_kwargs) -> GILLGenerationOutput:
+        samples = [prompt] if _is_single_prompt(prompt) else list(prompt)
+        if not samples:
+            raise ValueError("GILLPipeline got an empty batch of prompts")
+        for i, sample in enumerate(samples):
+            if not _has_text(sample):
+                raise ValueError(f"prompt {i} has no text: GILL answers interleaved inputs with at least one text "
+                                 f"part")
+        encoded = self.processor(samples, padding_side="left")
+        return generate_interleaved(self.gill_model, encoded["input_ids"], encoded["attention_mask"],
+                                    pixel_values=encoded.get("pixel_values"), generator=generator,
+                                    tokenizer=self.processor.tokenizer, **generation_kwargs)
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, *, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 decision: Literal["auto", "generate", "retrieve"] = "auto", decision_threshold: float | None = None,
+                 num_candidates: int = 1, load_retrieved_images: bool = True,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+                 width: int | None = None, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",), return_dict: bool = True,
+                 **generation_kwargs):
+        """Answer ``prompt`` (one interleaved list of str / PIL images, or a list of them) with text and images.
+
+        Args:
+            prompt_embeds / negative_prompt_embeds: precomputed GILL conditioning ``(N, L, D)``; skips the LLM
+                and generates N images (``prompt`` must then be None).
+            decision: "auto" asks the decision head (needs a retrieval index; without one every image is
+                generated), "generate" / "retrieve" force the mode.
+            decision_threshold: P(retrieve) above which to retrieve (default ``config.decision_threshold``).
+            num_candidates: top-k candidates returned per retrieved image.
+            num_inference_steps, guidance_scale, height, width, generator, latents, output_type,
+                callback_on_step_end, callback_on_step_end_tensor_inputs: as in Stable Diffusion. ``generator``
+                also drives LLM sampling.
+            generation_kwargs: :class:`InterleavedGenerationConfig` fields (``max_new_tokens``, ``do_sample``,
+                ``temperature``, ``top_p``, ``top_k``, ``stop_strings``, ``force_image_after``, ...).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
+        diffusion = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                         width=width, generator=generator, latents=latents, output_type=output_type,
+                         callback_on_step_end=callback_on_step_end,
+                         callback_tensor_inputs=list(callback_on_step_end_tensor_inputs))
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("pass either prompt or prompt_embeds, not both")
+            images = self._diffuse(prompt_embeds, negative_prompt_embeds, **diffusion)
+            parts = [ImagePart("generated", image, Decision("gen", 0.0, 1.0, forced=True)) for image in images]
+            return GILLPipelineOutput(parts=parts, images=[p.image for p in parts]) if return_dict else (parts,)
+        if prompt is None:
+            raise ValueError("GILLPipeline needs a prompt (or prompt_embeds)")
+        if decision not in ("auto", "generate", "retrieve"):
+            raise ValueError(f"decision must be 'auto', 'generate' or 'retrieve', got {decision!r}")
+        if decision == "retrieve" and self.retrieval_index is None:
+            raise ValueError("decision='retrieve' needs a retrieval_index on the pipeline")
+
+        generation = self._generate(prompt, generator, generation_kwargs)
+        slots = [s for row in generation.images for s in row]
+        image_parts = self._answer_images(slots, generation, decision, decision_threshold, num_candidates,
+                                          load_retrieved_images, diffusion) if slots else {}
+        parts = [[image_parts[id(p)] if isinstance(p, GeneratedImageSlot) else p for p in row]
+                 for row in generation.parts]
+        images = [p.image for row in parts for p in row if isinstance(p, ImagePart)]
+        parts = parts[0] if _is_single_prompt(prompt) else parts
+        if not return_dict:
+            return (parts, images)
+        return GILLPipelineOutput(parts=parts, images=images, generation=generation)
+
+    def _answer_images(self, slots, generation, decision_mode, threshold, num_candidates, load_retrieved,
+                       diffusion) -> dict[int, ImagePart]:
+        """Decide, retrieve and generate for every [IMG] block; returns ImageParts keyed by ``id(slot)``."""
+        model = self.gill_model
+        img0 = generation.img0_hidden_states()  # (N, f)
+        scores = indices = None
+        if self.retrieval_index is not None:
+            query = model.text_retrieval_embeddings(img0)  # (N, p)
+            scores, indices = self.retrieval_index.search(query, k=max(num_candidates, 1))
+        if decision_mode == "auto" and self.retrieval_index is not None:
+            max_cosine = scores[:, 0] / math.exp(self.retrieval_index.logit_scale)
+            decisions = decide(model, img0, max_cosine, threshold)
+        else:
+            label = "ret" if decision_mode == "retrieve" else "gen"
+            decisions = [Decision(label, float(label == "ret"), 0.5, forced=True) for _ in slots]
+
+        out = {}
+        gen_rows = [i for i, d in enumerate(decisions) if d.mode == "gen"]
+        if gen_rows:
+            voken = torch.stack([slots[i].voken_states for i in gen_rows])  # (G, r, f)
+            prompt_embeds, negative = image_conditioning(model, voken)
+            images = self._diffuse(prompt_embeds, negative, **diffusion)
+            for i, image in zip(gen_rows, images):
+                out[id(slots[i])] = ImagePart("generated", image, decisions[i])
+        for i, d in enumerate(decisions):
+            if d.mode != "ret":
+                continue
+            candidates = [(self.retrieval_index.paths[j], float(s)) for j, s in
+                          zip(indices[i, :num_candidates].tolist(), scores[i, :num_candidates].tolist())]
+            path, score = candidates[0]
+            image = load_image(path) if load_retrieved and os.path.isfile(path) else None
+            out[id(slots[i])] = ImagePart("retrieved", image, d, score=score, path=path, candidates=candidates)
+        return out
+
+    # ------------------------------------------------------------------ diffusion
+    def _diffuse(self, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale, height, width,
+                 generator, latents, output_type, callback_on_step_end, callback_tensor_inputs) -> list:
+        """The denoising loop over ``(G, L, D)`` embeddings; returns G images (PIL / np / pt rows, or latents)."""
+        cross_dim = self.unet.config.cross_attention_dim
+        if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != cross_dim:
+            raise ValueError(f"prompt_embeds must be (N, L, {cross_dim}) for this UNet, got "
+                             f"{tuple(prompt_embeds.shape)}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        device, dtype = self.unet.device, self.unet.dtype
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        if do_cfg:
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds = self.empty_prompt_embeds().expand_as(prompt_embeds)
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must match "
+                                 f"prompt_embeds {tuple(prompt_embeds.shape)}")
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        shape = (prompt_embeds.shape[0], self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
+            else {}
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                context = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+                if do_cfg:
+                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                               "negative_prompt_embeds": negative_prompt_embeds}
+                    updates = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_tensor_inputs})
+                    latents = updates.pop("latents", latents)
+                    prompt_embeds = updates.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = updates.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False,
+                                      generator=generator)[0]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return list(images)
