@@ -215,3 +215,9 @@ class GILLProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences, **kwargs) -> list[str]:
         return [self.tokenizer.decode(s, **kwargs) for s in sequences]
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the processor files in one commit (no transformers model card); see gill_hf.hub.push_to_hub."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)

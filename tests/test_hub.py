@@ -1,0 +1,197 @@
+"""push_to_hub -> from_pretrained through the real huggingface_hub client against a strict local fake Hub."""
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import safetensors.torch
+import torch
+from huggingface_hub import ModelCard, constants
+from transformers.utils import hub as transformers_hub
+
+from gill_hf import GILLForConditionalGeneration, GILLProcessor
+from gill_hf.configuration_gill import DEFAULT_DIFFUSION, DEFAULT_LLM, DEFAULT_VISION, gill_paper_config
+from gill_hf.hub import HubPushError, build_model_card
+
+from hub_server import FakeHub
+
+
+@pytest.fixture(scope="module")
+def fake_hub(tmp_path_factory):
+    """A FakeHub with the real client pointed at it; every patched global is restored at module teardown."""
+    with FakeHub() as hub, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", hub.endpoint)
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        mp.setenv("HF_TOKEN", hub.token)
+        mp.setattr(constants, "ENDPOINT", hub.endpoint)
+        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
+        mp.setattr(transformers_hub, "_hf_api", None)  # transformers caches an HfApi bound to the old endpoint
+        yield hub
+        assert hub.server_errors == []
+        assert hub.unknown_requests == [], f"client used endpoints the fake Hub does not know: {hub.unknown_requests}"
+
+
+@pytest.fixture(scope="module")
+def trained_model(make_model):
+    """A tiny GILL whose adapter differs from any fresh initialisation."""
+    model = make_model("opt", seed=3)
+    with torch.no_grad():
+        for param in model.adapter.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def _adapter_snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+
+
+def _outputs(model, batch):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(**batch, pack=False)
+    return out.loss, out.text_embeds, out.image_embeds, out.gen_embeds
+
+
+def test_push_then_load_gives_identical_outputs(fake_hub, trained_model, caption_batch):
+    info = trained_model.push_to_hub("alice/gill-tiny", hyperparameters={"learning_rate": 0.001, "max_steps": 20},
+                                     datasets=["cc3m"], eval_results=[{"task": "VIST", "CLIP similarity": 0.641}])
+    assert info.oid == fake_hub.repos["alice/gill-tiny"].branches["main"]
+    files = fake_hub.repos["alice/gill-tiny"].files()
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md"} <= set(files)
+    stored = safetensors.torch.load(files["model.safetensors"])
+    assert set(stored) == set(trained_model.adapter_state_dict())  # adapter only, decision head included
+    assert "adapter.decision_head.1.weight" in stored
+
+    loaded = GILLForConditionalGeneration.from_pretrained("alice/gill-tiny")
+    assert loaded.processor is not None
+    for key, value in trained_model.adapter_state_dict().items():
+        assert torch.equal(loaded.adapter_state_dict()[key], value), key
+    batch = caption_batch(trained_model, n=2)
+    for ours, theirs in zip(_outputs(trained_model, batch), _outputs(loaded, batch), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_model_card_metadata_parses_back(fake_hub, trained_model):
+    trained_model.push_to_hub("alice/gill-card", hyperparameters={"learning_rate": 0.001, "max_steps": 20},
+                              datasets=["cc3m"], eval_results=[{"task": "VIST", "CLIP similarity": 0.641}],
+                              license="apache-2.0")
+    card = ModelCard.load("alice/gill-card")
+    data = card.data.to_dict()
+    assert data["library_name"] == "gill_hf"
+    assert data["pipeline_tag"] == "any-to-any"
+    assert data["base_model_relation"] == "adapter"
+    assert "base_model" not in data  # the tiny backbones are local folders, not Hub ids
+    assert data["license"] == "apache-2.0" and data["datasets"] == ["cc3m"]
+    assert {"gill", "multimodal", "text-to-image"} <= set(data["tags"])
+    assert 'GILLForConditionalGeneration.from_pretrained("alice/gill-card")' in card.text
+    assert "| learning_rate | 0.001 |" in card.text and "| max_steps | 20 |" in card.text
+    assert "| task | CLIP similarity |" in card.text and "| VIST | 0.641 |" in card.text
+    n_params = sum(p.numel() for p in trained_model.adapter.parameters())
+    assert f"{n_params:,} parameters" in card.text
+
+
+def test_paper_card_lists_the_three_backbones():
+    card = build_model_card(gill_paper_config(), "bob/gill-opt")
+    data = card.data.to_dict()
+    assert data["base_model"] == [DEFAULT_LLM, DEFAULT_VISION, DEFAULT_DIFFUSION]
+    assert data["library_name"] == "gill_hf" and data["base_model_relation"] == "adapter"
+    assert "Not recorded for this upload." in card.text and "No evaluation results" in card.text
+    assert ModelCard(str(card)).data.to_dict() == data  # the YAML block round-trips
+
+
+def test_branch_revision_and_shards(fake_hub, trained_model, make_model):
+    repo = "alice/gill-branch"
+    trained_model.push_to_hub(repo)
+    other = make_model("opt", seed=11)
+    other.push_to_hub(repo, revision="experiment", max_shard_size=40_000)  # a few tens of kB per shard
+    fake = fake_hub.repos[repo]
+    assert fake.branches["main"] != fake.branches["experiment"]
+    branch_files = fake.files("experiment")
+    shards = [p for p in branch_files if p.startswith("model-") and p.endswith(".safetensors")]
+    assert len(shards) >= 2 and "model.safetensors.index.json" in branch_files
+    assert "model.safetensors" not in fake.files("experiment")  # main's single file was replaced
+    assert 'revision="experiment"' in branch_files["README.md"].decode()
+
+    from_branch = GILLForConditionalGeneration.from_pretrained(repo, revision="experiment")
+    from_main = GILLForConditionalGeneration.from_pretrained(repo)
+    for key, value in other.adapter_state_dict().items():
+        assert torch.equal(from_branch.adapter_state_dict()[key], value), key
+        assert torch.equal(from_main.adapter_state_dict()[key], trained_model.adapter_state_dict()[key]), key
+
+
+def test_processor_and_retrieval_index_push(fake_hub, trained_model, tmp_path):
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    embeddings = torch.randn(5, trained_model.config.ret_emb_dim)
+    safetensors.torch.save_file({"embeddings": embeddings}, index_dir / "embeddings.safetensors")
+    (index_dir / "paths.json").write_text(json.dumps([f"img{i}.jpg" for i in range(5)]))
+    trained_model.push_to_hub("alice/gill-index", retrieval_index=index_dir)
+    files = fake_hub.repos["alice/gill-index"].files()
+    assert torch.equal(safetensors.torch.load(files["retrieval_index/embeddings.safetensors"])["embeddings"],
+                       embeddings)
+    assert "retrieval_index/" in files["README.md"].decode()
+
+    trained_model.processor.push_to_hub("alice/gill-processor")
+    files = fake_hub.repos["alice/gill-processor"].files()
+    assert "processor_config.json" in files and "README.md" not in files  # no transformers default card
+    processor = GILLProcessor.from_pretrained("alice/gill-processor")
+    assert processor.img_token_ids == trained_model.processor.img_token_ids
+    text = "a red circle on the left"
+    assert processor([text])["input_ids"].tolist() == trained_model.processor([text])["input_ids"].tolist()
+
+
+@pytest.fixture
+def no_backoff_sleep(monkeypatch):
+    """huggingface_hub retries 5xx answers with 1-8 s pauses; skip the pauses (only in its http module)."""
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http, "time", SimpleNamespace(**{**vars(time), "sleep": lambda seconds: None}))
+
+
+@pytest.mark.parametrize(("path", "status", "times", "expected"), [
+    (r"/commit/", 500, 100, "HTTP 500"),  # the Hub keeps failing: the client's retries give up
+    (r"/preupload/", 401, 1, "has write access"),  # token refused after the repo call succeeded
+])
+def test_server_fault_mid_upload_is_clear_and_harmless(fake_hub, trained_model, caption_batch, no_backoff_sleep,
+                                                       path, status, times, expected):
+    repo = f"alice/gill-fault-{status}"
+    trained_model.push_to_hub(repo)
+    before_commit = fake_hub.repos[repo].branches["main"]
+    before_weights = _adapter_snapshot(trained_model)
+    batch = caption_batch(trained_model, n=2)
+    before_outputs = _outputs(trained_model, batch)
+
+    fake_hub.inject_fault("POST", path, status, message="backend exploded", times=times)
+    with pytest.raises(HubPushError, match=expected) as info:
+        trained_model.push_to_hub(repo, commit_message="second upload")
+    fake_hub.faults.clear()
+    assert repo in str(info.value) and "backend exploded" in str(info.value)
+    assert fake_hub.repos[repo].branches["main"] == before_commit  # nothing committed
+    for key, value in trained_model.adapter_state_dict().items():
+        assert torch.equal(value, before_weights[key]), key
+    for before, after in zip(before_outputs, _outputs(trained_model, batch), strict=True):
+        assert torch.equal(before, after)
+
+
+def test_transient_server_error_is_retried(fake_hub, trained_model, no_backoff_sleep):
+    repo = "alice/gill-transient"
+    trained_model.push_to_hub(repo)
+    before_commit = fake_hub.repos[repo].branches["main"]
+    fake_hub.inject_fault("POST", r"/commit/", 503, times=1)
+    trained_model.push_to_hub(repo, hyperparameters={"seed": 7})
+    assert fake_hub.repos[repo].branches["main"] != before_commit
+    assert "| seed | 7 |" in fake_hub.repos[repo].files()["README.md"].decode()
+
+
+def test_fake_hub_refuses_unknown_endpoints_and_bad_tokens(fake_hub):
+    import httpx2
+
+    response = httpx2.get(f"{fake_hub.endpoint}/api/spaces/alice/demo")
+    assert response.status_code == 501 and "unsupported endpoint" in response.json()["error"]
+    assert fake_hub.unknown_requests.pop() == ("GET", "/api/spaces/alice/demo")
+    response = httpx2.post(f"{fake_hub.endpoint}/api/repos/create", json={"name": "x", "organization": "alice"},
+                           headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == 401
