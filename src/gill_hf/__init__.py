@@ -3,8 +3,13 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_gill import GILLConfig
+from .decision import Decision, decide, load_decision_head
+from .generation_gill import (GeneratedImageSlot, GILLGenerationOutput, InterleavedGenerationConfig,
+                              generate_interleaved, image_conditioning)
 from .modeling_gill import GILLAdapter, GILLForConditionalGeneration, GILLOutput, count_adapter_parameters
+from .pipeline_gill import GILLPipeline, GILLPipelineOutput, ImagePart
 from .processing_gill import GILLProcessor
+from .retrieval import RetrievalIndex
 from .tiny import build_tiny_backbones
 
 __version__ = "0.1.0"
@@ -15,11 +20,23 @@ AutoModelForImageTextToText.register(GILLConfig, GILLForConditionalGeneration)
 AutoProcessor.register(GILLConfig, GILLProcessor)
 
 __all__ = [
+    "Decision",
     "GILLAdapter",
     "GILLConfig",
     "GILLForConditionalGeneration",
+    "GILLGenerationOutput",
     "GILLOutput",
+    "GILLPipeline",
+    "GILLPipelineOutput",
     "GILLProcessor",
+    "GeneratedImageSlot",
+    "ImagePart",
+    "InterleavedGenerationConfig",
+    "RetrievalIndex",
     "build_tiny_backbones",
     "count_adapter_parameters",
+    "decide",
+    "generate_interleaved",
+    "image_conditioning",
+    "load_decision_head",
 ]

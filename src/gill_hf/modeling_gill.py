@@ -391,6 +391,15 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
         """``(N, d)`` pooled CLIP features -> ``(N, p)`` = W_i2t v(x) (unnormalised)."""
         return self.adapter.w_i2t(image_features)
 
+    # ------------------------------------------------------------------ inference
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, **kwargs):
+        """KV-cached interleaved decoding (text + [IMG] blocks with their hidden states); see
+        :func:`gill_hf.generation_gill.generate_interleaved` for the options."""
+        from .generation_gill import generate_interleaved
+
+        return generate_interleaved(self, input_ids, attention_mask, pixel_values, **kwargs)
+
     # ------------------------------------------------------------------ training forward (Eq. 5)
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, gen_targets: torch.Tensor | None = None,
