@@ -1,0 +1,107 @@
+"""``gill-hf generate PIPELINE --text ... --image FILE --text ... -o answer.html``: answer interleaved input and
+write the answer as a self-contained HTML page (images inline beside the text)."""
+
+import argparse
+import base64
+import html
+import io
+import os
+import tempfile
+
+
+class _Interleaved(argparse.Action):
+    """``--text`` / ``--image`` append ``(kind, value)`` to one list, keeping the order they were given in."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        items.append((option_string.lstrip("-"), value))
+        setattr(namespace, self.dest, items)
+
+
+def _image_html(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" alt="">'
+
+
+def render_html(prompt_items: list, parts: list) -> str:
+    """The prompt and the answer (str and ImagePart items) as one HTML page."""
+    from PIL import Image
+
+    def block(item) -> str:
+        if isinstance(item, str):
+            return f"<p>{html.escape(item)}</p>"
+        if isinstance(item, Image.Image):
+            return f"<figure>{_image_html(item)}</figure>"
+        caption = f"{item.kind} (P(retrieve)={item.decision.p_retrieve:.3f}, decision {item.decision.mode}"
+        caption += ", forced)" if item.decision.forced else ")"
+        if item.kind == "retrieved":
+            caption += f" {html.escape(item.path or '')} score {item.score:.3f}"
+        picture = _image_html(item.image) if isinstance(item.image, Image.Image) else \
+            f'<a href="{html.escape(item.path or "")}">{html.escape(item.path or "")}</a>'
+        return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
+
+    style = ("body{font-family:sans-serif;max-width:50em;margin:auto}figure{display:inline-block;margin:.5em}"
+             "img{max-width:256px;image-rendering:pixelated;width:256px}.turn{border-left:3px solid #888;"
+             "padding-left:1em;margin:1em 0}")
+    prompt = "".join(block(item) for item in prompt_items)
+    answer = "".join(block(item) for item in parts)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>GILL answer</title><style>{style}</style>"
+            f"</head><body><h2>Input</h2><div class='turn'>{prompt}</div><h2>GILL</h2>"
+            f"<div class='turn'>{answer}</div></body></html>")
+
+
+def write_atomic(path: str, text: str):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".gill-", suffix=".html", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run(args) -> int:
+    import torch
+
+    from ..pipeline_gill import GILLPipeline
+    from ..processing_gill import load_image
+    from ..retrieval import RetrievalIndex
+
+    if not args.inputs or not any(kind == "text" for kind, _ in args.inputs):
+        raise SystemExit("gill-hf generate: give at least one --text (and optionally --image) in reading order")
+    items = [value if kind == "text" else load_image(value) for kind, value in args.inputs]
+    pipe = GILLPipeline.from_pretrained(args.pipeline)
+    if args.index:
+        pipe.retrieval_index = RetrievalIndex.load(args.index)
+    generator = torch.Generator(device=pipe.unet.device).manual_seed(args.seed)
+    out = pipe(items, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+               temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+               force_image_after=args.force_image_after, gen_scale_factor=args.gen_scale_factor,
+               decision=args.decision, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+               generator=generator)
+    write_atomic(args.output, render_html(items, out.parts))
+    print(f"wrote {args.output}: {sum(isinstance(p, str) for p in out.parts)} text and {len(out.images)} image parts")
+    return 0
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("generate", help=__doc__.splitlines()[0], description=__doc__)
+    parser.add_argument("pipeline", help="a saved GILLPipeline folder or Hub repo id")
+    parser.add_argument("--text", dest="inputs", action=_Interleaved, help="a text part (repeatable)")
+    parser.add_argument("--image", dest="inputs", action=_Interleaved, help="an image file part (repeatable)")
+    parser.add_argument("-o", "--output", default="answer.html")
+    parser.add_argument("--index", help="a saved RetrievalIndex folder (enables retrieval and the decision)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--force-image-after", type=int, default=None,
+                        help="force an image after this many text tokens")
+    parser.add_argument("--gen-scale-factor", type=float, default=1.0)
+    parser.add_argument("--decision", choices=["auto", "generate", "retrieve"], default="auto")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run, inputs=[])
