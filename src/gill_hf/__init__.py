@@ -3,9 +3,11 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_gill import GILLConfig
+from .convert_original import convert_original_release
 from .decision import Decision, decide, load_decision_head
 from .generation_gill import (GeneratedImageSlot, GILLGenerationOutput, InterleavedGenerationConfig,
                               generate_interleaved, image_conditioning)
+from .hub import HubPushError, build_model_card, push_to_hub
 from .modeling_gill import GILLAdapter, GILLForConditionalGeneration, GILLOutput, count_adapter_parameters
 from .pipeline_gill import GILLPipeline, GILLPipelineOutput, ImagePart
 from .processing_gill import GILLProcessor
@@ -30,13 +32,17 @@ __all__ = [
     "GILLPipelineOutput",
     "GILLProcessor",
     "GeneratedImageSlot",
+    "HubPushError",
     "ImagePart",
     "InterleavedGenerationConfig",
     "RetrievalIndex",
+    "build_model_card",
     "build_tiny_backbones",
+    "convert_original_release",
     "count_adapter_parameters",
     "decide",
     "generate_interleaved",
     "image_conditioning",
     "load_decision_head",
+    "push_to_hub",
 ]

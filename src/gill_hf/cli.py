@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "gill_hf.commands.generate",
     "gill_hf.commands.precompute_targets",
     "gill_hf.commands.train",
+    "gill_hf.commands.convert_original",
 )
 
 

@@ -1,0 +1,23 @@
+"""``gill-hf convert-original``: turn the original GILL release (kohjingyu/gill) into a gill_hf model folder."""
+
+import json
+
+
+def run(args) -> int:
+    from ..convert_original import convert_original_release
+
+    summary = convert_original_release(args.checkpoint, args.model_args, args.out, decision=args.decision,
+                                       embeddings=args.embeddings)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers):
+    parser = subparsers.add_parser("convert-original", help=__doc__, description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="pretrained_ckpt.pth.tar")
+    parser.add_argument("--model-args", required=True, help="model_args.json")
+    parser.add_argument("--decision", help="decision_model.pth.tar (default: a head that always generates, as the "
+                                           "original without a decision model)")
+    parser.add_argument("--embeddings", help="cc3m_embeddings*.npy (a pickle; read with a numpy-only unpickler)")
+    parser.add_argument("--out", required=True, help="new (or empty) output folder")
+    parser.set_defaults(func=run)
