@@ -25,7 +25,7 @@ class InterleavedGenerationConfig:
     ``max_new_tokens`` bounds all new tokens, the r tokens of each [IMG] block included; [IMG0] is only allowed
     while a whole block still fits. ``min_text_tokens``: text tokens required since the answer start or the last
     image before [IMG0] may appear. ``force_image_after``: force [IMG0] once that many text tokens were produced
-    since the start / last image (0 = an image first). ``gen_scale_factor`` / ``ret_scale_factor`` > 1 apply the
+    since the start / last image (0 = an image first; a list gives one value per row). ``gen_scale_factor`` / ``ret_scale_factor`` > 1 apply the
     original's boost ``logit[IMG0] = |logit[IMG0]| * factor`` (GILL shares the token, so both multiply it).
     """
 
@@ -38,7 +38,7 @@ class InterleavedGenerationConfig:
     stop_strings: Sequence[str] = ()
     min_text_tokens: int = 0
     max_images: int | None = None  # None: no limit
-    force_image_after: int | None = None
+    force_image_after: int | Sequence[int | None] | None = None  # one value for all rows, or one per row
     gen_scale_factor: float = 1.0
     ret_scale_factor: float = 1.0
     use_cache: bool = True
@@ -55,7 +55,8 @@ class InterleavedGenerationConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_images is not None and self.max_images < 0:
             raise ValueError(f"max_images must be >= 0 or None, got {self.max_images}")
-        if self.force_image_after is not None and self.force_image_after < 0:
+        forced = self.force_image_after if isinstance(self.force_image_after, Sequence) else [self.force_image_after]
+        if any(n is not None and n < 0 for n in forced):
             raise ValueError(f"force_image_after must be >= 0 or None, got {self.force_image_after}")
         if self.gen_scale_factor <= 0 or self.ret_scale_factor <= 0:
             raise ValueError("gen_scale_factor and ret_scale_factor must be > 0")
@@ -190,6 +191,10 @@ class _Decoder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = _eos_ids(model, cfg)
         self.rows = [_RowState() for _ in range(batch_size)]
+        forced = cfg.force_image_after
+        self.force_after = list(forced) if isinstance(forced, Sequence) else [forced] * batch_size
+        if len(self.force_after) != batch_size:
+            raise ValueError(f"force_image_after has {len(self.force_after)} values for {batch_size} prompts")
         warpers = []
         if cfg.do_sample:
             if cfg.temperature != 1.0:
@@ -270,8 +275,7 @@ class _Decoder:
         for b, (row, token) in enumerate(zip(self.rows, next_ids.tolist())):
             if row.finished:
                 continue
-            if cfg.force_image_after is not None and row.text_since_image >= cfg.force_image_after \
-                    and bool(allowed[b]):
+            if self.force_after[b] is not None and row.text_since_image >= self.force_after[b] and bool(allowed[b]):
                 token = img0
             if token == img0:
                 row.tokens.extend(self.img_ids)
