@@ -84,7 +84,7 @@ def build_model(model_cfg: dict):
         model = GILLForInterleavedTraining.from_backbones(model_cfg["text_model"], model_cfg["vision_model"],
                                                           model_cfg.get("diffusion_model"), **overrides)
     model.train()
-    if model_cfg.get("lora") and not hasattr(model.language_model, "peft_config"):
+    if (model_cfg.get("lora") or model.config.use_lora) and not hasattr(model.language_model, "peft_config"):
         apply_lora(model)
     for param in lora_parameters(model).values():  # a loaded LoRA adapter continues training
         param.requires_grad_(True)

@@ -50,12 +50,14 @@ def parameter_groups(model, weight_decay: float, mapper_lr_mult: float = 1.0, le
 def configure_trainable(model) -> list[str]:
     """Freeze adapter parts the configured stage does not train; keep trainables in fp32 (master weights).
 
-    Stage "align" trains every adapter part whose loss is on; "interleaved" (MiniGPT-5 stage 2) freezes the
+    Stage "align" trains every adapter part whose loss is on (W_cap only with l_c); "interleaved" (MiniGPT-5 stage 2) freezes the
     retrieval heads and the mapper's input projection and queries. The decision head stays frozen (it is fit
     separately, see ``decision_training``). Returns the trainable parameter names.
     """
     cfg, adapter = model.config, model.adapter
     frozen = [adapter.decision_head]
+    if cfg.training_stage == "align" and cfg.caption_loss_weight == 0:
+        frozen.append(adapter.w_cap)
     if cfg.ret_loss_weight == 0 or cfg.training_stage == "interleaved":
         frozen += [adapter.w_t2i, adapter.w_i2t]
         adapter.logit_scale.requires_grad_(False)
@@ -182,3 +184,13 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     return GILLTrainer(model=model, args=TrainingArguments(**args), train_dataset=train_dataset,
                        data_collator=data_collator, ldm_loss=ldm_loss, mapper_lr_mult=mapper_lr_mult,
                        callbacks=[RenormalizeImgEmbeddingsCallback(), *callbacks])
+
+
+def minigpt5_overrides(stage: str) -> dict:
+    """GILLConfig values of MiniGPT-5's recipe (paper weights lambda1=0.01 text, lambda2=1 LDM, lambda3=0.1 caption
+    MSE; CFG 0.1; Min-SNR 5; MLP input projection; voken features from the predicting positions)."""
+    if stage not in ("align", "interleaved"):
+        raise ValueError(f"stage must be 'align' or 'interleaved', got {stage!r}")
+    return dict(training_stage=stage, img_token_loss_weight=0.01, caption_loss_weight=0.0, ret_loss_weight=0.0,
+                gen_loss_weight=0.1, ldm_loss_weight=1.0, ldm_snr_gamma=5.0, cfg_dropout_prob=0.1,
+                mapper_input_proj="mlp", mapper_add_input_embeddings=False, voken_feature_position="predicting")

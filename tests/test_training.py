@@ -1,0 +1,192 @@
+"""The Trainer recipe end to end on tiny backbones and generated toy data."""
+
+import os
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+
+from gill_hf import GILLForConditionalGeneration
+from gill_hf.training import (CaptionImageDataset, GILLForInterleavedTraining, InterleavedDataCollator,
+                              LatentDiffusionLoss, StopAtStepCallback, TargetStore, VISTTaskDataset, apply_lora,
+                              enable_frozen_llm_checkpointing, parameter_groups, precompute_targets, train_gill)
+from gill_hf.training.lora import lora_parameters
+from gill_hf.training.targets import DiffusionTextEncoder
+from gill_hf.training.toy_data import write_toy_cc3m, write_toy_vist
+
+QUIET = dict(disable_tqdm=True, logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0,
+             use_cpu=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def toy_cc3m(tmp_path_factory, tiny_backbones):
+    """12 toy pairs as a TSV + their target store (tiny SD text encoder)."""
+    root = tmp_path_factory.mktemp("cc3m")
+    ds = CaptionImageDataset.from_tsv(write_toy_cc3m(root, 12))
+    store = TargetStore(precompute_targets(ds.captions, root / "targets", DiffusionTextEncoder(tiny_backbones["sd"]),
+                                           batch_size=12, dtype="float32", progress=False))
+    return ds, store
+
+
+def loss_history(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
+
+
+def test_stage1_lowers_every_loss(make_model, toy_cc3m, tmp_path):
+    ds, store = toy_cc3m
+    model = make_model(pack_prob=0.5)
+    trainer = train_gill(model, ds, str(tmp_path), targets=store, max_steps=24, learning_rate=2e-3, **QUIET)
+    trainer.train()
+    for key in ("caption_loss", "img_token_loss", "gen_loss", "ret_loss", "loss"):
+        values = loss_history(trainer, key)
+        assert len(values) == 24
+        first, last = sum(values[:4]) / 4, sum(values[-4:]) / 4
+        assert last < first, f"{key} did not fall: {first:.4f} -> {last:.4f}"
+    rows = model.adapter.img_embeddings.norm(dim=1)  # the renorm callback ran after the last step
+    torch.testing.assert_close(rows, torch.full_like(rows, model._mean_frozen_row_norm("input")))
+
+
+def test_resume_matches_uninterrupted_run(make_model, toy_cc3m, tmp_path):
+    ds, store = toy_cc3m
+    args = dict(targets=store, max_steps=6, learning_rate=1e-3, warmup_steps=2, lr_scheduler_type="linear", **QUIET)
+    full = make_model(pack_prob=0.5, cfg_dropout_prob=0.3)
+    train_gill(full, ds, str(tmp_path / "full"), **args).train()
+
+    first = make_model(pack_prob=0.5, cfg_dropout_prob=0.3)
+    train_gill(first, ds, str(tmp_path / "cut"), save_strategy="steps", save_steps=3,
+               callbacks=[StopAtStepCallback(3)], **args).train()
+    ckpt = tmp_path / "cut" / "checkpoint-3"
+    saved = safetensors.torch.load_file(ckpt / "model.safetensors")
+    assert saved and all(k.startswith("adapter.") for k in saved)  # trainable weights only, no backbone
+    assert (ckpt / "optimizer.pt").exists() and (ckpt / "rng_state.pth").exists()
+
+    resumed = make_model(seed=1, pack_prob=0.5, cfg_dropout_prob=0.3)  # other init: everything comes from ckpt
+    train_gill(resumed, ds, str(tmp_path / "cut"), **args).train(resume_from_checkpoint=str(ckpt))
+    want, got = full.adapter_state_dict(), resumed.adapter_state_dict()
+    assert not torch.equal(want["adapter.w_cap.weight"], first.adapter_state_dict()["adapter.w_cap.weight"])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def _seeded_ldm(model, ldm, batch, seed=0):
+    """LDM loss of ``batch`` with fixed noise and timesteps (eval mode: no CFG dropout)."""
+    model.eval()
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "ldm_pixel_values"}
+        out = model(**inputs)
+        torch.manual_seed(seed)
+        value = ldm(out.gen_embeds, batch["ldm_pixel_values"]).item()
+    model.train()
+    return value, out
+
+
+def test_stage2_lora_ldm_training_save_load(make_model, tiny_backbones, tmp_path):
+    from gill_hf.training import minigpt5_overrides
+
+    overrides = {**minigpt5_overrides("interleaved"), "img_token_loss_weight": 1.0, "pack_prob": 0.0}
+    make_model(llm="llama", **overrides).save_pretrained(tmp_path / "stage1")
+    model = GILLForInterleavedTraining.from_pretrained(tmp_path / "stage1").train()
+    apply_lora(model)
+    assert model.config.use_lora and len(lora_parameters(model)) == 2 * 2 * 2  # 2 layers x q,v x A,B
+    ds = VISTTaskDataset.from_json(write_toy_vist(tmp_path / "vist", num_stories=3, steps=3))
+    ldm = LatentDiffusionLoss.from_pretrained(tiny_backbones["sd"], snr_gamma=model.config.ldm_snr_gamma)
+    collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm.image_size)
+    fixed = collator([ds[i] for i in range(len(ds)) if ds.examples[i][2] != "text"][:6])
+    ldm_before, out_before = _seeded_ldm(model, ldm, fixed)
+
+    trainer = train_gill(model, ds, str(tmp_path / "out"), data_collator=collator, ldm_loss=ldm, max_steps=16,
+                         learning_rate=3e-3, **QUIET)
+    trainer.train()
+    text = loss_history(trainer, "img_token_loss")
+    assert len(loss_history(trainer, "ldm_loss")) >= 12  # batches of "text" tasks only have no LDM term
+    assert sum(text[-4:]) < sum(text[:4])
+    ldm_after, out_after = _seeded_ldm(model, ldm, fixed)
+    assert ldm_after < ldm_before and out_after.img_token_loss < out_before.img_token_loss
+    assert all(p.abs().sum() > 0 for n, p in lora_parameters(model).items() if "lora_B" in n)  # B starts at 0
+    assert not model.adapter.w_t2i.weight.requires_grad and not model.adapter.mapper.queries.requires_grad
+
+    model.save_pretrained(tmp_path / "stage2")
+    assert (tmp_path / "stage2" / "lora" / "adapter_config.json").exists()
+    keys = safetensors.torch.load_file(tmp_path / "stage2" / "model.safetensors")
+    assert all(k.startswith("adapter.") for k in keys)
+    loaded = GILLForConditionalGeneration.from_pretrained(tmp_path / "stage2")
+    model.eval()
+    embeds = model.embed_inputs(fixed["input_ids"], model.encode_images(fixed["pixel_values"]))
+    with torch.no_grad():
+        want = model.run_language_model(embeds, fixed["attention_mask"])[0]
+        got = loaded.run_language_model(embeds, fixed["attention_mask"])[0]
+        with loaded.language_model.disable_adapter():
+            without = loaded.run_language_model(embeds, fixed["attention_mask"])[0]
+    torch.testing.assert_close(got, want)
+    finite = torch.isfinite(got)  # the placeholder id scores -inf
+    assert (got - without)[finite].abs().max() > 1e-3  # the LoRA adapter changes the outputs
+
+
+def test_cfg_null_path_probability(make_model, toy_cc3m):
+    ds, store = toy_cc3m
+    from gill_hf.training import GILLDataCollator
+
+    model = make_model(cfg_dropout_prob=0.25, pack_prob=0.0).train()
+    batch = GILLDataCollator(model.processor, max_length=16, targets=store)([ds[i] for i in range(12)])
+    null = model.mapped_null_embedding()[0]
+    torch.manual_seed(0)
+    dropped = 0
+    with torch.no_grad():
+        for _ in range(25):
+            out = model(**batch)
+            is_null = (out.gen_embeds - null).flatten(1).abs().amax(1) < 1e-5  # (12,)
+            dropped += int(is_null.sum())
+            expect = torch.where(is_null[:, None, None], batch["null_gen_target"], batch["gen_targets"])
+            torch.testing.assert_close(out.gen_loss, (out.gen_embeds - expect).pow(2).sum(-1).sqrt().mean())
+    assert 0.15 < dropped / 300 < 0.35  # 300 draws at p=0.25: +-4 standard deviations
+    model.eval()
+    with torch.no_grad():
+        assert not ((model(**batch).gen_embeds - null).flatten(1).abs().amax(1) < 1e-5).any()  # no dropout in eval
+
+
+def test_parameter_groups_skip_decay_where_due(make_model):
+    model = make_model(llm="llama")
+    groups = parameter_groups(model, weight_decay=0.1, mapper_lr_mult=10.0, learning_rate=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name in ("adapter.logit_scale", "adapter.img_embeddings", "adapter.img_output_embeddings",
+                 "adapter.mapper.queries", "adapter.w_cap.bias"):
+        assert name in no_decay
+    assert "adapter.w_cap.weight" in decay and not any("language_model" in n for n in decay | no_decay)
+    assert any(n.endswith("norm1.weight") for n in no_decay)
+    assert {g.get("lr") for g in groups if any(".mapper." in names[id(p)] for p in g["params"])} == {1e-2}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_activation_checkpointing_keeps_gradients(make_model, caption_batch):
+    grads = []
+    for checkpointed in (False, True):
+        model = make_model(pack_prob=0.0).train()
+        if checkpointed:
+            assert enable_frozen_llm_checkpointing(model.language_model) == 2
+        model(**caption_batch(model, 4)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_cli_train_from_yaml(tiny_backbones, tmp_path):
+    from gill_hf.cli import main
+
+    tsv = write_toy_cc3m(tmp_path / "data", 8)
+    config = {"model": {"text_model": tiny_backbones["opt"], "vision_model": tiny_backbones["clip"],
+                        "diffusion_model": tiny_backbones["sd"],
+                        "config": {"mapper_hidden_dim": 32, "mapper_ffn_dim": 64, "mapper_encoder_layers": 1,
+                                   "mapper_decoder_layers": 1}},
+              "data": {"tsv": tsv, "max_length": 16},
+              "training": {"output_dir": str(tmp_path / "run"), "per_device_train_batch_size": 4,
+                           "disable_tqdm": True, "use_cpu": True}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", str(tmp_path / "c.yaml"), "--set", "training.max_steps=2"]) == 0
+    trained = GILLForConditionalGeneration.from_pretrained(tmp_path / "run")
+    assert trained.config.mapper_encoder_layers == 1 and os.path.exists(tmp_path / "run" / "model.safetensors")
+    with pytest.raises(ValueError, match="output_dir"):
+        main(["train", str(tmp_path / "c.yaml"), "--set", "training.output_dir=null"])
