@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard, constants, hf_api
 from transformers.utils import hub as transformers_hub
 
 from gill_hf import GILLForConditionalGeneration, GILLProcessor
@@ -29,6 +29,7 @@ def fake_hub(tmp_path_factory):
         mp.setattr(constants, "HF_HUB_OFFLINE", False)
         mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
         mp.setattr(transformers_hub, "_hf_api", None)  # transformers caches an HfApi bound to the old endpoint
+        mp.setattr(hf_api.api, "endpoint", hub.endpoint)  # the module-level HfApi behind file_exists (peft)
         yield hub
         assert hub.server_errors == []
         assert hub.unknown_requests == [], f"client used endpoints the fake Hub does not know: {hub.unknown_requests}"
@@ -195,3 +196,45 @@ def test_fake_hub_refuses_unknown_endpoints_and_bad_tokens(fake_hub):
     response = httpx2.post(f"{fake_hub.endpoint}/api/repos/create", json={"name": "x", "organization": "alice"},
                            headers={"Authorization": "Bearer wrong"})
     assert response.status_code == 401
+
+
+def test_lora_adapter_round_trip(fake_hub, make_model, caption_batch):
+    from peft import PeftModel
+
+    from gill_hf.training import apply_lora
+
+    model = apply_lora(make_model("opt", seed=5)).eval()
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter change the LLM
+        for name, param in model.language_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.push_to_hub("alice/gill-lora")
+    files = fake_hub.repos["alice/gill-lora"].files()
+    assert {"lora/adapter_config.json", "lora/adapter_model.safetensors"} <= set(files)
+    assert "| LoRA on the LLM |" in files["README.md"].decode()
+
+    loaded = GILLForConditionalGeneration.from_pretrained("alice/gill-lora")
+    assert isinstance(loaded.language_model, PeftModel) and loaded.config.use_lora
+    batch = caption_batch(model, n=2)
+    for ours, theirs in zip(_outputs(model, batch), _outputs(loaded, batch), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_pipeline_push_and_load(fake_hub, trained_model, tiny_backbones):
+    from gill_hf import GILLPipeline, RetrievalIndex
+
+    index = RetrievalIndex(torch.randn(4, trained_model.config.ret_emb_dim), [f"{i}.png" for i in range(4)], 2.0)
+    pipe = GILLPipeline.from_gill(trained_model, retrieval_index=index)
+    pipe.push_to_hub("alice/gill-pipeline", datasets=["cc3m"])
+    files = fake_hub.repos["alice/gill-pipeline"].files()
+    assert {"model_index.json", "gill_model/model.safetensors", "retrieval_index/paths.json"} <= set(files)
+    readme = files["README.md"].decode()
+    assert 'GILLPipeline.from_pretrained("alice/gill-pipeline")' in readme and "library_name: gill_hf" in readme
+
+    loaded = GILLPipeline.from_pretrained("alice/gill-pipeline")
+    for key, value in trained_model.adapter_state_dict().items():
+        assert torch.equal(loaded.gill_model.adapter_state_dict()[key], value), key
+    for (name, ours), theirs in zip(pipe.unet.state_dict().items(), loaded.unet.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs), name
+    assert loaded.retrieval_index.paths == index.paths
+    assert torch.equal(loaded.retrieval_index.embeddings, index.embeddings)

@@ -110,12 +110,13 @@ def build_model_card(config: GILLConfig, repo_id: str = "<repo_id>", *, revision
                      num_parameters: int | None = None, datasets: Sequence[str] | None = None,
                      hyperparameters=None, eval_results=None, license: str = "other",
                      tags: Sequence[str] | None = None, has_retrieval_index: bool = False,
-                     template_path: str | os.PathLike | None = None) -> ModelCard:
+                     is_pipeline: bool = False, template_path: str | os.PathLike | None = None) -> ModelCard:
     """The README.md of a GILL repo: Hub metadata plus loading code, architecture, data, hyperparameters, results.
 
     ``base_model`` lists the backbones that are Hub ids (local folders are left out: the Hub would reject them).
     ``hyperparameters`` is a mapping or ``TrainingArguments``; ``eval_results`` a list of row dicts or a
-    ``{metric: value}`` mapping. ``template_path`` defaults to the top-level ``MODEL_CARD.md``.
+    ``{metric: value}`` mapping. ``is_pipeline`` switches the loading code to ``GILLPipeline``.
+    ``template_path`` defaults to the top-level ``MODEL_CARD.md``.
     """
     template = Path(template_path or MODEL_CARD_TEMPLATE)
     if not template.is_file():
@@ -133,20 +134,16 @@ def build_model_card(config: GILLConfig, repo_id: str = "<repo_id>", *, revision
         text_model=backbones[0], vision_model=backbones[1], diffusion_model=backbones[2],
         last_img=config.num_img_tokens - 1, architecture=_architecture_rows(config), datasets=list(datasets or []),
         hyperparameters=_hyperparameter_rows(hyperparameters), eval_table=_eval_table(eval_results),
-        has_retrieval_index=has_retrieval_index)
+        has_retrieval_index=has_retrieval_index, is_pipeline=is_pipeline, use_lora=config.use_lora)
 
 
 # ---------------------------------------------------------------------------------------------- pushing
-def find_gill_config(obj) -> GILLConfig | None:
-    """The GILLConfig of a model, or of the GILL model inside a pipeline; None for a processor."""
-    config = getattr(obj, "config", None)
-    if isinstance(config, GILLConfig):
-        return config
-    components = getattr(obj, "components", None)
-    for component in (components.values() if isinstance(components, Mapping) else ()):
-        if isinstance(getattr(component, "config", None), GILLConfig):
-            return component.config
-    return None
+def find_gill_model(obj):
+    """The GILL model itself, or the one inside a pipeline (its ``gill_model`` component); None for a processor."""
+    if hasattr(obj, "adapter") and isinstance(getattr(obj, "config", None), GILLConfig):
+        return obj
+    inner = getattr(obj, "gill_model", None)
+    return inner if inner is not None and hasattr(inner, "adapter") else None
 
 
 def _save_into(obj, folder: str, max_shard_size) -> list[str]:
@@ -162,20 +159,22 @@ def _save_into(obj, folder: str, max_shard_size) -> list[str]:
 
 def push_to_hub(obj, repo_id: str, *, revision: str | None = None, commit_message: str | None = None,
                 commit_description: str | None = None, private: bool | None = None, token: str | bool | None = None,
-                create_pr: bool = False, max_shard_size: int | str = "5GB",
-                retrieval_index: str | os.PathLike | None = None, datasets: Sequence[str] | None = None,
-                hyperparameters=None, eval_results=None, license: str = "other", tags: Sequence[str] | None = None,
-                model_card: bool = True) -> CommitInfo:
+                create_pr: bool = False, max_shard_size: int | str = "5GB", retrieval_index=None,
+                datasets: Sequence[str] | None = None, hyperparameters=None, eval_results=None, license: str = "other",
+                tags: Sequence[str] | None = None, model_card: bool = True) -> CommitInfo:
     """Upload ``obj`` (a GILL model, processor or pipeline) to ``repo_id`` in one commit and return its info.
 
     The repo (and ``revision`` as a branch off main) is created when missing. A model uploads its adapter-only
-    safetensors (sharded above ``max_shard_size``), config and processor; ``retrieval_index`` is a folder copied to
-    ``retrieval_index/``. With ``model_card`` and a GILL config at hand, a gill_hf ``README.md`` is written (see
-    :func:`build_model_card` for ``datasets``, ``hyperparameters``, ``eval_results``, ``license``, ``tags``).
+    safetensors (sharded above ``max_shard_size``; older weight files and a stale ``lora/`` in the repo are
+    replaced), config, processor and LoRA adapter; a pipeline what its ``save_pretrained`` writes.
+    ``retrieval_index`` (a :class:`~gill_hf.RetrievalIndex` or a saved index folder) goes to ``retrieval_index/``.
+    With ``model_card`` and a GILL model at hand, a gill_hf ``README.md`` is written (see :func:`build_model_card`
+    for ``datasets``, ``hyperparameters``, ``eval_results``, ``license``, ``tags``).
     Raises :class:`HubPushError` when the Hub refuses; nothing local is modified either way.
     """
-    if retrieval_index is not None and not os.path.isdir(retrieval_index):
-        raise FileNotFoundError(f"retrieval_index={os.fspath(retrieval_index)!r} is not a folder")
+    if retrieval_index is not None and not hasattr(retrieval_index, "save") and not os.path.isdir(retrieval_index):
+        raise FileNotFoundError(f"retrieval_index={os.fspath(retrieval_index)!r} is neither a RetrievalIndex nor a "
+                                "folder")
     api = HfApi(token=token)
     target = f"{repo_id}@{revision or 'main'}"
     try:
@@ -184,14 +183,18 @@ def push_to_hub(obj, repo_id: str, *, revision: str | None = None, commit_messag
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="gill-push-") as staging:
             stale = _save_into(obj, staging, max_shard_size)
-            if retrieval_index is not None:
-                shutil.copytree(retrieval_index, os.path.join(staging, RETRIEVAL_INDEX_DIR))
-            config = find_gill_config(obj)
-            if model_card and config is not None:
-                num_parameters = sum(p.numel() for p in obj.adapter.parameters()) if hasattr(obj, "adapter") else None
-                card = build_model_card(config, repo_id, revision=revision, num_parameters=num_parameters,
-                                        datasets=datasets, hyperparameters=hyperparameters, eval_results=eval_results,
-                                        license=license, tags=tags, has_retrieval_index=retrieval_index is not None)
+            index_dir = os.path.join(staging, RETRIEVAL_INDEX_DIR)
+            if hasattr(retrieval_index, "save"):
+                retrieval_index.save(index_dir)
+            elif retrieval_index is not None:
+                shutil.copytree(retrieval_index, index_dir)
+            gill_model = find_gill_model(obj)
+            if model_card and gill_model is not None:
+                card = build_model_card(
+                    gill_model.config, repo_id, revision=revision,
+                    num_parameters=sum(p.numel() for p in gill_model.adapter.parameters()), datasets=datasets,
+                    hyperparameters=hyperparameters, eval_results=eval_results, license=license, tags=tags,
+                    has_retrieval_index=os.path.isdir(index_dir), is_pipeline=gill_model is not obj)
                 card.save(os.path.join(staging, "README.md"))
             return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or f"Upload {type(obj).__name__} with gill_hf",

@@ -144,6 +144,13 @@ class GILLPipeline(DiffusionPipeline):
             kwargs["retrieval_index"] = RetrievalIndex.load(index_dir)
         return super().from_pretrained(path, **kwargs)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the pipeline (GILL adapter, diffusion model, retrieval index) with a gill_hf model card in one
+        commit; see :func:`gill_hf.hub.push_to_hub` for the options."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
     def empty_prompt_embeds(self) -> torch.Tensor:
