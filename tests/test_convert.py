@@ -15,10 +15,11 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCausalLM
 
-from gill_hf import GILLAdapter, GILLConfig, GILLForConditionalGeneration, RetrievalIndex
+from gill_hf import GILLAdapter, GILLConfig, GILLForConditionalGeneration, GILLProcessor, RetrievalIndex
 from gill_hf.cli import main as cli_main
 from gill_hf.convert_original import config_from_model_args, convert_original_release, release_key_shapes
 from gill_hf.decision import decide
@@ -335,3 +336,33 @@ def test_refuses_a_non_empty_output_folder(tmp_path):
     with pytest.raises(FileExistsError, match="not an empty folder"):
         convert_original_release(tmp_path / "missing.pth.tar", MODEL_ARGS, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_other_backbones_and_processor(tmp_path, tiny_backbones):
+    """model_args naming local backbones: widths come from their configs and --with-processor saves a processor."""
+    probe = GILLProcessor(CLIPImageProcessor.from_pretrained(tiny_backbones["clip"]),
+                          AutoTokenizer.from_pretrained(tiny_backbones["opt"]))
+    args = {**json.loads(MODEL_ARGS.read_text()), "opt_version": tiny_backbones["opt"],
+            "visual_encoder": tiny_backbones["clip"], "gen_emb_dim": 32,
+            "retrieval_token_idx": probe.img_token_ids, "gen_token_idx": probe.img_token_ids}
+    (tmp_path / "model_args.json").write_text(json.dumps(args))
+    shapes = release_key_shapes(config_from_model_args(args))
+    assert shapes["model.input_embeddings.weight"] == (8, 64) and shapes["model.visual_fc.weight"] == (256, 32)
+    state = {k: (0.02 * torch.randn(v)).to(torch.bfloat16) for k, v in shapes.items()}
+    checkpoint = save_release(state, tmp_path / "ckpt.pth.tar")
+    assert cli_main(["convert-original", "--checkpoint", str(checkpoint), "--model-args",
+                     str(tmp_path / "model_args.json"), "--with-processor", "--out", str(tmp_path / "out")]) == 0
+
+    model = GILLForConditionalGeneration.from_pretrained(tmp_path / "out")  # backbones by the ids in model_args
+    assert model.processor.img_token_ids == probe.img_token_ids
+    assert model.processor.image_token_id == probe.image_token_id == model.config.image_token_id
+    assert torch.equal(model.adapter.w_i2t.weight, state["model.visual_fc.weight"].float())
+    batch = model.processor.encode_captions(["a red circle"], max_length=16)
+    out = model(**batch, pixel_values=model.processor.preprocess_images([Image.new("RGB", (32, 32), "red")]))
+    assert torch.isfinite(out.loss)
+
+    args["gen_token_idx"] = args["retrieval_token_idx"] = [i + 1 for i in probe.img_token_ids]
+    (tmp_path / "shifted.json").write_text(json.dumps(args))
+    with pytest.raises(ValueError, match="the release was trained with"):
+        convert_original_release(checkpoint, tmp_path / "shifted.json", tmp_path / "out2", with_processor=True)
+    assert not (tmp_path / "out2").exists()

@@ -7,14 +7,13 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
+from hub_server import FakeHub
 from huggingface_hub import ModelCard, constants, hf_api
 from transformers.utils import hub as transformers_hub
 
 from gill_hf import GILLForConditionalGeneration, GILLProcessor
 from gill_hf.configuration_gill import DEFAULT_DIFFUSION, DEFAULT_LLM, DEFAULT_VISION, gill_paper_config
 from gill_hf.hub import HubPushError, build_model_card
-
-from hub_server import FakeHub
 
 
 @pytest.fixture(scope="module")

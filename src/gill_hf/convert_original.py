@@ -7,10 +7,10 @@ in the files can run code. Every released key and shape is checked before anythi
 
 The output folder holds ``config.json`` and ``model.safetensors`` (exactly ``adapter_state_dict()``'s keys), plus
 ``retrieval_index/`` when embeddings are given; ``GILLForConditionalGeneration.from_pretrained(out_dir)`` loads it
-with the backbones named in the config. Processor files need the OPT tokenizer, which is not in the release: build
-it once with ``GILLProcessor(CLIPImageProcessor.from_pretrained(vision_id), AutoTokenizer.from_pretrained(opt_id))``
-(it adds ``<|image|>`` and ``[IMG0..7]`` as ids 50265 and 50266..50273, the release's) and ``save_pretrained`` it
-into the folder.
+with the backbones named in the config. Processor files need the backbones' tokenizer and image processor, which
+are not in the release: ``with_processor=True`` (``--with-processor``) fetches them by the ids in model_args.json
+(Hub or local paths) and saves a GILLProcessor whose ``<|image|>`` / ``[IMG]`` ids are checked against the release
+(50265 and 50266..50273 for OPT). Offline, convert without it and save the processor into the folder later.
 
 Inference then follows the original: the [IMG] hidden states are the LLM's last ``hidden_states`` (what its tied LM
 head sees), the mapper adds the [IMG] input embeddings to them, retrieval scores are ``exp(logit_scale)`` times
@@ -145,8 +145,8 @@ def check_release_state_dict(state_dict: dict[str, torch.Tensor], expected: dict
     """Raise one ``ValueError`` listing every missing key, unexpected key and wrong shape."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [f"{k}: {tuple(state_dict[k].shape)}, expected {expected[k]}" for k in sorted(set(expected) & set(state_dict))
-             if tuple(state_dict[k].shape) != expected[k]]
+    wrong = [f"{k}: {tuple(state_dict[k].shape)}, expected {expected[k]}"
+             for k in sorted(set(expected) & set(state_dict)) if tuple(state_dict[k].shape) != expected[k]]
     if missing or unexpected or wrong:
         parts = [f"{label} ({len(items)}): {items}" for label, items in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
@@ -177,9 +177,25 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: GILLConfig,
 
 
 # ---------------------------------------------------------------------------------------------- whole release
+def processor_for(config: GILLConfig):
+    """The GILLProcessor of the config's backbones; refuses one whose special-token ids differ from the config's."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from .processing_gill import GILLProcessor
+
+    processor = GILLProcessor(AutoImageProcessor.from_pretrained(config.vision_model_name_or_path, backend="pil"),
+                              AutoTokenizer.from_pretrained(config.text_model_name_or_path),
+                              num_visual_tokens=config.num_visual_tokens, num_img_tokens=config.num_img_tokens)
+    ids = (processor.image_token_id, processor.img_token_ids)
+    if ids != (config.image_token_id, config.img_token_ids):
+        raise ValueError(f"the tokenizer of {config.text_model_name_or_path} gives <|image|>, [IMG] ids {ids}; the "
+                         f"release was trained with {(config.image_token_id, config.img_token_ids)}")
+    return processor
+
+
 def convert_original_release(checkpoint: str | os.PathLike, model_args: str | os.PathLike,
                              out_dir: str | os.PathLike, decision: str | os.PathLike | None = None,
-                             embeddings: str | os.PathLike | None = None) -> dict:
+                             embeddings: str | os.PathLike | None = None, with_processor: bool = False) -> dict:
     """Write a gill_hf model folder from the release files; returns a summary (tensors, parameters, dtypes, files).
 
     Every input is read and checked before the output appears: files are written to a temporary folder beside
@@ -199,6 +215,7 @@ def convert_original_release(checkpoint: str | os.PathLike, model_args: str | os
         if index.dim != config.ret_emb_dim:
             raise ValueError(f"{os.fspath(embeddings)} holds {index.dim}-d embeddings, the model retrieves in "
                              f"{config.ret_emb_dim} dimensions")
+    processor = processor_for(config) if with_processor else None
     weights = convert_state_dict(release, config, head, source=os.fspath(checkpoint))
 
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
@@ -209,6 +226,8 @@ def convert_original_release(checkpoint: str | os.PathLike, model_args: str | os
                                     metadata={"format": "pt", "converted_from": "kohjingyu/gill"})
         if index is not None:
             index.save(os.path.join(staging, RETRIEVAL_INDEX_DIR))
+        if processor is not None:
+            processor.save_pretrained(staging)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)  # empty, checked above
         os.replace(staging, out_dir)

@@ -7,7 +7,7 @@ def run(args) -> int:
     from ..convert_original import convert_original_release
 
     summary = convert_original_release(args.checkpoint, args.model_args, args.out, decision=args.decision,
-                                       embeddings=args.embeddings)
+                                       embeddings=args.embeddings, with_processor=args.with_processor)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -19,5 +19,7 @@ def register(subparsers):
     parser.add_argument("--decision", help="decision_model.pth.tar (default: a head that always generates, as the "
                                            "original without a decision model)")
     parser.add_argument("--embeddings", help="cc3m_embeddings*.npy (a pickle; read with a numpy-only unpickler)")
+    parser.add_argument("--with-processor", action="store_true",
+                        help="also save the processor, fetching the backbones' tokenizer and image processor")
     parser.add_argument("--out", required=True, help="new (or empty) output folder")
     parser.set_defaults(func=run)
