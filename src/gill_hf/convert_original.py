@@ -14,7 +14,8 @@ are not in the release: ``with_processor=True`` (``--with-processor``) fetches t
 
 Inference then follows the original: the [IMG] hidden states are the LLM's last ``hidden_states`` (what its tied LM
 head sees), the mapper adds the [IMG] input embeddings to them, retrieval scores are ``exp(logit_scale)`` times
-cosines, and the decision head's argmax (threshold 0.5) picks retrieval or generation.
+cosines, and the decision head's argmax (threshold 0.5) picks retrieval or generation. Load with
+``dtype=torch.bfloat16`` to also run in the release's precision (the default fp32 holds the same bf16 values).
 """
 
 import json
