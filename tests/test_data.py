@@ -55,7 +55,7 @@ def test_hf_dataset_source(make_model):
     images = [shape_image("red", "circle"), shape_image("blue", "square")]
     ds = CaptionImageDataset.from_hf_dataset(datasets.Dataset.from_dict(
         {"img": images, "txt": ["a red circle", "a blue square"]}), image_column="img", text_column="txt")
-    assert len(ds) == 2 and ds[1]["caption"] == "a blue square" and ds[1]["image"].getpixel((20, 20)) == (40, 60, 220)
+    assert len(ds) == 2 and ds[1]["caption"] == "a blue square" and ds[1]["image"].getpixel((11, 20)) == (40, 70, 220)
     with pytest.raises(ValueError, match="lack"):
         CaptionImageDataset.from_hf_dataset(datasets.Dataset.from_dict({"img": images}), image_column="img")
 

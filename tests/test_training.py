@@ -190,3 +190,40 @@ def test_cli_train_from_yaml(tiny_backbones, tmp_path):
     assert trained.config.mapper_encoder_layers == 1 and os.path.exists(tmp_path / "run" / "model.safetensors")
     with pytest.raises(ValueError, match="output_dir"):
         main(["train", str(tmp_path / "c.yaml"), "--set", "training.output_dir=null"])
+
+
+RELEASE = "/work/shared/data/gill-release/"
+
+
+def test_partiprompts_labels_and_table6_baselines():
+    import numpy as np
+
+    from gill_hf.training.decision_training import (baseline_f1, macro_f1, read_partiprompts,
+                                                    threshold_sweep)
+
+    from_votes = read_partiprompts(RELEASE + "PartiPromptsAllDecisions_Alignment.tsv")
+    assert from_votes == read_partiprompts(RELEASE + "PartiPromptsDecisionsConfident.tsv")  # rule reproduces it
+    assert len(from_votes) == 911
+    y_val = np.array([int(label == "ret") for _, label in from_votes[600:]])
+    assert (y_val == 0).sum() == 201 and (y_val == 1).sum() == 110  # the paper's validation split
+    base = baseline_f1(y_val)
+    assert base["always_retrieve"] == pytest.approx((2 * 110 / (311 + 110)) / 2)  # paper: 0.267
+    assert base["always_generate"] == pytest.approx((2 * 201 / (311 + 201)) / 2)  # paper: 0.389
+    assert 0.47 < base["random"] < 0.52  # analytic expectation ~0.50 (paper's single draw: 0.451)
+    assert macro_f1(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0])) == pytest.approx((0.8 + 2 / 3) / 2)
+    sweep = threshold_sweep(np.array([0.1, 0.2, 0.7, 0.9]), np.array([0, 0, 1, 1]))
+    assert sweep[0.5] == 1.0 and sweep[0.05] == pytest.approx((0 + 2 * 2 / 6) / 2)
+
+
+def test_fit_decision_head_on_partiprompts(make_model):
+    from gill_hf.training.decision_training import fit_decision_model
+
+    model = make_model().eval()
+    before = model.adapter.decision_head[1].weight.clone()
+    report = fit_decision_model(model, RELEASE + "PartiPromptsDecisionsConfident.tsv", steps=60, lr=1e-2)
+    assert report["val_counts"] == {"gen": 201, "ret": 110} and report["num_val"] == 311
+    assert report["losses"][-1] < report["losses"][0]
+    assert model.config.decision_threshold == report["best_threshold"]
+    assert report["sweep"][report["best_threshold"]] >= report["f1_at_0.5"] - 1e-9
+    assert not torch.equal(before, model.adapter.decision_head[1].weight)
+    assert not any(p.requires_grad for p in model.adapter.decision_head.parameters())

@@ -1,26 +1,16 @@
-"""Generated toy data (coloured shapes + captions) for tests, examples and benchmarks; nothing is downloaded."""
+"""Toy training files on disk (CC3M TSV, VIST SIS JSON) from ``gill_hf.toy_data``'s shapes; nothing is downloaded."""
 
 import json
 import os
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
-           "purple": (140, 40, 170), "orange": (250, 140, 20)}
-SHAPES = ("circle", "square", "triangle")
+from ..toy_data import COLOURS, SHAPES, draw_shape
 
 
 def shape_image(colour: str, shape: str, size: int = 40) -> Image.Image:
-    """A ``size`` x ``size`` white image with one ``colour`` ``shape`` in the middle."""
-    image = Image.new("RGB", (size, size), (255, 255, 255))
-    draw, box = ImageDraw.Draw(image), (size // 5, size // 5, size - size // 5, size - size // 5)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[colour])
-    else:
-        draw.polygon([(size // 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=COLOURS[colour])
-    return image
+    """A ``size`` x ``size`` white image with one ``colour`` ``shape`` (left of centre)."""
+    return draw_shape(colour, shape, "left", size)
 
 
 def toy_pairs(n: int) -> list[tuple[str, Image.Image]]:
