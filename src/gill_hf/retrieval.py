@@ -141,7 +141,7 @@ class RetrievalIndex:
         return self
 
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int = 5, chunk_size: int = 262_144,
+    def search(self, queries: torch.Tensor, k: int = 5, chunk_size: int = 1 << 20,
                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k: ``(Q, p)`` or ``(p,)`` queries -> scores ``(Q, k)`` (exp(logit_scale) * cosine, fp32)
         and row indices ``(Q, k)``. ``exclude``: a bool ``(Q, N)`` mask of candidates to skip (e.g. images
