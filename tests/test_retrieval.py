@@ -28,7 +28,7 @@ def test_topk_equals_brute_force(chunk_size):
     ref = _brute_force(candidates, queries, 2.5, 5)
     assert torch.equal(indices, ref.indices)
     torch.testing.assert_close(scores, ref.values)
-    one_score, one_index = index.search(queries[2], k=5, chunk_size=chunk_size)  # a single (p,) query
+    _, one_index = index.search(queries[2], k=5, chunk_size=chunk_size)  # a single (p,) query
     assert torch.equal(one_index, ref.indices[2])
 
 
