@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from gill_hf import GILLPipeline, ImagePart, RetrievalIndex
@@ -111,6 +112,13 @@ def test_precomputed_embeddings_give_the_same_image(pipe):
     full = pipe(PROMPT, generator=_seed(0), **FAST)
     assert np.array_equal(np.asarray(direct.images[0]), np.asarray(full.images[0]))
     assert isinstance(direct.parts[0], ImagePart)
+    # the same embeddings drive a stock Stable Diffusion pipeline to the same pixels
+    stock = StableDiffusionPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                    unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
+                                    feature_extractor=None, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    stock_image = stock(prompt_embeds=prompt_embeds, num_inference_steps=2, generator=_seed(0)).images[0]
+    assert np.array_equal(np.asarray(stock_image), np.asarray(full.images[0]))
 
 
 def test_empty_prompt_embedding_is_computed_once_and_mapped_null_replaces_it(pipe, make_model):
