@@ -87,6 +87,21 @@ def test_retrieve_path_never_runs_the_unet(pipe, index):
     assert auto.parts[1].kind == "retrieved" and not auto.parts[1].decision.forced
 
 
+def test_an_answer_does_not_retrieve_the_same_image_twice(pipe, index):
+    pipe.retrieval_index = index
+    try:
+        out = pipe(PROMPT, decision="retrieve", **{**FAST, "max_new_tokens": 24, "max_images": 2})
+    finally:
+        pipe.retrieval_index = None
+    first, second = [p for p in out.parts if isinstance(p, ImagePart)]
+    with torch.no_grad():
+        query = pipe.gill_model.text_retrieval_embeddings(out.generation.img0_hidden_states())
+    _, ranked = index.search(query, k=len(index))
+    assert first.path == index.paths[ranked[0, 0]]
+    expected = next(j for j in ranked[1].tolist() if index.paths[j] != first.path)
+    assert second.path == index.paths[expected] != first.path
+
+
 def test_auto_decision_uses_the_head_with_max_cosine(pipe, index):
     pipe.retrieval_index = index
     counter = _CountCalls(pipe.unet)

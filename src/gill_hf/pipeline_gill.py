@@ -238,8 +238,9 @@ class GILLPipeline(DiffusionPipeline):
 
         generation = self._generate(prompt, generator, generation_kwargs)
         slots = [s for row in generation.images for s in row]
-        image_parts = self._answer_images(slots, generation, decision, decision_threshold, num_candidates,
-                                          load_retrieved_images, diffusion) if slots else {}
+        slot_rows = [b for b, row in enumerate(generation.images) for _ in row]
+        image_parts = self._answer_images(slots, slot_rows, generation, decision, decision_threshold,
+                                          num_candidates, load_retrieved_images, diffusion) if slots else {}
         parts = [[image_parts[id(p)] if isinstance(p, GeneratedImageSlot) else p for p in row]
                  for row in generation.parts]
         images = [p.image for row in parts for p in row if isinstance(p, ImagePart)]
@@ -248,15 +249,19 @@ class GILLPipeline(DiffusionPipeline):
             return (parts, images)
         return GILLPipelineOutput(parts=parts, images=images, generation=generation)
 
-    def _answer_images(self, slots, generation, decision_mode, threshold, num_candidates, load_retrieved,
-                       diffusion) -> dict[int, ImagePart]:
-        """Decide, retrieve and generate for every [IMG] block; returns ImageParts keyed by ``id(slot)``."""
+    def _answer_images(self, slots, slot_rows, generation, decision_mode, threshold, num_candidates,
+                       load_retrieved, diffusion) -> dict[int, ImagePart]:
+        """Decide, retrieve and generate for every [IMG] block; returns ImageParts keyed by ``id(slot)``.
+
+        As the original, an image retrieved earlier in the same answer is not retrieved again.
+        """
         model = self.gill_model
         img0 = generation.img0_hidden_states()  # (N, f)
         scores = indices = None
         if self.retrieval_index is not None:
             query = model.text_retrieval_embeddings(img0)  # (N, p)
-            scores, indices = self.retrieval_index.search(query, k=max(num_candidates, 1))
+            most_per_answer = max(slot_rows.count(b) for b in set(slot_rows))
+            scores, indices = self.retrieval_index.search(query, k=max(num_candidates, 1) + most_per_answer - 1)
         if decision_mode == "auto" and self.retrieval_index is not None:
             max_cosine = scores[:, 0] / math.exp(self.retrieval_index.logit_scale)
             decisions = decide(model, img0, max_cosine, threshold)
@@ -272,11 +277,14 @@ class GILLPipeline(DiffusionPipeline):
             images = self._diffuse(prompt_embeds, negative, **diffusion)
             for i, image in zip(gen_rows, images):
                 out[id(slots[i])] = ImagePart("generated", image, decisions[i])
+        shown = {b: set() for b in slot_rows}  # candidate rows already retrieved in each answer
         for i, d in enumerate(decisions):
             if d.mode != "ret":
                 continue
-            candidates = [(self.retrieval_index.paths[j], float(s)) for j, s in
-                          zip(indices[i, :num_candidates].tolist(), scores[i, :num_candidates].tolist())]
+            ranked = list(zip(indices[i].tolist(), scores[i].tolist()))
+            fresh = [(j, s) for j, s in ranked if j not in shown[slot_rows[i]]] or ranked  # tiny index: repeat
+            shown[slot_rows[i]].add(fresh[0][0])
+            candidates = [(self.retrieval_index.paths[j], float(s)) for j, s in fresh[:num_candidates]]
             path, score = candidates[0]
             image = load_image(path) if load_retrieved and os.path.isfile(path) else None
             out[id(slots[i])] = ImagePart("retrieved", image, d, score=score, path=path, candidates=candidates)
