@@ -8,6 +8,7 @@ import sys
 COMMAND_MODULES = (
     "gill_hf.commands.tiny_backbones",
     "gill_hf.commands.count_params",
+    "gill_hf.commands.quickstart",
     "gill_hf.commands.generate",
     "gill_hf.commands.precompute_targets",
     "gill_hf.commands.train",
