@@ -228,7 +228,8 @@ class GILLPipeline(DiffusionPipeline):
                 raise ValueError("pass either prompt or prompt_embeds, not both")
             images = self._diffuse(prompt_embeds, negative_prompt_embeds, **diffusion)
             parts = [ImagePart("generated", image, Decision("gen", 0.0, 1.0, forced=True)) for image in images]
-            return GILLPipelineOutput(parts=parts, images=[p.image for p in parts]) if return_dict else (parts,)
+            images = [p.image for p in parts]
+            return GILLPipelineOutput(parts=parts, images=images) if return_dict else (parts, images)
         if prompt is None:
             raise ValueError("GILLPipeline needs a prompt (or prompt_embeds)")
         if decision not in ("auto", "generate", "retrieve"):
