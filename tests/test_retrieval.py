@@ -128,7 +128,7 @@ def test_import_refuses_code_in_pickles(tmp_path):
 def test_faiss_option():
     index = RetrievalIndex(torch.randn(30, 8), [str(i) for i in range(30)], dtype=torch.float32)
     try:
-        import faiss  # noqa: F401
+        import faiss
     except ImportError:
         with pytest.raises(ImportError, match="faiss-cpu"):
             index.use_faiss()
@@ -136,7 +136,11 @@ def test_faiss_option():
     query = torch.randn(3, 8)
     exact = index.search(query, k=4)
     index.use_faiss()
-    assert torch.equal(index.search(query, k=4)[1], exact[1])
+    scores, indices = index.search(query, k=4)
+    assert torch.equal(indices, exact[1])
+    torch.testing.assert_close(scores, exact[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="16 wide but the embeddings are 8"):
+        index.use_faiss(faiss.IndexFlatIP(16))
 
 
 def test_bad_inputs_raise(tmp_path):
