@@ -66,17 +66,13 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
 
 def build_model(model_cfg: dict):
     """A fresh GILL on the named backbones, or a trained one (``from_pretrained``), in the stage's model class."""
-    from ..training import GILLForInterleavedTraining, apply_lora
+    from ..training import GILLForInterleavedTraining, apply_lora, set_training_fields
     from ..training.lora import lora_parameters
 
     overrides = dict(model_cfg.get("config") or {})
     if model_cfg.get("from_pretrained"):
         model = GILLForInterleavedTraining.from_pretrained(model_cfg["from_pretrained"])
-        for key, value in overrides.items():
-            if not hasattr(model.config, key):
-                raise ValueError(f"model.config.{key} is not a GILLConfig field")
-            setattr(model.config, key, value)
-        model.config.validate_gill()
+        set_training_fields(model.config, **overrides)
     else:
         missing = [k for k in ("text_model", "vision_model") if not model_cfg.get(k)]
         if missing:

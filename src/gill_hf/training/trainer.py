@@ -189,6 +189,24 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
                        callbacks=[RenormalizeImgEmbeddingsCallback(), *callbacks])
 
 
+TRAINING_FIELDS = ("training_stage", "caption_loss_weight", "img_token_loss_weight", "gen_loss_weight", "ret_loss_weight",
+                   "ldm_loss_weight", "ldm_snr_gamma", "cfg_dropout_prob", "pack_prob", "gen_loss_type",
+                   "lp_supervise_caption", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                   "decision_threshold")
+
+
+def set_training_fields(config, **values) -> None:
+    """Change objective / stage fields of a built model's config (e.g. stage 1 -> 2); architecture fields of a
+    built model cannot change, and naming one raises."""
+    fixed = {k: v for k, v in values.items() if k not in TRAINING_FIELDS and getattr(config, k, object()) != v}
+    if fixed:
+        raise ValueError(f"cannot change {sorted(fixed)} on a built model (architecture fields); only "
+                         f"{TRAINING_FIELDS} can be set after loading")
+    for key, value in values.items():
+        setattr(config, key, value)
+    config.validate_gill()
+
+
 def minigpt5_overrides(stage: str) -> dict:
     """GILLConfig values of MiniGPT-5's recipe (paper weights lambda1=0.01 text, lambda2=1 LDM, lambda3=0.1 caption
     MSE; CFG 0.1; Min-SNR 5; MLP input projection; voken features from the predicting positions)."""
