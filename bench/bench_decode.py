@@ -64,9 +64,10 @@ def original_style_decode(model, input_ids, pixel_values):
     img_ids = model.img_token_ids
     new_ids, kept_states, step = [], [], 0
     while len(new_ids) < NEW_TOKENS:
-        logits, _, out = model.run_language_model(embeds, mask, use_cache=False)
+        out = model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                                   output_hidden_states=True)  # LM head over every position, as the original
         kept_states.append(out.hidden_states[-1])  # the original keeps every step's last-layer states
-        last = logits[:, -1].cpu()
+        last = model.full_logits(out.logits[:, -1:], out.hidden_states[-1][:, -1:])[:, -1].cpu()  # + [IMG] rows
         last[:, img_ids[1:].cpu()] = float("-inf")
         if step == TEXT_BEFORE_IMAGE:  # the original forces it with gen_scale_factor; same effect here
             block = img_ids.unsqueeze(0)
@@ -93,7 +94,11 @@ def main():
     parser.add_argument("--preset", choices=sorted(PRESETS), default="opt-125m")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both loops (1 avoids OpenMP stalls on a loaded machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as workdir:
         model = build_model(args.preset, workdir, args.device, getattr(torch, args.dtype))
         prompt = []
@@ -122,7 +127,7 @@ def main():
     same_tokens = cached.sequences[0].tolist() == original_ids
     slot = cached.images[0][0]
     max_diff = (slot.hidden_states.float() - original_states.float()).abs().max().item()
-    print(f"preset {args.preset} on {args.device} ({args.dtype}); prompt {input_ids.shape[1]} tokens "
+    print(f"preset {args.preset} on {args.device} ({args.dtype}, {torch.get_num_threads()} threads); prompt {input_ids.shape[1]} tokens "
           f"(5 captions + 4 images x {model.config.num_visual_tokens}), {NEW_TOKENS} new tokens incl. 1 image")
     print(f"same tokens: {same_tokens}; max |[IMG] state difference|: {max_diff:.2e}")
     print(f"cached (gill_hf):   {cached_s:8.3f} s  {NEW_TOKENS / cached_s:9.1f} tokens/s")
