@@ -29,10 +29,12 @@ def test_two_process_first_step_equals_single_process(tmp_path):
     assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-6)
     assert logs[1]["grad_norm"] == pytest.approx(logs[0]["grad_norm"], rel=1e-5)  # same averaged gradient
     assert logs[1]["ret_loss"] == pytest.approx(logs[0]["ret_loss"], rel=1e-6)  # InfoNCE over all 4 pairs
+    # Adam's first step moves each weight by ~lr * sign(grad): the updated adapters agree up to gradients that are
+    # pure rounding noise (e.g. attention key biases), whose normalised steps may differ by a fraction of lr=1e-3.
     one, two = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
     assert one.keys() == two.keys()
     for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=0, atol=5e-5, msg=key)
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=3e-4, msg=key)
 
 
 def test_gather_with_grad_is_identity_in_one_process():

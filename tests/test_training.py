@@ -6,6 +6,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from gill_hf import GILLForConditionalGeneration
 from gill_hf.training import (CaptionImageDataset, GILLForInterleavedTraining, InterleavedDataCollator,
@@ -227,3 +228,29 @@ def test_fit_decision_head_on_partiprompts(make_model):
     assert report["sweep"][report["best_threshold"]] >= report["f1_at_0.5"] - 1e-9
     assert not torch.equal(before, model.adapter.decision_head[1].weight)
     assert not any(p.requires_grad for p in model.adapter.decision_head.parameters())
+
+
+class GradCapture(TrainerCallback):
+    """Copies every gradient just before the first optimizer step (after accumulation and clipping)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_matches_the_full_batch(make_model, toy_cc3m, tmp_path):
+    """4 examples in one batch == 2 x 2 accumulated (per-batch means, equal token counts; InfoNCE is not
+    decomposable over micro-batches, so l_r is off here)."""
+    ds, store = toy_cc3m
+    grads, norms = [], []
+    for batch, accum in ((4, 1), (2, 2)):
+        capture = GradCapture()
+        trainer = train_gill(make_model(pack_prob=0.0, ret_loss_weight=0.0), ds, str(tmp_path / f"{batch}"),
+                             targets=store, max_steps=1, callbacks=[capture],
+                             **{**QUIET, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum})
+        trainer.train()
+        grads.append(capture.grads)
+        norms.append(loss_history(trainer, "grad_norm")[0])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-4, atol=1e-6, msg=key)
