@@ -211,10 +211,11 @@ class _Decoder:
         width = new_embeds.shape[1]
         if cache is not None:
             logits, features, _ = self.model.run_language_model(
-                new_embeds, mask, past_key_values=cache, position_ids=positions[:, -width:], use_cache=True)
+                new_embeds, mask, past_key_values=cache, position_ids=positions[:, -width:], use_cache=True,
+                logits_to_keep=1)
         else:  # the original's way: recompute the whole sequence each step
             logits, features, _ = self.model.run_language_model(full_embeds, mask, position_ids=positions,
-                                                                use_cache=False)
+                                                                use_cache=False, logits_to_keep=1)
         return logits[:, -1].float(), features[:, -width:]
 
     def run(self, embeds: torch.Tensor, mask: torch.Tensor) -> GILLGenerationOutput:

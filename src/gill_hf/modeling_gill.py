@@ -349,10 +349,12 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
         return logits
 
     def run_language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
-        """Frozen LLM pass -> (full logits incl. [IMG], ``hidden_states[config.hidden_layer]`` in adapter dtype)."""
+        """Frozen LLM pass -> (full logits incl. [IMG], ``hidden_states[config.hidden_layer]`` in adapter dtype).
+
+        ``logits_to_keep=n`` (a kwarg of the LLM) returns logits for the last n positions only."""
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   output_hidden_states=True, **kwargs)
-        logits = self.full_logits(out.logits, out.hidden_states[-1])
+        logits = self.full_logits(out.logits, out.hidden_states[-1][:, -out.logits.shape[1]:])
         features = out.hidden_states[self.config.hidden_layer].to(self.adapter.w_t2i.weight.dtype)
         return logits, features, out
 
