@@ -71,10 +71,15 @@ def _is_single_prompt(prompt) -> bool:
     return len(prompt) > 0 and not isinstance(prompt[0], (list, tuple))
 
 
+def _is_text(part) -> bool:
+    if isinstance(part, str):
+        return bool(part.strip())
+    return isinstance(part, dict) and (part.get("type") == "text" or "content" in part)  # chat-style parts
+
+
 def _has_text(sample) -> bool:
     items = [sample] if isinstance(sample, (str, Image.Image, dict, os.PathLike)) else sample
-    return any((isinstance(x, str) and x.strip()) or (isinstance(x, dict) and (x.get("type") == "text" or "content"
-                                                                                 in x)) for x in items)
+    return any(_is_text(part) for part in items)
 
 
 class GILLPipeline(DiffusionPipeline):
