@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .callbacks import RenormalizeImgEmbeddingsCallback
-from .data import GILLDataCollator
+from .data import GILLDataCollator, InterleavedDataCollator, VISTTaskDataset
 from .distributed import gather_with_grad
 from .lora import load_lora_weights
 
@@ -157,8 +157,9 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     """A :class:`GILLTrainer` for ``model`` on ``train_dataset`` (call ``.train()`` on it).
 
     Args:
-        train_dataset: a ``CaptionImageDataset`` (stage 1; the default collator is used) or any dataset matching
-            ``data_collator`` (e.g. ``VISTTaskDataset`` + ``InterleavedDataCollator`` for stage 2).
+        train_dataset: a ``CaptionImageDataset`` (stage 1) or ``VISTTaskDataset`` (stage 2; the model must take
+            ``labels``, e.g. ``GILLForInterleavedTraining``), each with its default collator, or any dataset
+            matching ``data_collator``.
         targets: a ``TargetStore`` with the captions' text-encoder outputs (enables l_g and CFG targets).
         ldm_loss: the MiniGPT-5 latent-diffusion loss (needs ``config.ldm_loss_weight > 0``).
         activation_checkpointing: checkpoint the frozen LLM's layers (less memory, one extra LLM forward).
@@ -181,9 +182,12 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     if activation_checkpointing:
         enable_frozen_llm_checkpointing(model.language_model)
     model.contrastive_gather = gather_with_grad  # identity in a single process
-    if data_collator is None:
+    ldm_size = ldm_loss.image_size if ldm_loss is not None else None
+    if data_collator is None and isinstance(train_dataset, VISTTaskDataset):
+        data_collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_size)
+    elif data_collator is None:
         data_collator = GILLDataCollator(model.processor, max_length=max_length, targets=targets,
-                                         ldm_image_size=ldm_loss.image_size if ldm_loss is not None else None)
+                                         ldm_image_size=ldm_size)
     return GILLTrainer(model=model, args=TrainingArguments(**args), train_dataset=train_dataset,
                        data_collator=data_collator, ldm_loss=ldm_loss, mapper_lr_mult=mapper_lr_mult,
                        callbacks=[RenormalizeImgEmbeddingsCallback(), *callbacks])
