@@ -254,3 +254,18 @@ def test_gradient_accumulation_matches_the_full_batch(make_model, toy_cc3m, tmp_
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_bf16_backbones_with_fp32_master_weights(tiny_backbones, toy_cc3m, tmp_path):
+    from conftest import SMALL_MAPPER
+
+    ds, store = toy_cc3m
+    torch.manual_seed(0)
+    model = GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"],
+                                                        tiny_backbones["sd"], dtype=torch.bfloat16, **SMALL_MAPPER)
+    trainer = train_gill(model, ds, str(tmp_path), targets=store, max_steps=3, bf16=True, **QUIET)
+    trainer.train()
+    assert model.language_model.dtype == torch.bfloat16 and model.vision_model.dtype == torch.bfloat16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # master weights stay fp32
+    assert all(torch.isfinite(torch.tensor(loss_history(trainer, "loss"))))
