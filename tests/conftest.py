@@ -18,6 +18,15 @@ SMALL_MAPPER = dict(mapper_hidden_dim=32, mapper_num_heads=4, mapper_ffn_dim=64,
                     mapper_decoder_layers=2)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run many small ops: one thread avoids OpenMP stalls on a shared machine (restored after)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbones(tmp_path_factory) -> dict[str, str]:
     """Paths of the tiny random OPT (tied), Llama (untied), CLIP vision and Stable Diffusion checkpoints."""

@@ -17,13 +17,7 @@ PROMPT = ["A photo of my dog.", Image.new("RGB", (40, 36), "red"), "Show me the 
 FAST = dict(max_new_tokens=14, force_image_after=2, max_images=1, eos_token_id=[], num_inference_steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run many small ops: one thread avoids OpenMP stalls on a shared machine (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _seed(n=0):
