@@ -216,3 +216,9 @@ class GILLProcessor(ProcessorMixin):
             input_ids[row, cols] = seq
             attention_mask[row, cols] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the processor files in one commit (no transformers model card); see gill_hf.hub.push_to_hub."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
