@@ -2,11 +2,8 @@
 write the answer as a self-contained HTML page (images inline beside the text)."""
 
 import argparse
-import base64
-import html
-import io
-import os
-import tempfile
+
+from ..html_report import html_page, part_html, write_text_atomic
 
 
 class _Interleaved(argparse.Action):
@@ -18,49 +15,12 @@ class _Interleaved(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
-def _image_html(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" alt="">'
-
-
 def render_html(prompt_items: list, parts: list) -> str:
     """The prompt and the answer (str and ImagePart items) as one HTML page."""
-    from PIL import Image
-
-    def block(item) -> str:
-        if isinstance(item, str):
-            return f"<p>{html.escape(item)}</p>"
-        if isinstance(item, Image.Image):
-            return f"<figure>{_image_html(item)}</figure>"
-        caption = f"{item.kind} (P(retrieve)={item.decision.p_retrieve:.3f}, decision {item.decision.mode}"
-        caption += ", forced)" if item.decision.forced else ")"
-        if item.kind == "retrieved":
-            caption += f" {html.escape(item.path or '')} score {item.score:.3f}"
-        picture = _image_html(item.image) if isinstance(item.image, Image.Image) else \
-            f'<a href="{html.escape(item.path or "")}">{html.escape(item.path or "")}</a>'
-        return f"<figure>{picture}<figcaption>{caption}</figcaption></figure>"
-
-    style = ("body{font-family:sans-serif;max-width:50em;margin:auto}figure{display:inline-block;margin:.5em}"
-             "img{max-width:256px;image-rendering:pixelated;width:256px}.turn{border-left:3px solid #888;"
-             "padding-left:1em;margin:1em 0}")
-    prompt = "".join(block(item) for item in prompt_items)
-    answer = "".join(block(item) for item in parts)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>GILL answer</title><style>{style}</style>"
-            f"</head><body><h2>Input</h2><div class='turn'>{prompt}</div><h2>GILL</h2>"
-            f"<div class='turn'>{answer}</div></body></html>")
-
-
-def write_atomic(path: str, text: str):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".gill-", suffix=".html", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    prompt = "".join(part_html(item) for item in prompt_items)
+    answer = "".join(part_html(item) for item in parts)
+    return html_page("GILL answer", f"<h2>Input</h2><div class='turn'>{prompt}</div><h2>GILL</h2>"
+                                    f"<div class='turn'>{answer}</div>")
 
 
 def run(args) -> int:
@@ -82,7 +42,7 @@ def run(args) -> int:
                force_image_after=args.force_image_after, gen_scale_factor=args.gen_scale_factor,
                decision=args.decision, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                generator=generator)
-    write_atomic(args.output, render_html(items, out.parts))
+    write_text_atomic(args.output, render_html(items, out.parts))
     print(f"wrote {args.output}: {sum(isinstance(p, str) for p in out.parts)} text and {len(out.images)} image parts")
     return 0
 
