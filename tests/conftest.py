@@ -8,6 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hub_server import FakeHub  # noqa: E402
+from huggingface_hub import constants, hf_api  # noqa: E402
+from transformers.utils import hub as transformers_hub  # noqa: E402
 
 from gill_hf import GILLForConditionalGeneration, build_tiny_backbones  # noqa: E402
 
@@ -65,3 +68,21 @@ def caption_batch():
                 "pixel_values": proc.preprocess_images(images), "gen_targets": targets}
 
     return _batch
+
+
+@pytest.fixture(scope="module")
+def fake_hub(tmp_path_factory):
+    """A FakeHub with the real client pointed at it; every patched global is restored at module teardown."""
+    with FakeHub() as hub, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", hub.endpoint)
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        mp.setenv("HF_TOKEN", hub.token)
+        mp.setattr(constants, "ENDPOINT", hub.endpoint)
+        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
+        mp.setattr(transformers_hub, "_hf_api", None)  # transformers caches an HfApi bound to the old endpoint
+        mp.setattr(hf_api.api, "endpoint", hub.endpoint)  # the module-level HfApi behind file_exists (peft)
+        yield hub
+        assert hub.server_errors == []
+        assert hub.unknown_requests == [], f"client used endpoints the fake Hub does not know: {hub.unknown_requests}"

@@ -7,31 +7,11 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
-from hub_server import FakeHub
-from huggingface_hub import ModelCard, constants, hf_api
-from transformers.utils import hub as transformers_hub
+from huggingface_hub import ModelCard
 
 from gill_hf import GILLForConditionalGeneration, GILLProcessor
 from gill_hf.configuration_gill import DEFAULT_DIFFUSION, DEFAULT_LLM, DEFAULT_VISION, gill_paper_config
 from gill_hf.hub import HubPushError, build_model_card
-
-
-@pytest.fixture(scope="module")
-def fake_hub(tmp_path_factory):
-    """A FakeHub with the real client pointed at it; every patched global is restored at module teardown."""
-    with FakeHub() as hub, pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_ENDPOINT", hub.endpoint)
-        mp.setenv("HF_HUB_OFFLINE", "0")
-        mp.setenv("HF_TOKEN", hub.token)
-        mp.setattr(constants, "ENDPOINT", hub.endpoint)
-        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        mp.setattr(constants, "HF_HUB_OFFLINE", False)
-        mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
-        mp.setattr(transformers_hub, "_hf_api", None)  # transformers caches an HfApi bound to the old endpoint
-        mp.setattr(hf_api.api, "endpoint", hub.endpoint)  # the module-level HfApi behind file_exists (peft)
-        yield hub
-        assert hub.server_errors == []
-        assert hub.unknown_requests == [], f"client used endpoints the fake Hub does not know: {hub.unknown_requests}"
 
 
 @pytest.fixture(scope="module")

@@ -163,3 +163,48 @@ def build_tiny_backbones(out_dir: str | os.PathLike, seed: int = 0) -> dict[str,
             _save_stable_diffusion(tmp)
         os.replace(tmp, path)  # a crash leaves no half-written backbone behind
     return {name: str(path) for name, path in paths.items()}
+
+
+def build_tiny_release(out_dir: str | os.PathLike, backbones: dict[str, str], num_candidates: int = 5,
+                       seed: int = 0) -> dict[str, str]:
+    """Write stand-ins for the original GILL release files at the tiny backbones' widths (random values):
+    ``pretrained_ckpt.pth.tar``, ``model_args.json``, ``decision_model.pth.tar``, ``cc3m_embeddings_urls.npy``.
+
+    Same formats as the release (tensor pickles via ``torch.save``, a pickled dict of numpy arrays), so
+    ``gill-hf convert-original`` runs on them offline. Returns the file paths by name.
+    """
+    import pickle
+
+    import numpy as np
+    from transformers import AutoTokenizer, CLIPImageProcessor
+
+    from .convert_original import config_from_model_args, release_key_shapes
+    from .processing_gill import GILLProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = GILLProcessor(CLIPImageProcessor.from_pretrained(backbones["clip"]),
+                          AutoTokenizer.from_pretrained(backbones["opt"]))
+    text_width = json.loads((Path(backbones["sd"]) / "text_encoder" / "config.json").read_text())["hidden_size"]
+    model_args = {"opt_version": backbones["opt"], "freeze_lm": True, "visual_encoder": backbones["clip"],
+                  "freeze_vm": True, "n_visual_tokens": 4, "ret_emb_dim": 256, "gen_emb_dim": text_width,
+                  "text_emb_layers": [-1], "text_fc_mode": "gill_mapper", "ret_text_fc_mode": "linear",
+                  "num_tokens": 8, "num_clip_tokens": 77, "share_ret_gen": True, "norm_image_embed": "none",
+                  "retrieval_token_idx": probe.img_token_ids, "gen_token_idx": probe.img_token_ids}
+    config = config_from_model_args(model_args)
+    g = torch.Generator().manual_seed(seed)
+    state = {k: (0.02 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+             for k, shape in release_key_shapes(config).items()}
+    decision = {"1.weight": 0.02 * torch.randn(2, config.llm_feature_dim, generator=g), "1.bias": torch.zeros(2)}
+    rng = np.random.default_rng(seed)
+    embeddings = {"paths": [f"https://example.com/{i}.jpg" for i in range(num_candidates)],
+                  "embeddings": [rng.standard_normal(256).astype(np.float32) for _ in range(num_candidates)]}
+    paths = {name: str(out / file) for name, file in (
+        ("checkpoint", "pretrained_ckpt.pth.tar"), ("model_args", "model_args.json"),
+        ("decision", "decision_model.pth.tar"), ("embeddings", "cc3m_embeddings_urls.npy"))}
+    (out / "model_args.json").write_text(json.dumps(model_args, indent=1))
+    torch.save({"state_dict": state}, paths["checkpoint"])
+    torch.save({"state_dict": decision}, paths["decision"])
+    with open(paths["embeddings"], "wb") as handle:
+        pickle.dump(embeddings, handle)
+    return paths

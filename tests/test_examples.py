@@ -1,0 +1,62 @@
+"""The example scripts run end to end on tiny backbones (``--tiny``), in-process, with their real argv parsing."""
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+
+from gill_hf.toy_data import shape_corpus
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *argv: str, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [name, *map(str, argv)])
+    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+
+
+def test_load_original_release(tmp_path, tiny_backbones, monkeypatch, capsys, single_thread):
+    run_example("load_original_release.py", "--tiny", tmp_path, "--out", tmp_path / "converted", "--steps", 2,
+                monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    assert "converted" in out and "image: " in out
+    weights = safetensors.torch.load_file(tmp_path / "converted" / "model.safetensors")
+    assert weights["adapter.img_embeddings"].shape == (8, 64)
+    assert (tmp_path / "converted" / "retrieval_index").is_dir()
+
+
+def test_generate_interleaved_with_retrieval(tmp_path, tiny_backbones, monkeypatch, capsys, single_thread):
+    images = []
+    for i, (image, _) in enumerate(shape_corpus(3, seed=2, size=48)):
+        images.append(tmp_path / f"photo{i}.png")
+        image.save(images[-1])
+    run_example("generate_interleaved.py", "--tiny", tmp_path, "--image", images[0], "--index-images", *images,
+                "--steps", 2, "--out", tmp_path / "answer.html", monkeypatch=monkeypatch)
+    page = (tmp_path / "answer.html").read_text()
+    assert page.count("<img") >= 2 and "P(retrieve)=" in page  # the prompt image + the answer's image
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_push_to_hub(tmp_path, tiny_backbones, fake_hub, monkeypatch, capsys):
+    run_example("push_to_hub.py", "--tiny", tmp_path, "--repo-id", "bob/gill-example", "--dataset", "cc3m",
+                monkeypatch=monkeypatch)
+    files = fake_hub.repos["bob/gill-example"].files()
+    assert {"model.safetensors", "config.json", "README.md"} <= set(files)
+    assert "cc3m" in files["README.md"].decode() and "pushed bob/gill-example" in capsys.readouterr().out
+
+
+def test_train_decision_and_stage2(tmp_path, tiny_backbones, monkeypatch, capsys):
+    run_example("train_decision.py", "--tiny", tmp_path / "backbones", "--steps", 5, "--out", tmp_path / "decision",
+                monkeypatch=monkeypatch)
+    assert (tmp_path / "decision" / "model.safetensors").is_file()
+    run_example("train_stage2_lora.py", "--tiny", tmp_path, "--output-dir", tmp_path / "stage2", "--max-steps", 1,
+                "--cpu", monkeypatch=monkeypatch)
+    assert (tmp_path / "stage2" / "lora" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_documents_its_tiny_run(name):
+    source = (EXAMPLES / name).read_text()
+    assert source.startswith('"""') and "--tiny" in source, f"{name} needs a docstring with its --tiny command"
