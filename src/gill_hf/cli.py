@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "gill_hf.commands.precompute_targets",
     "gill_hf.commands.train",
     "gill_hf.commands.convert_original",
+    "gill_hf.commands.evaluate",
 )
 
 

@@ -1,0 +1,71 @@
+"""The models under evaluation: GILL through :class:`GILLPipeline` (an image forced right after the context) and
+the plain Stable Diffusion pipeline of the same checkpoint on the context's text (the paper's baseline).
+
+Both share one loaded diffusion model; every image is seeded by its own ``torch.Generator().manual_seed(seed)``
+(on CPU, so a seed gives the same latents on any device).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from ..modeling_gill import GILLForConditionalGeneration
+from ..pipeline_gill import GILLPipeline
+from .contexts import context_text
+
+
+@dataclass
+class DiffusionSettings:
+    """Denoising options shared by both models (the original evaluation: 50 steps, guidance 7.5)."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str | None = None  # None: the checkpoint's; "ddim": DDIMScheduler (the paper's FID protocol)
+
+
+class EvaluatedModels:
+    """A GILL model + its diffusion model loaded once; ``gill(context, seed)`` / ``stable_diffusion(context, seed)``
+    return one PIL image each."""
+
+    def __init__(self, model: GILLForConditionalGeneration, settings: DiffusionSettings | None = None,
+                 diffusion_model: str | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        self.model, self.settings = model.to(device), settings or DiffusionSettings()
+        source = diffusion_model or model.config.diffusion_model_name_or_path
+        if not source:
+            raise ValueError("the GILL config names no diffusion model; pass diffusion_model=")
+        sd = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
+                                                     requires_safety_checker=False).to(device)
+        if self.settings.scheduler == "ddim":
+            sd.scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+        elif self.settings.scheduler is not None:
+            raise ValueError(f"unknown scheduler {self.settings.scheduler!r}; use None or 'ddim'")
+        sd.set_progress_bar_config(disable=True)
+        self.sd = sd
+        self.pipe = GILLPipeline(gill_model=model, processor=model.processor, unet=sd.unet, vae=sd.vae,
+                                 scheduler=sd.scheduler, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def load(cls, model_path: str, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs
+             ) -> "EvaluatedModels":
+        """From a saved GILL folder or Hub id (``GILLForConditionalGeneration.from_pretrained``)."""
+        return cls(GILLForConditionalGeneration.from_pretrained(model_path, dtype=dtype), device=device,
+                   dtype=dtype, **kwargs)
+
+    def _denoise_kwargs(self, seed: int) -> dict:
+        return {"num_inference_steps": self.settings.num_inference_steps,
+                "guidance_scale": self.settings.guidance_scale, "generator": torch.Generator().manual_seed(seed)}
+
+    def gill(self, context: list, seed: int) -> Image.Image:
+        """GILL's image for an interleaved context: [IMG0..r-1] forced right after it, always generated."""
+        out = self.pipe(context, decision="generate", force_image_after=0,
+                        max_new_tokens=self.model.config.num_img_tokens, **self._denoise_kwargs(seed))
+        return out.images[0]
+
+    def stable_diffusion(self, context: list, seed: int) -> Image.Image:
+        """Stable Diffusion's image for the context's text (images dropped; its tokenizer truncates at 77)."""
+        return self.sd(context_text(context), **self._denoise_kwargs(seed)).images[0]
