@@ -173,7 +173,8 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     if model.config.cfg_dropout_prob > 0 and targets is None and model.config.training_stage == "align":
         raise ValueError("cfg_dropout_prob > 0 needs a target store (its null embedding is the dropped target)")
     args = {**GILL_TRAINING_DEFAULTS, "output_dir": output_dir,
-            "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(), **training_args}
+            "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+            "dataloader_pin_memory": torch.cuda.is_available(), **training_args}
     if args.get("use_cpu") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args.setdefault("ddp_backend", "gloo")  # multi-process CPU runs (torchrun / accelerate launch --cpu)
     if args.get("remove_unused_columns"):
