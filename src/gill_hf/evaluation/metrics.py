@@ -49,11 +49,13 @@ class ClipImageEmbedder:
             self._load_transformers(name, dtype)
 
     def _load_transformers(self, name: str, dtype):
-        from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
 
-        model, info = CLIPVisionModelWithProjection.from_pretrained(name, dtype=dtype, output_loading_info=True)
-        self.projected = not any(key.startswith("visual_projection") for key in info["missing_keys"])
-        self.model = model.to(self.device).eval()
+        config = AutoConfig.from_pretrained(name)
+        # a full CLIPModel or a CLIPVisionModelWithProjection has the visual projection; a CLIPVisionModel has not
+        self.projected = config.model_type == "clip" or "CLIPVisionModelWithProjection" in (config.architectures or [])
+        model_class = CLIPVisionModelWithProjection if self.projected else CLIPVisionModel
+        self.model = model_class.from_pretrained(name, dtype=dtype).to(self.device).eval()
         self.image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
         self.kind = "transformers"
 
@@ -78,10 +80,7 @@ class ClipImageEmbedder:
             return self.model.encode_image(pixels).float().cpu()
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, dtype)
         out = self.model(pixel_values=pixels)
-        features = out.image_embeds if self.projected else out.last_hidden_state[:, 0]
-        if not self.projected:  # CLIPVisionModel's pooled output: the CLS state after post_layernorm
-            features = self.model.vision_model.post_layernorm(features)
-        return features.float().cpu()
+        return (out.image_embeds if self.projected else out.pooler_output).float().cpu()
 
     def embed(self, images: Iterable) -> torch.Tensor:
         images = [_rgb(im) for im in images]
