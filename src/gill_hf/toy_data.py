@@ -1,5 +1,11 @@
-"""Procedurally generated image-caption pairs (coloured shapes at positions), for offline demos and tests."""
+"""Procedurally generated image-caption pairs (coloured shapes at positions), for offline demos and tests.
 
+Besides random pairs (:func:`shape_corpus`) there are the scenes themselves (:func:`all_scenes`, 6 colours x 3
+shapes x 4 positions = 72), short "stories" over a set of scenes (:func:`shape_stories`) and descriptions of things
+the corpus never draws (:func:`novel_prompts`: other shapes, colours, places, or two objects at once).
+"""
+
+import itertools
 import random
 
 from PIL import Image, ImageDraw
@@ -8,6 +14,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
            "purple": (150, 60, 190), "orange": (245, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+NOVEL_COLOURS = ("pink", "black", "white", "gray")  # words the tiny tokenizer knows but the corpus never draws
+NOVEL_SHAPES = ("star", "ring", "cross")
+NOVEL_PLACES = ("in the middle", "in the corner", "at the center", "next to the tree")
 
 
 def draw_shape(colour: str, shape: str, position: str, size: int = 64) -> Image.Image:
@@ -32,6 +41,58 @@ def shape_corpus(n: int, seed: int = 0, size: int = 64) -> list[tuple[Image.Imag
     pairs = []
     for _ in range(n):
         colour, shape, position = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))
-        preposition = "on the" if position in ("left", "right") else "at the"
-        pairs.append((draw_shape(colour, shape, position, size), f"a {colour} {shape} {preposition} {position}"))
+        pairs.append((draw_shape(colour, shape, position, size), scene_caption((colour, shape, position))))
     return pairs
+
+
+def place_phrase(position: str) -> str:
+    """"left" -> "on the left", "top" -> "at the top"."""
+    return f"{'on the' if position in ('left', 'right') else 'at the'} {position}"
+
+
+def scene_caption(scene: tuple[str, str, str]) -> str:
+    """``(colour, shape, position)`` -> "a red circle on the left"."""
+    colour, shape, position = scene
+    return f"a {colour} {shape} {place_phrase(position)}"
+
+
+def all_scenes() -> list[tuple[str, str, str]]:
+    """Every ``(colour, shape, position)`` the corpus can draw, in a fixed order (72 of them)."""
+    return list(itertools.product(COLOURS, SHAPES, POSITIONS))
+
+
+def shape_stories(scenes: list[tuple[str, str, str]], num_stories: int, length: int = 3, seed: int = 0,
+                  size: int = 64) -> list[list[tuple[str, Image.Image, tuple[str, str, str]]]]:
+    """``num_stories`` stories of ``length`` distinct scenes drawn from ``scenes``; each step is
+    ``(text, image, scene)`` with text "a red circle on the left" first, then "then a blue square at the top"."""
+    if length > len(scenes):
+        raise ValueError(f"a story of {length} distinct steps needs at least {length} scenes, got {len(scenes)}")
+    rng = random.Random(seed)
+    stories = []
+    for _ in range(num_stories):
+        steps = rng.sample(scenes, length)
+        stories.append([(("then " if i else "") + scene_caption(scene), draw_shape(*scene, size=size), scene)
+                        for i, scene in enumerate(steps)])
+    return stories
+
+
+def novel_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct descriptions the corpus cannot hold: at least one unseen colour, shape or place, or two
+    corpus objects in one picture ("a red circle and a blue square")."""
+    rng = random.Random(seed)
+    colours, places = list(COLOURS) + list(NOVEL_COLOURS), [place_phrase(p) for p in POSITIONS] + list(NOVEL_PLACES)
+    shapes = list(SHAPES) + list(NOVEL_SHAPES)
+    prompts: dict[str, None] = {}
+    for _ in range(1000 * n):
+        if len(prompts) == n:
+            break
+        if rng.random() < 0.25:
+            (c1, s1), (c2, s2) = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(2)]
+            prompts[f"a {c1} {s1} and a {c2} {s2}"] = None
+            continue
+        colour, shape, place = rng.choice(colours), rng.choice(shapes), rng.choice(places)
+        if colour in NOVEL_COLOURS or shape in NOVEL_SHAPES or place in NOVEL_PLACES:
+            prompts[f"a {colour} {shape} {place}"] = None
+    if len(prompts) < n:
+        raise ValueError(f"asked for {n} distinct novel prompts, could only make {len(prompts)}")
+    return list(prompts)

@@ -1,0 +1,159 @@
+"""The quickstart's outputs: the held-out numbers table, the printed summary, the loss plot, report.html and
+report.json (all written atomically)."""
+
+import html
+import json
+import os
+import tempfile
+
+from PIL import Image
+
+from ..html_report import html_page, image_tag, part_html, write_text_atomic
+from ..training.trainer import LOSS_FIELDS
+
+LOSS_LABELS = {"loss": "total", "caption_loss": "l_c (captioning)", "img_token_loss": "l_p ([IMG] tokens)",
+               "gen_loss": "l_g (generation)", "ret_loss": "l_r (retrieval)"}
+SAMPLE_IMAGES = 6  # held-out captions shown in the image-agreement grid
+
+
+def results_rows(results: dict) -> list[tuple[str, str, str]]:
+    """(metric, held-out value, baselines) rows, as printed, put in the HTML table and the model card."""
+    ret, cos, mse, dec = (results[k] for k in ("retrieval", "embedding_cosine", "image_mse", "decision"))
+    base = dec["baselines"]
+    return [
+        ("retrieval Recall@1 (caption -> held-out image)", f"{ret['recall_at_1']:.3f}", f"chance {ret['chance']:.3f}"),
+        ("mapper output vs text-encoder embedding, per-token cosine (higher is better)", f"{cos['matched']:.3f}",
+         f"mismatched caption {cos['mismatched_caption']:.3f}, untrained adapter {cos['untrained_adapter']:.3f}"),
+        ("image from GILL vs image from the caption, pixel MSE (lower is better)", f"{mse['gill']:.4f}",
+         f"mismatched caption {mse['mismatched_caption']:.4f}, untrained adapter {mse['untrained_adapter']:.4f}"),
+        ("retrieve-vs-generate decision, macro-F1", f"{dec['macro_f1']:.3f}",
+         f"always retrieve {base['always_retrieve']:.3f}, always generate {base['always_generate']:.3f}, "
+         f"random {base['random']:.3f}"),
+    ]
+
+
+def summary_text(report: dict) -> str:
+    """The lines the command prints: the held-out numbers beside their baselines, the reload check, the files."""
+    results, paths = report["results"], report["paths"]
+    rows = results_rows(results)
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"held-out results ({results['num_heldout']} scenes never seen in training; "
+             f"{results['decision']['counts']['ret']} + {results['decision']['counts']['gen']} decision prompts):"]
+    lines += [f"  {name:<{width}}  {value:>7}   vs {baseline}" for name, value, baseline in rows]
+    lines.append(f"reload identical: {report['reload']['identical']} "
+                 f"({', '.join(k for k, ok in report['reload']['checks'].items() if ok)})")
+    lines.append(f"time: {sum(report['timings_s'].values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in report['timings_s'].items())})")
+    lines += [f"  {name:<12} {path}" for name, path in paths.items()]
+    return "\n".join(lines)
+
+
+def _atomic_binary(path: str, write):
+    """Call ``write(tmp_path)`` then rename onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=".gill-", suffix=os.path.splitext(path)[1], dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot_losses(history: list[dict], path: str):
+    """Total loss and the four Eq. 5 terms against the optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    steps = [entry["step"] for entry in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(steps, [entry["loss"] for entry in history], marker=".")
+    axes[0].set(title="total loss", xlabel="step")
+    for name in LOSS_FIELDS:
+        if all(name in entry for entry in history):
+            axes[1].plot(steps, [entry[name] for entry in history], marker=".", label=LOSS_LABELS[name])
+    axes[1].set(title="loss terms", xlabel="step")
+    axes[1].legend()
+    fig.tight_layout()
+    _atomic_binary(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    plt.close(fig)
+
+
+def answer_record(parts: list, prompt: dict) -> dict:
+    """An answer's parts as JSON: text strings, and images with kind, decision, P(retrieve), score, path and
+    whether a retrieval found the story's own image."""
+    record = {"expected": prompt["expected"], "truth": prompt["truth"], "parts": []}
+    for part in parts:
+        if isinstance(part, str):
+            record["parts"].append({"text": part})
+            continue
+        record["parts"].append({"kind": part.kind, "decision": part.decision.mode,
+                                "p_retrieve": part.decision.p_retrieve, "score": part.score, "path": part.path,
+                                "retrieved_truth": part.path == prompt["truth"] if part.kind == "retrieved"
+                                else None})
+    return record
+
+
+def _table(header: list[str], rows: list) -> str:
+    cells = "".join(f"<tr>{''.join(f'<td>{html.escape(str(c))}</td>' for c in row)}</tr>" for row in rows)
+    return f"<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr>{cells}</table>"
+
+
+def _stories_html(prompts: list[dict], answers: list) -> str:
+    blocks = []
+    for i, (prompt, parts) in enumerate(zip(prompts, answers)):
+        given = "".join(part_html(p) for p in prompt["context"])
+        answer = "".join(part_html(p) for p in parts)
+        blocks.append(f"<div class='turn'><h3>story {i} (the index holds its last scene: "
+                      f"{'yes, expect retrieve' if prompt['expected'] == 'ret' else 'no, expect generate'})</h3>"
+                      f"<b>input</b>{given}<b>answer</b>{answer}</div>")
+    return "".join(blocks)
+
+
+def _images_html(images: dict, captions: list[str]) -> str:
+    kinds = ["caption", "gill", "mismatched_caption", "untrained_adapter"]
+    rows = []
+    for i in range(min(SAMPLE_IMAGES, len(captions))):
+        cells = "".join(f"<td>{image_tag(Image.fromarray((images[k][i].numpy() * 255).round().astype('uint8')))}"
+                        f"</td>" for k in kinds)
+        rows.append(f"<tr><td>{html.escape(captions[i])}</td>{cells}</tr>")
+    header = "".join(f"<th>{k.replace('_', ' ')}</th>" for k in ["held-out caption", *kinds])
+    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+
+
+def render_html(report: dict, prompts: list[dict], answers: list, images: dict, captions: list[str],
+                plot_path: str) -> str:
+    """The self-contained report page (images inlined)."""
+    dec = report["results"]["decision"]
+    with Image.open(plot_path) as plot:
+        plot_tag = image_tag(plot.copy(), "loss curves")
+    body = [
+        "<style>.plot img{width:100%;image-rendering:auto}</style><h1>gill-hf quickstart</h1>",
+        "<p>GILL on tiny random backbones, trained on a procedural shapes corpus. Every number is measured on "
+        "held-out scenes the adapter never saw in training, beside the baseline it has to beat. The tiny language "
+        "model is random and frozen, so its words are noise; what is learnt is the adapter around it.</p>",
+        "<h2>Held-out numbers</h2>", _table(["metric", "held-out value", "baselines"], results_rows(report["results"])),
+        f"<p>reload identical: <b>{report['reload']['identical']}</b> "
+        f"({html.escape(json.dumps(report['reload']['checks']))})</p>",
+        "<h2>Training loss</h2>", f"<div class='plot'>{plot_tag}</div>",
+        "<h2>Interleaved answers to held-out stories</h2>", _stories_html(prompts, answers),
+        "<h2>Images from GILL's embeddings vs from the caption itself (same seed)</h2>",
+        _images_html(images, captions),
+        f"<h2>Decision on held-out prompts (threshold {dec['threshold']})</h2>",
+        _table(["prompt", "label", "P(retrieve)"], [(e["prompt"], e["label"], e["p_retrieve"])
+                                                   for e in dec["examples"]]),
+        "<h2>Settings and timings</h2>", _table(["setting", "value"], sorted(report["settings"].items())),
+        _table(["step", "seconds"], report["timings_s"].items()),
+    ]
+    return html_page("gill-hf quickstart", "".join(body))
+
+
+def write_reports(report: dict, prompts: list[dict], answers: list, images: dict, captions: list[str]):
+    """loss_curves.png, report.html and report.json (with the answers as JSON) at ``report["paths"]``."""
+    paths = report["paths"]
+    plot_losses(report["loss_history"], paths["loss_plot"])
+    report["answers"] = [answer_record(parts, prompt) for parts, prompt in zip(answers, prompts)]
+    write_text_atomic(paths["report_html"], render_html(report, prompts, answers, images, captions,
+                                                        paths["loss_plot"]))
+    write_text_atomic(paths["report_json"], json.dumps(report, indent=1))
