@@ -3,12 +3,19 @@ metrics equal a direct computation on the saved images, and a rerun reuses every
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from eval_fixtures import ChannelMeans, stub_alexnet_weights, write_coco_captions, write_visdial, write_vist
+from eval_fixtures import (
+    ChannelMeans,
+    stub_alexnet_weights,
+    write_coco_captions,
+    write_visdial,
+    write_vist,
+)
 from PIL import Image
 from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 from transformers import CLIPImageProcessor, CLIPVisionModel
@@ -85,10 +92,10 @@ def test_vist_end_to_end_matches_direct_metrics_and_resumes(env):
         np.testing.assert_allclose(row["clip_similarity"]["values"], clip_per_seed, rtol=1e-4)
         np.testing.assert_allclose(row["lpips"]["values"], lpips_per_seed, rtol=1e-4)
         assert row["clip_similarity"]["std"] == pytest.approx(np.std(clip_per_seed, ddof=1), rel=1e-4)
-    table = open(os.path.join(out, "results.md")).read()
+    table = Path(os.path.join(out, "results.md")).read_text()
     assert "| Stable Diffusion |" in table and " ± " in table and "CLIP Similarity ↑ (5 captions, 4 images)" in table
     assert table.count(" - |") == 2  # Stable Diffusion has no multimodal setting
-    html = open(os.path.join(out, "samples.html")).read()
+    html = Path(os.path.join(out, "samples.html")).read_text()
     assert html.count("<img") == 3 * (4 + 1 + 5)  # per example: 4 context images, the ground truth, 5 rows
 
     before = _mtimes(out)
@@ -127,7 +134,7 @@ def test_visdial_curve_end_to_end(env):
     clip, lpips = _direct_similarity(env["clip"], generated, [ex.target for ex in examples])
     assert row["clip_similarity"]["mean"] == pytest.approx(clip, rel=1e-4)
     assert row["lpips"]["mean"] == pytest.approx(lpips, rel=1e-4)
-    assert "| GILL |" in open(os.path.join(out, "results.md")).read()
+    assert "| GILL |" in Path(os.path.join(out, "results.md")).read_text()
 
 
 def _frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -157,7 +164,7 @@ def test_fid_end_to_end_matches_scipy(env):
             fake = ChannelMeans()(uint8_pixels([os.path.join(folder, f"{900 + i}.png") for i in range(6)]))
             expected.append(_frechet(real, fake.double().numpy()))
         np.testing.assert_allclose(row["fid"]["values"], expected, rtol=1e-3, atol=1e-6)
-    assert "FID ↓ (captions)" in open(os.path.join(out, "results.md")).read()
+    assert "FID ↓ (captions)" in Path(os.path.join(out, "results.md")).read_text()
 
 
 def test_bad_inputs_are_named(env, tmp_path):

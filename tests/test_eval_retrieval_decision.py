@@ -3,6 +3,7 @@ on the real PartiPrompts annotations equal the closed form from the label counts
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -53,7 +54,7 @@ def test_retrieval_recall_equals_brute_force(saved_model, tmp_path):
         for k in (1, 5, 10):
             assert row[f"R@{k}"] == pytest.approx(100 * (rank < k).float().mean().item())
     assert results["rows"][-1]["R@5"] == 100.0  # 4 candidates: always in the top 5
-    assert "| GILL | 5 captions, 4 images |" in open(os.path.join(out, "results.md")).read()
+    assert "| GILL | 5 captions, 4 images |" in Path(os.path.join(out, "results.md")).read_text()
 
 
 def test_decision_baselines_on_real_annotations(saved_model, tmp_path):
@@ -75,5 +76,5 @@ def test_decision_baselines_on_real_annotations(saved_model, tmp_path):
     classifier = first["classifier"]
     assert 0.0 <= classifier["min"] <= classifier["f1_at_threshold"] <= classifier["max"] <= 1.0
     assert results["files"][1]["file"] == "PartiPromptsAllDecisions_Alignment.tsv"
-    table = open(os.path.join(out, "results.md")).read()
+    table = Path(os.path.join(out, "results.md")).read_text()
     assert f"| Always generate | {f1_gen / 2:.3f} |" in table and "Linear classifier" in table

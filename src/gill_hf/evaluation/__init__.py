@@ -2,8 +2,15 @@
 similarity, LPIPS), VIST contextual retrieval (Recall@k), the retrieve-vs-generate decision (macro-F1) and FID.
 ``gill-hf eval ...`` wraps these functions."""
 
-from .contexts import (VIST_SETTINGS, ImageExample, load_caption_set, load_visdial, load_vist, visdial_context,
-                       vist_context)
+from .contexts import (
+                       VIST_SETTINGS,
+                       ImageExample,
+                       load_caption_set,
+                       load_visdial,
+                       load_vist,
+                       visdial_context,
+                       vist_context,
+)
 from .decision import evaluate_decision
 from .fid import evaluate_fid
 from .generators import DiffusionSettings, EvaluatedModels

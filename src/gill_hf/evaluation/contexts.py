@@ -118,8 +118,8 @@ def load_visdial(annotations: str | os.PathLike, image_dir: str | os.PathLike, l
     with open(annotations, encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
-        raise ValueError(f"{os.fspath(annotations)}: not a VisDial v1.0 file (expected a top-level 'data' object "
-                         f"with 'dialogs', 'questions', 'answers')")
+        raise ValueError(f"{os.fspath(annotations)}: not a VisDial v1.0 file (expected a top-level "  # noqa: TRY004
+                         f"'data' object with 'dialogs', 'questions', 'answers')")
     body = data["data"]
     missing = {"dialogs", "questions", "answers"} - set(body)
     if missing:

@@ -11,8 +11,14 @@ import numpy as np
 import torch
 
 from ..decision import decision_features, retrieve_probabilities
-from ..training.decision_training import (LABEL_IDS, baseline_f1, macro_f1, prompt_features, read_partiprompts,
-                                          threshold_sweep)
+from ..training.decision_training import (
+    LABEL_IDS,
+    baseline_f1,
+    macro_f1,
+    prompt_features,
+    read_partiprompts,
+    threshold_sweep,
+)
 from .report import write_report
 
 HEURISTIC_THRESHOLDS = np.round(np.linspace(0.0, 1.0, 21), 2)

@@ -59,7 +59,7 @@ def score_rows(rows: Sequence[Row], paths: dict, examples: Sequence[ImageExample
     results = []
     for row in rows:
         per_seed = {"clip_similarity": [], "lpips": []}
-        for seed, images in paths[row.key].items():
+        for images in paths[row.key].values():
             cosines = cosine_similarities(clip.embed(images), target_embeds)  # (N,)
             distances = torch.cat([lpips.scores(gen, ref) for gen, ref in
                                    zip(batches(images, batch_size), batches(targets, batch_size))])

@@ -49,7 +49,12 @@ class ClipImageEmbedder:
             self._load_transformers(name, dtype)
 
     def _load_transformers(self, name: str, dtype):
-        from transformers import AutoConfig, AutoImageProcessor, CLIPVisionModel, CLIPVisionModelWithProjection
+        from transformers import (
+            AutoConfig,
+            AutoImageProcessor,
+            CLIPVisionModel,
+            CLIPVisionModelWithProjection,
+        )
 
         config = AutoConfig.from_pretrained(name)
         # a full CLIPModel or a CLIPVisionModelWithProjection has the visual projection; a CLIPVisionModel has not

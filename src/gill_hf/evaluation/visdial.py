@@ -5,10 +5,16 @@ import os
 from collections.abc import Sequence
 from functools import partial
 
-from .contexts import MAX_VISDIAL_ROUNDS, VISDIAL_ROUNDS, ImageExample, rounds_setting, visdial_context
+from .contexts import (
+    MAX_VISDIAL_ROUNDS,
+    VISDIAL_ROUNDS,
+    ImageExample,
+    rounds_setting,
+    visdial_context,
+)
 from .generators import EvaluatedModels
-from .image_cache import atomic_file
 from .image_benchmark import SIMILARITY_METRICS, Row, run_image_benchmark
+from .image_cache import atomic_file
 from .metrics import ClipImageEmbedder, LPIPSScorer
 
 CURVE_FILE = "context_curve.png"
