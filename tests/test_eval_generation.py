@@ -188,3 +188,24 @@ def test_bad_inputs_are_named(env, tmp_path):
     os.remove(os.path.join(dialog_dir, "VisualDialog_val2018_000000000120.jpg"))
     with pytest.raises(FileNotFoundError, match="120"):
         load_visdial(dialogs, dialog_dir)
+
+
+def test_clip_embedder_uses_projected_features_of_a_full_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    from gill_hf.evaluation import ClipImageEmbedder
+    from gill_hf.tiny import tiny_clip_vision_config, tiny_image_processor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                     "num_attention_heads": 4}, vision_config=tiny_clip_vision_config().to_dict(),
+                        projection_dim=16)
+    clip = CLIPModel(config).eval()
+    clip.save_pretrained(tmp_path)
+    tiny_image_processor().save_pretrained(tmp_path)
+    embedder = ClipImageEmbedder(str(tmp_path))
+    image = Image.new("RGB", (40, 30), "red")
+    pixels = embedder.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+    torch.testing.assert_close(embedder.embed([image]), expected)

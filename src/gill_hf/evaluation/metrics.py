@@ -52,17 +52,20 @@ class ClipImageEmbedder:
         from transformers import (
             AutoConfig,
             AutoImageProcessor,
+            CLIPModel,
             CLIPVisionModel,
             CLIPVisionModelWithProjection,
         )
 
         config = AutoConfig.from_pretrained(name)
-        # a full CLIPModel or a CLIPVisionModelWithProjection has the visual projection; a CLIPVisionModel has not
-        self.projected = config.model_type == "clip" or "CLIPVisionModelWithProjection" in (config.architectures or [])
-        model_class = CLIPVisionModelWithProjection if self.projected else CLIPVisionModel
+        if config.model_type == "clip":  # a full CLIP: its image features (the projected embeddings)
+            model_class, self.kind = CLIPModel, "clip"
+        elif "CLIPVisionModelWithProjection" in (config.architectures or []):
+            model_class, self.kind = CLIPVisionModelWithProjection, "projected"
+        else:  # a plain CLIPVisionModel has no projection: its pooled output
+            model_class, self.kind = CLIPVisionModel, "pooled"
         self.model = model_class.from_pretrained(name, dtype=dtype).to(self.device).eval()
         self.image_processor = AutoImageProcessor.from_pretrained(name, backend="pil")
-        self.kind = "transformers"
 
     def _load_open_clip(self, name: str, dtype):
         try:
@@ -75,7 +78,7 @@ class ClipImageEmbedder:
             arch, _, pretrained = name.removeprefix("open_clip:").partition("/")
             model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
         self.model = model.to(self.device, dtype=dtype).eval()
-        self.preprocess, self.kind, self.projected = preprocess, "open_clip", True
+        self.preprocess, self.kind = preprocess, "open_clip"
 
     @torch.no_grad()
     def _embed_batch(self, images: list[Image.Image]) -> torch.Tensor:
@@ -84,8 +87,13 @@ class ClipImageEmbedder:
             pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device, dtype)
             return self.model.encode_image(pixels).float().cpu()
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device, dtype)
-        out = self.model(pixel_values=pixels)
-        return (out.image_embeds if self.projected else out.pooler_output).float().cpu()
+        if self.kind == "clip":
+            out = self.model.get_image_features(pixel_values=pixels)
+            features = out if isinstance(out, torch.Tensor) else out.pooler_output
+        else:
+            out = self.model(pixel_values=pixels)
+            features = out.image_embeds if self.kind == "projected" else out.pooler_output
+        return features.float().cpu()
 
     def embed(self, images: Iterable) -> torch.Tensor:
         images = [_rgb(im) for im in images]
