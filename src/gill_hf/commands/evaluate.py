@@ -63,7 +63,6 @@ def _print_table(out_dir: str):
 
 def run(args) -> int:
     from .. import evaluation as ev
-
     from ..evaluation.contexts import VIST_SETTING_KEYS
 
     device, dtype = _setup(args)
