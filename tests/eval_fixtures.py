@@ -87,3 +87,19 @@ class ChannelMeans(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return images.float().mean(dim=(2, 3)) / 255.0
+
+
+def stub_inception_weights(torch_home: str):
+    """Random InceptionV3 weights where torch-fidelity caches the FID ones (no download possible here), so
+    torchmetrics' default FID features run their normal code path (values then come from a random network)."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    folder = os.path.join(torch_home, "hub", "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(0)
+    with mock.patch.object(fidelity, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(torch.nn.Module, "load_state_dict", return_value=None):
+        network = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(network.state_dict(), os.path.join(folder, fidelity.URL_INCEPTION_V3.rsplit("/", 1)[1]))

@@ -7,11 +7,14 @@ release checkpoint at tiny widths). Real Hub ids are replaced by the tiny backbo
 checked against .ci/run and the CLI parser; the quickstart itself runs in test_quickstart.py.
 """
 
+import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
+from eval_fixtures import stub_alexnet_weights, stub_inception_weights, write_coco_captions, write_vist, write_visdial
 
 from gill_hf.cli import build_parser
 from gill_hf.cli import main as cli_main
@@ -22,7 +25,9 @@ from gill_hf.training.toy_data import write_toy_cc3m, write_toy_vist
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SPEED = {"max_steps=20_000": "max_steps=2", "num_inference_steps=50": "num_inference_steps=2",
-         "per_device_train_batch_size=20": "per_device_train_batch_size=2"}
+         "per_device_train_batch_size=20": "per_device_train_batch_size=2",
+         "--seeds 0 1 2 3 4": "--seeds 0 --steps 2 --limit 2", "--limit 30000": "--limit 3 --steps 2"}
+SHARED_DATA = Path("/work/shared/data/gill-release")
 
 
 def readme_blocks() -> list[tuple[str, str]]:
@@ -31,8 +36,9 @@ def readme_blocks() -> list[tuple[str, str]]:
 
 
 def bash_commands(code: str) -> list[str]:
-    """The command lines of a bash block, continuation lines joined."""
-    return [line.strip() for line in code.replace("\\\n", " ").splitlines() if line.strip()]
+    """The command lines of a bash block, continuation lines joined, comments left out."""
+    lines = (line.strip() for line in code.replace("\\\n", " ").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def substitute(code: str, names: dict[str, str]) -> str:
@@ -51,6 +57,20 @@ def readme_folder(tmp_path, tiny_backbones, monkeypatch):
     (tmp_path / "sis").mkdir()
     vist.rename(tmp_path / "sis" / "train.story-in-sequence.json")
     build_tiny_release(tmp_path, tiny_backbones)
+    annotations, images = map(Path, write_vist(tmp_path / "vist_eval"))
+    annotations.rename(tmp_path / "sis" / "val.story-in-sequence.json")
+    images.rename(tmp_path / "sis" / "val_images")
+    annotations, images = map(Path, write_visdial(tmp_path))
+    images.rename(tmp_path / "VisualDialog_val2018")
+    captions = Path(write_coco_captions(tmp_path))
+    (tmp_path / "annotations").mkdir()
+    captions.rename(tmp_path / "annotations" / "captions_val2014.json")
+    (tmp_path / "coco").rename(tmp_path / "val2014")
+    for name in ("PartiPromptsDecisionsConfident.tsv", "PartiPromptsAllDecisions_Alignment.tsv"):
+        shutil.copy(SHARED_DATA / name, tmp_path / name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # metric weights: random stand-ins, offline
+    stub_alexnet_weights(str(tmp_path / "torch_home"))
+    stub_inception_weights(str(tmp_path / "torch_home"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -88,9 +108,13 @@ def test_every_readme_block_runs(readme_folder, tiny_backbones, fake_hub, single
     # What the blocks claim, checked on what they left behind.
     assert (readme_folder / "gill-original" / "retrieval_index").is_dir()
     assert len(namespace["index"]) == 5 and len(namespace["pipe"].retrieval_index) == 1 and namespace["answer"].images
-    assert namespace["prompt_embeds"].shape == (1, 77, 32)
+    assert namespace["prompt_embeds"].shape[1:] == (77, 32)  # one (L, D) per [IMG] block of the answer
     assert (readme_folder / "answer.html").read_text().count("<img") >= 2
     assert (readme_folder / "runs" / "minigpt5-stage2" / "lora" / "adapter_model.safetensors").is_file()
+    vist = json.loads((readme_folder / "eval" / "vist" / "results.json").read_text())
+    assert vist and (readme_folder / "eval" / "visdial" / "context_curve.png").is_file()
+    decision = json.loads((readme_folder / "eval" / "decision" / "results.json").read_text())
+    assert "always_generate" in json.dumps(decision)
     pushed = fake_hub.repos["your-name/gill-opt-6.7b"].files()
     assert {"model.safetensors", "config.json", "README.md"} <= set(pushed)
     assert "5 retrieval candidates" in capsys.readouterr().out
