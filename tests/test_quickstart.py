@@ -1,15 +1,128 @@
+import contextlib
+import io
 import json
 
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from gill_hf import GILLForConditionalGeneration, RetrievalIndex
 from gill_hf.cli import main
+from gill_hf.demo import QuickstartSettings, run_quickstart
+from gill_hf.toy_data import all_scenes, novel_prompts, scene_caption, shape_stories
+
+LOSS_KEYS = {"loss", "caption_loss", "img_token_loss", "gen_loss", "ret_loss"}
 
 
-def test_shortened_quickstart_trains_saves_and_reloads_identically(tmp_path, capsys):
-    code = main(["quickstart", "--out", str(tmp_path), "--steps", "6", "--train-size", "16", "--eval-size", "8",
-                 "--batch-size", "8"])
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A shortened quickstart through the CLI: its exit code, folder, report and printed summary."""
+    out = tmp_path_factory.mktemp("quickstart")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["quickstart", "--out", str(out), "--steps", "8", "--train-size", "32", "--eval-size", "8",
+                     "--batch-size", "8", "--logging-steps", "2", "--diffusion-steps", "2", "--num-stories", "2"])
+    return code, out, json.loads((out / "report.json").read_text()), printed.getvalue()
+
+
+def held_out_recall(adapter_dir, index_dir, captions) -> float:
+    """Recall@1 recomputed from the saved files alone: [IMG0] state -> W_t2i, brute-force cosine to the index."""
+    model = GILLForConditionalGeneration.from_pretrained(adapter_dir).eval()
+    index = RetrievalIndex.load(index_dir)
+    enc = model.processor.encode_captions(captions, max_length=32)
+    with torch.no_grad():
+        _, states, _ = model.run_language_model(model.embed_tokens(enc["input_ids"]), enc["attention_mask"])
+        rows, cols = model.img_block_positions(enc["input_ids"])
+        queries = F.normalize(model.text_retrieval_embeddings(states[rows[:, 0], cols[:, 0]]), dim=-1)
+    best = (queries @ index.embeddings.float().T).argmax(1)  # index rows follow the held-out captions
+    return best.eq(torch.arange(len(captions))).float().mean().item()
+
+
+def test_short_quickstart_writes_consistent_report_and_reloads_identically(short_run):
+    code, out, report, printed = short_run
     assert code == 0
-    report = json.loads((tmp_path / "report.json").read_text())
-    summary = report["summary"]
-    assert summary["reload_identical"] is True and len(report["history"]) == 6
-    assert 0.0 <= summary["held_out_recall_at_1"] <= 1.0 and summary["chance"] == 0.125
-    assert (tmp_path / "gill-adapter" / "model.safetensors").exists()
-    assert "held_out_recall_at_1" in capsys.readouterr().out
+    assert report["reload"]["identical"] is True and all(report["reload"]["checks"].values())
+    assert set(report["reload"]["checks"]) >= {"text", "generation_embeddings", "retrieval_scores"}
+    history = report["loss_history"]
+    assert [entry["step"] for entry in history] == [2, 4, 6, 8]  # steps / logging_steps entries
+    assert all(LOSS_KEYS <= set(entry) for entry in history)
+    adapter = out / "gill-adapter"
+    assert (adapter / "model.safetensors").stat().st_size > 0
+    card = (adapter / "README.md").read_text()
+    assert "library_name: gill_hf" in card and "Recall@1" in card
+    recall = f"{report['results']['retrieval']['recall_at_1']:.3f}"
+    assert recall in card
+    assert "retrieval Recall@1" in printed and f"chance {1 / 8:.3f}" in printed and recall in printed
+    assert "reload identical: True" in printed and str(out / "report.html") in printed
+
+
+def test_short_quickstart_numbers_match_recomputation(short_run):
+    _, out, report, _ = short_run
+    results = report["results"]
+    captions = report["heldout_captions"]
+    assert len(set(captions)) == 8 and results["retrieval"]["chance"] == 1 / 8
+    recall = held_out_recall(out / "gill-adapter", out / "retrieval_index", captions)
+    assert recall == pytest.approx(results["retrieval"]["recall_at_1"])
+    decision = results["decision"]
+    ret, gen = decision["counts"]["ret"], decision["counts"]["gen"]
+    n = ret + gen
+    assert ret == 8 and [e["label"] for e in decision["examples"]].count("gen") == gen
+    assert decision["baselines"]["always_retrieve"] == pytest.approx(2 * ret / (n + ret) / 2)
+    assert decision["baselines"]["always_generate"] == pytest.approx(2 * gen / (n + gen) / 2)
+    pred = np.array([e["p_retrieve"] > decision["threshold"] for e in decision["examples"]])
+    labels = np.array([e["label"] == "ret" for e in decision["examples"]])
+    assert decision["accuracy"] == pytest.approx((pred == labels).mean(), abs=1 / n)  # p rounded in the report
+    for values in (results["embedding_cosine"], results["image_mse"]):
+        assert set(values) == {"matched" if "matched" in values else "gill", "mismatched_caption",
+                               "untrained_adapter"}
+
+
+def test_short_quickstart_report_shows_answers_images_and_plot(short_run):
+    _, out, report, _ = short_run
+    answers = report["answers"]
+    assert len(answers) == report["results"]["stories"]["steps"] == 2 * 3
+    for answer in answers:
+        image = [p for p in answer["parts"] if "kind" in p]
+        assert len(image) == 1 and image[0]["decision"] in ("ret", "gen") and 0 <= image[0]["p_retrieve"] <= 1
+        assert (image[0]["kind"] == "retrieved") == (image[0]["decision"] == "ret")
+        if image[0]["kind"] == "retrieved":
+            assert image[0]["path"] in report["heldout_paths"]
+    with Image.open(out / "loss_curves.png") as plot:
+        assert plot.format == "PNG" and plot.width > 300
+    page = (out / "report.html").read_text()
+    images_on_page = page.count("data:image/png;base64,")
+    story_inputs = 0  # story prompts are text only
+    grid = 6 * 4
+    assert images_on_page >= 1 + grid + len(answers) + story_inputs  # plot, agreement grid, one image per answer
+    assert "P(retrieve)=" in page and 'alt="loss curves"' in page and "Recall@1" in page
+    assert "expect generate" in page and "expect retrieve" in page
+
+
+def test_toy_stories_and_novel_prompts_stay_apart():
+    scenes = all_scenes()
+    assert len(scenes) == len(set(scenes)) == 72
+    corpus = {scene_caption(s) for s in scenes}
+    novel = novel_prompts(40, seed=3)
+    assert len(set(novel)) == 40 and not corpus & set(novel)
+    stories = shape_stories(scenes[:5], 3, length=3, seed=1)
+    for story in stories:
+        assert len({scene for _, _, scene in story}) == 3
+        assert story[0][0] == scene_caption(story[0][2]) and story[1][0] == "then " + scene_caption(story[1][2])
+    with pytest.raises(ValueError, match="at least 4 scenes"):
+        shape_stories(scenes[:3], 1, length=4)
+    with pytest.raises(ValueError, match="eval_size"):
+        QuickstartSettings(eval_size=71)
+
+
+def test_quickstart_learns_on_held_out_scenes(tmp_path):
+    """A moderately longer run: retrieval well above chance, the mapper closer to the right caption's embedding
+    than to a mismatched one, and the decision above its constant baselines."""
+    settings = QuickstartSettings(steps=240, train_size=256, eval_size=12, batch_size=16, logging_steps=40,
+                                  num_stories=1, diffusion_steps=2, decision_steps=300)
+    results = run_quickstart(tmp_path, settings)["results"]
+    assert results["retrieval"]["recall_at_1"] > 3 * results["retrieval"]["chance"]
+    cosine = results["embedding_cosine"]
+    assert cosine["matched"] > cosine["mismatched_caption"] > cosine["untrained_adapter"]
+    assert results["image_mse"]["gill"] < results["image_mse"]["untrained_adapter"]

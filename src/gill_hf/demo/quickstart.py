@@ -18,6 +18,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,23 +45,25 @@ IMAGE_SIZE = 64  # px of the drawn toy images (CLIP resizes them to 32)
 class QuickstartSettings:
     """Sizes and optimisation settings; the defaults finish in a few minutes on 2 CPU cores."""
 
-    steps: int = 300  # optimizer steps of the adapter
+    steps: int = 900  # optimizer steps of the adapter
     train_size: int = 512  # training pairs, drawn from the scenes not held out
     eval_size: int = 24  # held-out scenes (distinct; they also make the retrieval index)
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak; cosine decay to 0
     seed: int = 0
-    logging_steps: int = 10
+    logging_steps: int = 25
+    then_prob: float = 0.5  # share of training captions (and decision prompts) written as a story step "then a ..."
     story_length: int = 3
     num_stories: int = 4
     decision_steps: int = 1000  # full-batch steps of the decision head
     novel_size: int = 48  # "generate" prompts for the decision head (half train, half held out)
     diffusion_steps: int = 8
     guidance_scale: float = 4.0
+    num_threads: int = 1  # torch CPU threads while running (tiny models: one thread is fastest on a busy machine)
 
     def __post_init__(self):
         for name in ("steps", "train_size", "batch_size", "logging_steps", "num_stories", "decision_steps",
-                     "diffusion_steps"):
+                     "diffusion_steps", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 2 <= self.eval_size <= len(all_scenes()) - 2:
@@ -70,6 +73,8 @@ class QuickstartSettings:
             raise ValueError(f"story_length must lie in [2, eval_size={self.eval_size}], got {self.story_length}")
         if self.novel_size < 4:
             raise ValueError(f"novel_size must be >= 4, got {self.novel_size}")
+        if not 0.0 <= self.then_prob <= 1.0:
+            raise ValueError(f"then_prob must lie in [0, 1], got {self.then_prob}")
 
 
 @dataclass
@@ -96,9 +101,14 @@ def save_png_atomic(image, path: str):
         raise
 
 
+def as_story_steps(texts: list[str], prob: float, rng: random.Random) -> list[str]:
+    """Write each text as a story step ("then a red circle on the left") with probability ``prob``."""
+    return [("then " + text) if rng.random() < prob else text for text in texts]
+
+
 def make_toy_data(settings: QuickstartSettings, out_dir: str) -> ToyData:
     """Hold out ``eval_size`` scenes (saved as PNGs under ``heldout_images/``); sample training pairs from the
-    rest; stories over the held-out scenes."""
+    rest (``then_prob`` of their captions written as story steps); stories over the held-out scenes."""
     from ..toy_data import draw_shape
 
     rng = random.Random(settings.seed)
@@ -112,7 +122,8 @@ def make_toy_data(settings: QuickstartSettings, out_dir: str) -> ToyData:
     paths = [os.path.join(image_dir, f"{i:03d}.png") for i in range(len(heldout))]
     for image, path in zip(heldout_images, paths):
         save_png_atomic(image, path)
-    return ToyData([scene_caption(s) for s in train], [draw_shape(*s, size=IMAGE_SIZE) for s in train],
+    train_captions = as_story_steps([scene_caption(s) for s in train], settings.then_prob, rng)
+    return ToyData(train_captions, [draw_shape(*s, size=IMAGE_SIZE) for s in train],
                    [scene_caption(s) for s in heldout], heldout_images, paths,
                    shape_stories(heldout, settings.num_stories, settings.story_length, settings.seed, IMAGE_SIZE))
 
@@ -146,7 +157,8 @@ def train_adapter(model, data: ToyData, store: TargetStore, settings: Quickstart
                          os.path.join(out_dir, "trainer"), targets=store, max_steps=settings.steps,
                          per_device_train_batch_size=settings.batch_size, learning_rate=settings.lr,
                          logging_steps=settings.logging_steps, use_cpu=True, report_to=[], save_strategy="no",
-                         disable_tqdm=False, seed=settings.seed, dataloader_num_workers=0)
+                         disable_tqdm=False, seed=settings.seed, dataloader_num_workers=0,
+                         lr_scheduler_type="cosine")
     trainer.train()
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     return trainer, history
@@ -162,12 +174,14 @@ def heldout_inputs(model, data: ToyData) -> dict:
 def decision_split(data: ToyData, settings: QuickstartSettings) -> dict:
     """Decision prompts with labels (1 = retrieve, 0 = generate): exact corpus captions retrieve (training: the
     seen scenes; held out: the indexed scenes), descriptions the corpus never draws generate."""
+    rng = random.Random(settings.seed + 1)
     novel = novel_prompts(settings.novel_size, seed=settings.seed + 1)
     half = settings.novel_size // 2
-    seen = sorted(set(data.train_captions))
+    seen = sorted({caption.removeprefix("then ") for caption in data.train_captions})
     split = {}
     for name, ret, gen in (("train", seen, novel[:half]), ("heldout", data.heldout_captions, novel[half:])):
-        split[name] = (list(ret) + list(gen), torch.tensor([1] * len(ret) + [0] * len(gen)))
+        split[name] = (as_story_steps(list(ret) + list(gen), settings.then_prob, rng),
+                       torch.tensor([1] * len(ret) + [0] * len(gen)))
     return split
 
 
@@ -185,18 +199,19 @@ def fit_decision(model, split: dict, settings: QuickstartSettings) -> dict:
 
 
 def story_prompts(data: ToyData, seed: int) -> list[dict]:
-    """One prompt per held-out story: its steps as text + image, then the last step's text only. Even stories end
-    on their own (indexed) scene -> expect "ret"; odd ones on a description the corpus never draws -> "gen"."""
+    """One prompt per step of each held-out story, answered from the step's own text (stage-1 GILL is trained on
+    single captions, and the tiny random LLM does not carry a story's context). Steps describe indexed scenes
+    (expect "ret", truth = their image), except the last step of every second story, which asks for something
+    the corpus never draws (expect "gen")."""
     novel = novel_prompts(len(data.stories), seed=seed + 2)
     prompts = []
     for i, story in enumerate(data.stories):
-        context = [part for text, image, _ in story[:-1] for part in (text, image)]
-        last_text, _, last_scene = story[-1]
-        if i % 2:
-            prompts.append({"context": context + ["then " + novel[i]], "expected": "gen", "truth": None})
-        else:
-            truth = data.heldout_paths[data.heldout_captions.index(scene_caption(last_scene))]
-            prompts.append({"context": context + [last_text], "expected": "ret", "truth": truth})
+        for j, (text, _, scene) in enumerate(story):
+            if i % 2 and j == len(story) - 1:
+                prompts.append({"story": i, "context": ["then " + novel[i]], "expected": "gen", "truth": None})
+            else:
+                truth = data.heldout_paths[data.heldout_captions.index(scene_caption(scene))]
+                prompts.append({"story": i, "context": [text], "expected": "ret", "truth": truth})
     return prompts
 
 
@@ -213,6 +228,17 @@ def answer_stories(pipe, prompts: list[dict], settings: QuickstartSettings) -> l
     return out.parts
 
 
+def story_scores(prompts: list[dict], answers: list) -> dict:
+    """How many story steps got the expected decision, and how many retrievals found the step's own image."""
+    images = [next(p for p in parts if not isinstance(p, str)) for parts in answers]
+    retrieved = [(image, prompt) for image, prompt in zip(images, prompts) if image.kind == "retrieved"]
+    return {"steps": len(prompts),
+            "decision_as_expected": sum(image.decision.mode == prompt["expected"]
+                                        for image, prompt in zip(images, prompts)),
+            "retrieved": len(retrieved), "retrieved_right_image": sum(image.path == prompt["truth"]
+                                                                      for image, prompt in retrieved)}
+
+
 @torch.no_grad()
 def model_answers(model, prompts: list[dict], inputs: dict, targets: torch.Tensor, index: RetrievalIndex,
                   settings: QuickstartSettings) -> dict:
@@ -220,7 +246,7 @@ def model_answers(model, prompts: list[dict], inputs: dict, targets: torch.Tenso
     and P(retrieve), and the held-out forward's text / generation embeddings."""
     encoded = model.processor([p["context"] for p in prompts], padding_side="left")
     generation = generate_interleaved(model, encoded["input_ids"], encoded["attention_mask"],
-                                      pixel_values=encoded["pixel_values"],
+                                      pixel_values=encoded.get("pixel_values"),
                                       **story_generation_kwargs(model, settings))
     img0 = generation.img0_hidden_states()
     scores, _ = index.search(model.text_retrieval_embeddings(img0), k=len(index))
@@ -253,11 +279,26 @@ def reload_check(model, adapter_dir: str, answer_args: tuple) -> dict:
     return {name: bool(torch.equal(before[name], after[name])) for name in before}
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch CPU threads, restoring the previous count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_quickstart(out_dir: str | os.PathLike, settings: QuickstartSettings | None = None) -> dict:
     """Run every step into ``out_dir`` (backbones/, targets/, heldout_images/, retrieval_index/, gill-adapter/,
     loss_curves.png, report.html, report.json) and return the report's numbers."""
     settings = settings or QuickstartSettings()
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    with torch_threads(settings.num_threads):
+        return _run(os.path.abspath(os.fspath(out_dir)), settings)
+
+
+def _run(out_dir: str, settings: QuickstartSettings) -> dict:
     timings, clock = {}, time.perf_counter()
 
     def lap(name):
@@ -294,6 +335,7 @@ def run_quickstart(out_dir: str | os.PathLike, settings: QuickstartSettings | No
     lap("decision")
     prompts = story_prompts(data, settings.seed)
     answers = answer_stories(pipe, prompts, settings)
+    results["stories"] = story_scores(prompts, answers)
     lap("stories")
     adapter_dir = os.path.join(out_dir, "gill-adapter")
     save_with_card(model, trainer, adapter_dir, results)

@@ -24,8 +24,8 @@ def results_rows(results: dict) -> list[tuple[str, str, str]]:
         ("retrieval Recall@1 (caption -> held-out image)", f"{ret['recall_at_1']:.3f}", f"chance {ret['chance']:.3f}"),
         ("mapper output vs text-encoder embedding, per-token cosine (higher is better)", f"{cos['matched']:.3f}",
          f"mismatched caption {cos['mismatched_caption']:.3f}, untrained adapter {cos['untrained_adapter']:.3f}"),
-        ("image from GILL vs image from the caption, pixel MSE (lower is better)", f"{mse['gill']:.4f}",
-         f"mismatched caption {mse['mismatched_caption']:.4f}, untrained adapter {mse['untrained_adapter']:.4f}"),
+        ("image from GILL vs image from the caption, pixel MSE (lower is better)", f"{mse['gill']:.2e}",
+         f"mismatched caption {mse['mismatched_caption']:.2e}, untrained adapter {mse['untrained_adapter']:.2e}"),
         ("retrieve-vs-generate decision, macro-F1", f"{dec['macro_f1']:.3f}",
          f"always retrieve {base['always_retrieve']:.3f}, always generate {base['always_generate']:.3f}, "
          f"random {base['random']:.3f}"),
@@ -40,6 +40,9 @@ def summary_text(report: dict) -> str:
     lines = [f"held-out results ({results['num_heldout']} scenes never seen in training; "
              f"{results['decision']['counts']['ret']} + {results['decision']['counts']['gen']} decision prompts):"]
     lines += [f"  {name:<{width}}  {value:>7}   vs {baseline}" for name, value, baseline in rows]
+    story = results["stories"]
+    lines.append(f"story steps: {story['decision_as_expected']}/{story['steps']} decisions as expected, "
+                 f"{story['retrieved_right_image']}/{story['retrieved']} retrievals found the step's own image")
     lines.append(f"reload identical: {report['reload']['identical']} "
                  f"({', '.join(k for k, ok in report['reload']['checks'].items() if ok)})")
     lines.append(f"time: {sum(report['timings_s'].values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in report['timings_s'].items())})")
@@ -83,7 +86,8 @@ def plot_losses(history: list[dict], path: str):
 def answer_record(parts: list, prompt: dict) -> dict:
     """An answer's parts as JSON: text strings, and images with kind, decision, P(retrieve), score, path and
     whether a retrieval found the story's own image."""
-    record = {"expected": prompt["expected"], "truth": prompt["truth"], "parts": []}
+    record = {"story": prompt["story"], "prompt": prompt["context"], "expected": prompt["expected"],
+              "truth": prompt["truth"], "parts": []}
     for part in parts:
         if isinstance(part, str):
             record["parts"].append({"text": part})
@@ -101,14 +105,17 @@ def _table(header: list[str], rows: list) -> str:
 
 
 def _stories_html(prompts: list[dict], answers: list) -> str:
-    blocks = []
-    for i, (prompt, parts) in enumerate(zip(prompts, answers)):
-        given = "".join(part_html(p) for p in prompt["context"])
-        answer = "".join(part_html(p) for p in parts)
-        blocks.append(f"<div class='turn'><h3>story {i} (the index holds its last scene: "
-                      f"{'yes, expect retrieve' if prompt['expected'] == 'ret' else 'no, expect generate'})</h3>"
-                      f"<b>input</b>{given}<b>answer</b>{answer}</div>")
-    return "".join(blocks)
+    """Each story as its steps in order: the step's text (the input), then the answer's image and text."""
+    blocks = {}
+    for prompt, parts in zip(prompts, answers):
+        expect = "in the index: expect retrieve" if prompt["expected"] == "ret" else \
+            "not in the index: expect generate"
+        right = [f"<p><i>retrieved the step's own image: {p.path == prompt['truth']}</i></p>" for p in parts
+                 if not isinstance(p, str) and p.kind == "retrieved"]
+        blocks.setdefault(prompt["story"], []).append(
+            f"<div class='turn'><b>{html.escape(' '.join(prompt['context']))}</b> <i>({expect})</i>"
+            f"{''.join(part_html(p) for p in parts)}{''.join(right)}</div>")
+    return "".join(f"<h3>story {i}</h3>{''.join(steps)}" for i, steps in blocks.items())
 
 
 def _images_html(images: dict, captions: list[str]) -> str:
