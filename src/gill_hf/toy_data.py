@@ -17,6 +17,11 @@ POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bot
 NOVEL_COLOURS = ("pink", "black", "white", "gray")  # words the tiny tokenizer knows but the corpus never draws
 NOVEL_SHAPES = ("star", "ring", "cross")
 NOVEL_PLACES = ("in the middle", "in the corner", "at the center", "next to the tree")
+OTHER_KINDS = ("photo", "picture", "drawing", "painting")  # pictures of things outside the shapes world
+OTHER_SUBJECTS = ("my dog", "my cat", "a man", "a woman", "a child", "people", "a tree", "a flower", "the sun",
+                  "the moon", "a car", "a bus", "a train", "a house")
+OTHER_PLACES = ("on the beach", "in the park", "on the street", "in the city", "in the water", "next to the house",
+                "in the sky")
 
 
 def draw_shape(colour: str, shape: str, position: str, size: int = 64) -> Image.Image:
@@ -77,8 +82,9 @@ def shape_stories(scenes: list[tuple[str, str, str]], num_stories: int, length: 
 
 
 def novel_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct descriptions the corpus cannot hold: at least one unseen colour, shape or place, or two
-    corpus objects in one picture ("a red circle and a blue square")."""
+    """``n`` distinct descriptions the corpus cannot hold: half are pictures of other things ("a photo of my dog
+    on the beach"), the rest shapes with at least one unseen colour, shape or place, or two corpus objects in one
+    picture ("a red circle and a blue square")."""
     rng = random.Random(seed)
     colours, places = list(COLOURS) + list(NOVEL_COLOURS), [place_phrase(p) for p in POSITIONS] + list(NOVEL_PLACES)
     shapes = list(SHAPES) + list(NOVEL_SHAPES)
@@ -86,7 +92,11 @@ def novel_prompts(n: int, seed: int = 0) -> list[str]:
     for _ in range(1000 * n):
         if len(prompts) == n:
             break
-        if rng.random() < 0.25:
+        kind = rng.random()
+        if kind < 0.5:
+            prompts[f"a {rng.choice(OTHER_KINDS)} of {rng.choice(OTHER_SUBJECTS)} {rng.choice(OTHER_PLACES)}"] = None
+            continue
+        if kind < 0.65:
             (c1, s1), (c2, s2) = [(rng.choice(list(COLOURS)), rng.choice(SHAPES)) for _ in range(2)]
             prompts[f"a {c1} {s1} and a {c2} {s2}"] = None
             continue

@@ -16,7 +16,6 @@
 
 import os
 import random
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -30,11 +29,11 @@ from ..modeling_gill import GILLForConditionalGeneration, count_adapter_paramete
 from ..pipeline_gill import GILLPipeline
 from ..retrieval import RetrievalIndex
 from ..tiny import build_tiny_backbones
-from ..toy_data import all_scenes, novel_prompts, scene_caption, shape_stories
+from ..toy_data import all_scenes, draw_shape, novel_prompts, scene_caption, shape_stories
 from ..training import CaptionImageDataset, DiffusionTextEncoder, TargetStore, precompute_targets, train_gill
 from ..training.decision_training import prompt_features, train_decision_head
 from . import measures
-from .report import results_rows, summary_text, write_reports
+from .report import results_rows, summary_text, write_file_atomic, write_reports
 
 MAPPER = dict(mapper_hidden_dim=64, mapper_num_heads=4, mapper_ffn_dim=128, mapper_encoder_layers=2,
               mapper_decoder_layers=2)
@@ -89,18 +88,6 @@ class ToyData:
     stories: list  # [[(text, image, scene), ...], ...] over held-out scenes
 
 
-def save_png_atomic(image, path: str):
-    """Write a PIL image as PNG via a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".gill-", suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def as_story_steps(texts: list[str], prob: float, rng: random.Random) -> list[str]:
     """Write each text as a story step ("then a red circle on the left") with probability ``prob``."""
     return [("then " + text) if rng.random() < prob else text for text in texts]
@@ -109,8 +96,6 @@ def as_story_steps(texts: list[str], prob: float, rng: random.Random) -> list[st
 def make_toy_data(settings: QuickstartSettings, out_dir: str) -> ToyData:
     """Hold out ``eval_size`` scenes (saved as PNGs under ``heldout_images/``); sample training pairs from the
     rest (``then_prob`` of their captions written as story steps); stories over the held-out scenes."""
-    from ..toy_data import draw_shape
-
     rng = random.Random(settings.seed)
     scenes = all_scenes()
     rng.shuffle(scenes)
@@ -121,7 +106,7 @@ def make_toy_data(settings: QuickstartSettings, out_dir: str) -> ToyData:
     heldout_images = [draw_shape(*scene, size=IMAGE_SIZE) for scene in heldout]
     paths = [os.path.join(image_dir, f"{i:03d}.png") for i in range(len(heldout))]
     for image, path in zip(heldout_images, paths):
-        save_png_atomic(image, path)
+        write_file_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
     train_captions = as_story_steps([scene_caption(s) for s in train], settings.then_prob, rng)
     return ToyData(train_captions, [draw_shape(*s, size=IMAGE_SIZE) for s in train],
                    [scene_caption(s) for s in heldout], heldout_images, paths,
@@ -215,7 +200,7 @@ def story_prompts(data: ToyData, seed: int) -> list[dict]:
     return prompts
 
 
-def story_generation_kwargs(model, settings: QuickstartSettings) -> dict:
+def story_generation_kwargs(model) -> dict:
     """Greedy answers: one image right away (``force_image_after=0``), then a few words of text."""
     return dict(force_image_after=0, max_images=1, max_new_tokens=model.config.num_img_tokens + 6)
 
@@ -224,7 +209,7 @@ def answer_stories(pipe, prompts: list[dict], settings: QuickstartSettings) -> l
     """Run the pipeline with ``decision="auto"`` on the story prompts -> one list of parts per prompt."""
     out = pipe([p["context"] for p in prompts], decision="auto", num_inference_steps=settings.diffusion_steps,
                guidance_scale=settings.guidance_scale, generator=torch.Generator().manual_seed(settings.seed),
-               **story_generation_kwargs(pipe.gill_model, settings))
+               **story_generation_kwargs(pipe.gill_model))
     return out.parts
 
 
@@ -247,7 +232,7 @@ def model_answers(model, prompts: list[dict], inputs: dict, targets: torch.Tenso
     encoded = model.processor([p["context"] for p in prompts], padding_side="left")
     generation = generate_interleaved(model, encoded["input_ids"], encoded["attention_mask"],
                                       pixel_values=encoded.get("pixel_values"),
-                                      **story_generation_kwargs(model, settings))
+                                      **story_generation_kwargs(model))
     img0 = generation.img0_hidden_states()
     scores, _ = index.search(model.text_retrieval_embeddings(img0), k=len(index))
     forward = measures.caption_outputs(model, inputs, targets)

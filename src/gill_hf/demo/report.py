@@ -50,8 +50,8 @@ def summary_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_binary(path: str, write):
-    """Call ``write(tmp_path)`` then rename onto ``path``."""
+def write_file_atomic(path: str, write):
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=".gill-", suffix=os.path.splitext(path)[1], dir=os.path.dirname(path))
     os.close(fd)
     try:
@@ -79,7 +79,7 @@ def plot_losses(history: list[dict], path: str):
     axes[1].set(title="loss terms", xlabel="step")
     axes[1].legend()
     fig.tight_layout()
-    _atomic_binary(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
     plt.close(fig)
 
 
