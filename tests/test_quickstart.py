@@ -119,10 +119,26 @@ def test_toy_stories_and_novel_prompts_stay_apart():
 def test_quickstart_learns_on_held_out_scenes(tmp_path):
     """A moderately longer run: retrieval well above chance, the mapper closer to the right caption's embedding
     than to a mismatched one, and the decision above its constant baselines."""
-    settings = QuickstartSettings(steps=240, train_size=256, eval_size=12, batch_size=16, logging_steps=40,
+    settings = QuickstartSettings(steps=300, train_size=256, eval_size=12, batch_size=16, logging_steps=40,
                                   num_stories=1, diffusion_steps=2, decision_steps=300)
     results = run_quickstart(tmp_path, settings)["results"]
     assert results["retrieval"]["recall_at_1"] > 3 * results["retrieval"]["chance"]
     cosine = results["embedding_cosine"]
     assert cosine["matched"] > cosine["mismatched_caption"] > cosine["untrained_adapter"]
-    assert results["image_mse"]["gill"] < results["image_mse"]["untrained_adapter"]
+    mse = results["image_mse"]
+    assert mse["gill"] < mse["mismatched_caption"] < mse["untrained_adapter"]
+    assert results["decision"]["macro_f1"] > max(results["decision"]["baselines"].values())
+
+
+def test_cli_passes_options_and_fails_when_the_reload_differs(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(out_dir, settings):
+        seen.update(out_dir=out_dir, settings=settings)
+        return {"reload": {"identical": False}}
+
+    monkeypatch.setattr("gill_hf.demo.run_quickstart", fake_run)
+    code = main(["quickstart", "--out", str(tmp_path), "--steps", "7", "--eval-size", "9", "--seed", "3"])
+    assert code == 1 and seen["out_dir"] == str(tmp_path)
+    assert (seen["settings"].steps, seen["settings"].eval_size, seen["settings"].seed) == (7, 9, 3)
+    assert seen["settings"].batch_size == QuickstartSettings().batch_size
