@@ -15,7 +15,7 @@ import torch
 
 from gill_hf import GILLForConditionalGeneration, GILLPipeline, RetrievalIndex, build_tiny_backbones
 from gill_hf.commands.generate import render_html
-from gill_hf.html_report import write_text_atomic
+from gill_hf.atomic import write_text_atomic
 from gill_hf.processing_gill import load_image
 
 

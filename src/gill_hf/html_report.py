@@ -3,8 +3,6 @@
 import base64
 import html
 import io
-import os
-import tempfile
 
 PAGE_STYLE = ("body{font-family:sans-serif;max-width:60em;margin:auto}figure{display:inline-block;margin:.5em}"
               "img{image-rendering:pixelated;width:192px}table{border-collapse:collapse}"
@@ -23,20 +21,6 @@ def html_page(title: str, body: str) -> str:
     """A complete HTML document with the shared style."""
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{PAGE_STYLE}</style>"
             f"</head><body>{body}</body></html>")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str):
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename (never half-written)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gill-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def part_html(item) -> str:

@@ -3,7 +3,8 @@ write the answer as a self-contained HTML page (images inline beside the text)."
 
 import argparse
 
-from ..html_report import html_page, part_html, write_text_atomic
+from ..atomic import write_text_atomic
+from ..html_report import html_page, part_html
 
 
 class _Interleaved(argparse.Action):

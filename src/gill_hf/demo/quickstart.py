@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..atomic import atomic_path, write_text_atomic
 from ..decision import decide, retrieve_probabilities
 from ..generation_gill import generate_interleaved, image_conditioning
 from ..hub import build_model_card
@@ -34,7 +35,7 @@ from ..toy_data import all_scenes, draw_shape, novel_prompts, scene_caption, sha
 from ..training import CaptionImageDataset, DiffusionTextEncoder, TargetStore, precompute_targets, train_gill
 from ..training.decision_training import prompt_features, train_decision_head
 from . import measures
-from .report import results_rows, summary_text, write_file_atomic, write_reports
+from .report import results_rows, summary_text, write_reports
 
 MAPPER = dict(mapper_hidden_dim=64, mapper_num_heads=4, mapper_ffn_dim=128, mapper_encoder_layers=2,
               mapper_decoder_layers=2)
@@ -107,7 +108,8 @@ def make_toy_data(settings: QuickstartSettings, out_dir: str) -> ToyData:
     heldout_images = [draw_shape(*scene, size=IMAGE_SIZE) for scene in heldout]
     paths = [os.path.join(image_dir, f"{i:03d}.png") for i in range(len(heldout))]
     for image, path in zip(heldout_images, paths):
-        write_file_atomic(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        with atomic_path(path, ".png") as tmp:
+            image.save(tmp, format="PNG")
     train_captions = as_story_steps([scene_caption(s) for s in train], settings.then_prob, rng)
     return ToyData(train_captions, [draw_shape(*s, size=IMAGE_SIZE) for s in train],
                    [scene_caption(s) for s in heldout], heldout_images, paths,
@@ -245,7 +247,6 @@ def model_answers(model, prompts: list[dict], inputs: dict, targets: torch.Tenso
 
 def save_with_card(model, trainer, adapter_dir: str, results: dict):
     """``save_pretrained`` + a README.md model card carrying the held-out numbers."""
-    from ..html_report import write_text_atomic
 
     model.save_pretrained(adapter_dir)
     card = build_model_card(model.config, repo_id="gill-hf-quickstart",

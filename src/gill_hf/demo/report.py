@@ -3,12 +3,11 @@ report.json (all written atomically)."""
 
 import html
 import json
-import os
-import tempfile
 
 from PIL import Image
 
-from ..html_report import html_page, image_tag, part_html, write_text_atomic
+from ..atomic import atomic_path, write_text_atomic
+from ..html_report import html_page, image_tag, part_html
 from ..training.trainer import LOSS_FIELDS
 
 LOSS_LABELS = {"loss": "total", "caption_loss": "l_c (captioning)", "img_token_loss": "l_p ([IMG] tokens)",
@@ -50,18 +49,6 @@ def summary_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_file_atomic(path: str, write):
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=".gill-", suffix=os.path.splitext(path)[1], dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot_losses(history: list[dict], path: str):
     """Total loss and the four Eq. 5 terms against the optimizer step, as a PNG."""
     import matplotlib
@@ -79,7 +66,8 @@ def plot_losses(history: list[dict], path: str):
     axes[1].set(title="loss terms", xlabel="step")
     axes[1].legend()
     fig.tight_layout()
-    write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
 
 

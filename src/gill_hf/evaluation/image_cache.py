@@ -4,14 +4,14 @@ Every image is written to a temporary file in its folder and renamed into place,
 only complete PNGs; a rerun loads them instead of generating again.
 """
 
-import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 
 from PIL import Image
 from tqdm.auto import tqdm
+
+from ..atomic import atomic_path
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -19,21 +19,6 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def safe_name(text: str) -> str:
     """A folder/file name for a row or example id ("5 captions, 4 images" -> "5_captions_4_images")."""
     return _SAFE.sub("_", text).strip("_") or "_"
-
-
-@contextlib.contextmanager
-def atomic_file(path: str, suffix: str = ""):
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class ImageStore:
@@ -48,7 +33,7 @@ class ImageStore:
 
     @staticmethod
     def save(image: Image.Image, path: str):
-        with atomic_file(path, ".png") as tmp:
+        with atomic_path(path, ".png") as tmp:
             image.save(tmp, format="PNG")
 
     def ensure(self, row: str, seed: int, example_ids: Sequence[str], make: Callable[[int, int], Image.Image]

@@ -5,7 +5,8 @@ import os
 
 from PIL import Image
 
-from ..html_report import html_page, image_tag, part_html, write_text_atomic
+from ..atomic import write_text_atomic
+from ..html_report import html_page, image_tag, part_html
 from ..processing_gill import load_image, to_rgb
 
 THUMBNAIL = 256  # px, longest side of the images inlined in samples.html

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from ..generation_gill import generate_interleaved
 from ..retrieval import RetrievalIndex
 from .contexts import VIST_SETTINGS, ImageExample, vist_context
-from .image_cache import atomic_file, safe_name
+from ..atomic import atomic_path
+from .image_cache import safe_name
 from .metrics import recall_at_k
 from .report import sample_section, write_report
 
@@ -54,7 +55,7 @@ def evaluate_retrieval(model, examples: Sequence[ImageExample], out_dir: str,
         _, ranked = index.search(queries[safe_name(setting)], k=max(KS))  # (Q, min(10, N))
         ranked_by_setting[setting] = ranked
         rows.append({"model": "GILL", "setting": setting, **recall_at_k(ranked, truth, KS)})
-    with atomic_file(os.path.join(out_dir, "queries.safetensors")) as tmp:
+    with atomic_path(os.path.join(out_dir, "queries.safetensors")) as tmp:
         safetensors.torch.save_file(queries, tmp)
     results = {"benchmark": "retrieval", "num_examples": len(examples), "num_candidates": len(index),
                "settings": list(settings), "rows": rows}

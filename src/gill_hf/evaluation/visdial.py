@@ -14,7 +14,7 @@ from .contexts import (
 )
 from .generators import EvaluatedModels
 from .image_benchmark import SIMILARITY_METRICS, Row, run_image_benchmark
-from .image_cache import atomic_file
+from ..atomic import atomic_path
 from .metrics import ClipImageEmbedder, LPIPSScorer
 
 CURVE_FILE = "context_curve.png"
@@ -45,7 +45,7 @@ def plot_curve(results: dict, path: str):
         ax.legend()
     fig.tight_layout()
     try:
-        with atomic_file(path, ".png") as tmp:
+        with atomic_path(path, ".png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)

@@ -14,11 +14,12 @@ Shards are written to a temporary name and renamed, so an interrupted run resume
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ..atomic import atomic_path, write_text_atomic
 
 INDEX_NAME = "index.json"
 NULL_NAME = "null.npy"
@@ -38,22 +39,8 @@ def captions_digest(captions) -> str:
 
 
 def _atomic_save(path: str, array: np.ndarray):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(path: str, text: str):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npy") as tmp:
+        np.save(tmp, array, allow_pickle=False)
 
 
 class DiffusionTextEncoder:
@@ -105,7 +92,7 @@ def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder,
         if {k: old.get(k) for k in index} != index:
             raise ValueError(f"{out_dir} holds a target store for other captions or settings; use a new folder")
     elif process_index == 0:
-        _atomic_write_text(index_path, json.dumps(index, indent=1))
+        write_text_atomic(index_path, json.dumps(index, indent=1))
     if process_index == 0 and not os.path.exists(os.path.join(out_dir, NULL_NAME)):
         _atomic_save(os.path.join(out_dir, NULL_NAME), null.astype(dtype))
     mine = [s for s in range(len(index["shards"])) if s % num_processes == process_index]
