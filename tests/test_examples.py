@@ -60,3 +60,14 @@ def test_train_decision_and_stage2(tmp_path, tiny_backbones, monkeypatch, capsys
 def test_every_example_documents_its_tiny_run(name):
     source = (EXAMPLES / name).read_text()
     assert source.startswith('"""') and "--tiny" in source, f"{name} needs a docstring with its --tiny command"
+
+
+def test_evaluate_vist(tmp_path, tiny_backbones, monkeypatch, capsys, single_thread):
+    from eval_fixtures import stub_alexnet_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # LPIPS' AlexNet: a random stand-in, offline
+    stub_alexnet_weights(str(tmp_path / "torch_home"))
+    run_example("evaluate.py", "--tiny", tmp_path, "--out", tmp_path / "eval", monkeypatch=monkeypatch)
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "GILL" in table and "Stable Diffusion" in table and "±" in table
+    assert capsys.readouterr().out.count("| CLIP ") == 5  # SD on 2 text settings + GILL on 3
