@@ -1,6 +1,8 @@
 import contextlib
 import io
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +146,12 @@ def test_cli_passes_options_and_fails_when_the_reload_differs(monkeypatch, tmp_p
     assert code == 1 and seen["out_dir"] == str(tmp_path)
     assert (seen["settings"].steps, seen["settings"].eval_size, seen["settings"].seed) == (7, 9, 3)
     assert seen["settings"].batch_size == QuickstartSettings().batch_size
+
+
+def test_readme_shows_the_printed_summary(short_run):
+    """Each line of README's sample output starts with a label the quickstart really prints."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sample = re.search(r"^```text\n(.*?)^```", readme, re.S | re.M).group(1).splitlines()
+    printed = [line.strip() for line in short_run[3].splitlines()]
+    labels = [re.split(r"\s{2,}", line)[0] for line in sample]
+    assert len(labels) == 4 and all(any(p.startswith(label) for p in printed) for label in labels), labels
