@@ -15,7 +15,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from eval_fixtures import stub_alexnet_weights, stub_inception_weights, write_coco_captions, write_vist, write_visdial
+from eval_fixtures import (
+    stub_alexnet_weights,
+    stub_inception_weights,
+    write_coco_captions,
+    write_visdial,
+    write_vist,
+)
 
 from gill_hf.cli import build_parser
 from gill_hf.cli import main as cli_main
