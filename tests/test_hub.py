@@ -217,3 +217,13 @@ def test_pipeline_push_and_load(fake_hub, trained_model, tiny_backbones):
         assert torch.equal(ours, theirs), name
     assert loaded.retrieval_index.paths == index.paths
     assert torch.equal(loaded.retrieval_index.embeddings, index.embeddings)
+
+
+def test_card_template_is_the_packaged_top_level_file():
+    from pathlib import Path
+
+    from gill_hf.hub import MODEL_CARD_TEMPLATE
+
+    top_level = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
+    assert MODEL_CARD_TEMPLATE.parent.name == "gill_hf"  # inside the package, so wheels carry it
+    assert MODEL_CARD_TEMPLATE.read_text() == top_level.read_text()

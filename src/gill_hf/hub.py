@@ -25,7 +25,7 @@ from .modeling_gill import ADAPTER_WEIGHTS_NAME, LORA_SUBFOLDER
 
 ADAPTER_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 RETRIEVAL_INDEX_DIR = "retrieval_index"
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "MODEL_CARD.md"
+MODEL_CARD_TEMPLATE = Path(__file__).with_name("MODEL_CARD.md")  # the top-level MODEL_CARD.md, packaged
 CARD_TAGS = ["gill", "multimodal", "text-to-image", "image-retrieval", "interleaved"]
 TRAINING_ARGUMENT_FIELDS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
                             "num_train_epochs", "max_steps", "warmup_steps", "warmup_ratio", "weight_decay",
