@@ -209,3 +209,16 @@ def test_clip_embedder_uses_projected_features_of_a_full_clip(tmp_path):
     with torch.no_grad():
         expected = clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
     torch.testing.assert_close(embedder.embed([image]), expected)
+
+
+def test_fid_caption_sample_is_seeded_and_checked(tmp_path):
+    from gill_hf.evaluation import load_caption_set
+
+    captions = write_coco_captions(str(tmp_path), num_images=6)
+    everything = [ex.example_id for ex in load_caption_set(captions)]
+    drawn = [ex.example_id for ex in load_caption_set(captions, sample=4, sample_seed=1)]
+    assert drawn == [ex.example_id for ex in load_caption_set(captions, sample=4, sample_seed=1)]
+    assert len(set(drawn)) == 4 and set(drawn) < set(everything)
+    assert drawn != [ex.example_id for ex in load_caption_set(captions, sample=4, sample_seed=2)]
+    with pytest.raises(ValueError, match="--sample must be in 1..6"):
+        load_caption_set(captions, sample=7)

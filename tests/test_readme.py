@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SPEED = {"max_steps=20_000": "max_steps=2", "num_inference_steps=50": "num_inference_steps=2",
          "per_device_train_batch_size=20": "per_device_train_batch_size=2",
-         "--seeds 0 1 2 3 4": "--seeds 0 --steps 2 --limit 2", "--limit 30000": "--limit 3 --steps 2"}
+         "--seeds 0 1 2 3 4": "--seeds 0 --steps 2 --limit 2", "--sample 30000": "--sample 3 --steps 2"}
 SHARED_DATA = Path("/work/shared/data/gill-release")
 
 

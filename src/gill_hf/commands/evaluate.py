@@ -73,7 +73,7 @@ def run(args) -> int:
     elif args.benchmark == "visdial":
         examples = ev.load_visdial(args.annotations, args.image_dir, args.limit)
     elif args.benchmark == "fid":
-        examples = ev.load_caption_set(args.captions, args.image_dir, args.limit)
+        examples = ev.load_caption_set(args.captions, args.image_dir, args.limit, args.sample, args.sample_seed)
     if args.benchmark == "vist":
         ev.evaluate_vist(_models(args, device, dtype), examples, args.out, args.seeds, *_scorers(args, device),
                          settings=args.settings, baseline=args.baseline)
@@ -139,6 +139,9 @@ def register(subparsers):
                                 help="Table 8: FID on a caption set (MS-COCO protocol)")
     fid.add_argument("--captions", required=True, help="COCO captions JSON or caption<TAB>image TSV")
     fid.add_argument("--image-dir", default=None, help="folder of the reference images (default: the file's)")
+    fid.add_argument("--sample", type=int, default=None,
+                     help="evaluate this many randomly drawn captioned images (the paper: 30000)")
+    fid.add_argument("--sample-seed", type=int, default=0, help="seed of the --sample draw")
     fid.add_argument("--scheduler", default="ddim", choices=["ddim", "default"],
                      help="ddim as the paper, or the checkpoint's own scheduler")
     fid.add_argument("--fid-feature", default=None,

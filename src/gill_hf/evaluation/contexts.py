@@ -10,6 +10,7 @@ evaluation did (the COCO caption is not part of the input). Caption sets (FID): 
 
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 
@@ -155,9 +156,11 @@ def rounds_setting(rounds: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------- captions
 def load_caption_set(captions: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                     limit: int | None = None) -> list[ImageExample]:
+                     limit: int | None = None, sample: int | None = None, sample_seed: int = 0) -> list[ImageExample]:
     """Caption / reference-image pairs from a COCO captions JSON (first caption of each image, in annotation
-    order) or a ``caption<TAB>image`` TSV with a header; images under ``image_dir`` (default: the file's folder)."""
+    order) or a ``caption<TAB>image`` TSV with a header; images under ``image_dir`` (default: the file's folder).
+    ``sample``: that many pairs drawn at random (``sample_seed``), the paper's "30k random captions" protocol;
+    ``limit``: the first pairs (after sampling)."""
     path = os.fspath(captions)
     image_dir = os.fspath(image_dir) if image_dir is not None else os.path.dirname(os.path.abspath(path))
     if path.endswith(".json"):
@@ -177,5 +180,9 @@ def load_caption_set(captions: str | os.PathLike, image_dir: str | os.PathLike |
     else:
         table = CaptionImageDataset.from_tsv(path, image_dir)
         pairs = [(f"{i:06d}", caption, image) for i, (caption, image) in enumerate(zip(table.captions, table.images))]
+    if sample is not None:
+        if not 1 <= sample <= len(pairs):
+            raise ValueError(f"--sample must be in 1..{len(pairs)} (the captioned images of {path}), got {sample}")
+        pairs = random.Random(sample_seed).sample(pairs, sample)
     return [ImageExample(key, _existing(os.path.join(image_dir, image), f"caption {key}"), [caption], [])
             for key, caption, image in _check_limit(pairs, limit)]
