@@ -15,6 +15,7 @@ import os
 import torch
 
 from gill_hf import GILLForConditionalGeneration, GILLPipeline, RetrievalIndex, convert_original_release
+from gill_hf.convert_original import RELEASE_FILES
 from gill_hf.tiny import build_tiny_backbones, build_tiny_release
 
 
@@ -34,9 +35,7 @@ def main():
         files = build_tiny_release(os.path.join(args.tiny, "release"), backbones)
         diffusion = backbones["sd"]
     else:
-        files = {name: os.path.join(args.release, file) for name, file in (
-            ("checkpoint", "pretrained_ckpt.pth.tar"), ("model_args", "model_args.json"),
-            ("decision", "decision_model.pth.tar"), ("embeddings", "cc3m_embeddings_urls.npy"))}
+        files = {name: os.path.join(args.release, file) for name, file in RELEASE_FILES.items()}
     summary = convert_original_release(files["checkpoint"], files["model_args"], args.out, decision=files["decision"],
                                        embeddings=files["embeddings"], with_processor=True)
     print(f"converted {summary['tensors']} tensors ({summary['parameters']:,} values) into {args.out}")

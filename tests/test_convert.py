@@ -23,6 +23,7 @@ from gill_hf import GILLAdapter, GILLConfig, GILLForConditionalGeneration, GILLP
 from gill_hf.cli import main as cli_main
 from gill_hf.convert_original import config_from_model_args, convert_original_release, release_key_shapes
 from gill_hf.decision import decide
+from gill_hf.tiny import build_tiny_release
 
 RELEASE = Path("/work/shared/data/gill-release")
 MODEL_ARGS = RELEASE / "model_args.json"
@@ -342,16 +343,17 @@ def test_other_backbones_and_processor(tmp_path, tiny_backbones):
     """model_args naming local backbones: widths come from their configs and --with-processor saves a processor."""
     probe = GILLProcessor(CLIPImageProcessor.from_pretrained(tiny_backbones["clip"]),
                           AutoTokenizer.from_pretrained(tiny_backbones["opt"]))
-    args = {**json.loads(MODEL_ARGS.read_text()), "opt_version": tiny_backbones["opt"],
-            "visual_encoder": tiny_backbones["clip"], "gen_emb_dim": 32,
-            "retrieval_token_idx": probe.img_token_ids, "gen_token_idx": probe.img_token_ids}
-    (tmp_path / "model_args.json").write_text(json.dumps(args))
+    files = build_tiny_release(tmp_path / "release", tiny_backbones)  # release-format files at tiny widths
+    args = json.loads(Path(files["model_args"]).read_text())
+    assert set(args) == set(json.loads(MODEL_ARGS.read_text()))  # the released fields, no more, no fewer
+    assert args["gen_token_idx"] == args["retrieval_token_idx"] == probe.img_token_ids
     shapes = release_key_shapes(config_from_model_args(args))
     assert shapes["model.input_embeddings.weight"] == (8, 64) and shapes["model.visual_fc.weight"] == (256, 32)
-    state = {k: (0.02 * torch.randn(v)).to(torch.bfloat16) for k, v in shapes.items()}
-    checkpoint = save_release(state, tmp_path / "ckpt.pth.tar")
-    assert cli_main(["convert-original", "--checkpoint", str(checkpoint), "--model-args",
-                     str(tmp_path / "model_args.json"), "--with-processor", "--out", str(tmp_path / "out")]) == 0
+    checkpoint = files["checkpoint"]
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert {k: tuple(v.shape) for k, v in state.items()} == shapes
+    assert cli_main(["convert-original", "--checkpoint", checkpoint, "--model-args", files["model_args"],
+                     "--with-processor", "--out", str(tmp_path / "out")]) == 0
 
     model = GILLForConditionalGeneration.from_pretrained(tmp_path / "out")  # backbones by the ids in model_args
     assert model.processor.img_token_ids == probe.img_token_ids

@@ -48,6 +48,8 @@ KEY_MAP = (
 )
 DECISION_KEYS = {"1.weight": "adapter.decision_head.1.weight", "1.bias": "adapter.decision_head.1.bias"}
 RETRIEVAL_INDEX_DIR = "retrieval_index"
+RELEASE_FILES = {"checkpoint": "pretrained_ckpt.pth.tar", "model_args": "model_args.json",
+                 "decision": "decision_model.pth.tar", "embeddings": "cc3m_embeddings_urls.npy"}  # as released
 
 # model_args.json: fields copied into GILLConfig, values the converter requires, and fields unused at inference.
 MODEL_ARGS_TO_CONFIG = {"opt_version": "text_model_name_or_path", "visual_encoder": "vision_model_name_or_path",

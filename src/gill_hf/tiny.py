@@ -178,7 +178,7 @@ def build_tiny_release(out_dir: str | os.PathLike, backbones: dict[str, str], nu
     import numpy as np
     from transformers import AutoTokenizer, CLIPImageProcessor
 
-    from .convert_original import config_from_model_args, release_key_shapes
+    from .convert_original import RELEASE_FILES, config_from_model_args, release_key_shapes
     from .processing_gill import GILLProcessor
 
     out = Path(out_dir)
@@ -199,10 +199,8 @@ def build_tiny_release(out_dir: str | os.PathLike, backbones: dict[str, str], nu
     rng = np.random.default_rng(seed)
     embeddings = {"paths": [f"https://example.com/{i}.jpg" for i in range(num_candidates)],
                   "embeddings": [rng.standard_normal(256).astype(np.float32) for _ in range(num_candidates)]}
-    paths = {name: str(out / file) for name, file in (
-        ("checkpoint", "pretrained_ckpt.pth.tar"), ("model_args", "model_args.json"),
-        ("decision", "decision_model.pth.tar"), ("embeddings", "cc3m_embeddings_urls.npy"))}
-    (out / "model_args.json").write_text(json.dumps(model_args, indent=1))
+    paths = {name: str(out / file) for name, file in RELEASE_FILES.items()}
+    Path(paths["model_args"]).write_text(json.dumps(model_args, indent=1))
     torch.save({"state_dict": state}, paths["checkpoint"])
     torch.save({"state_dict": decision}, paths["decision"])
     with open(paths["embeddings"], "wb") as handle:

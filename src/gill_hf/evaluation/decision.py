@@ -15,7 +15,7 @@ from ..training.decision_training import (
     LABEL_IDS,
     baseline_f1,
     macro_f1,
-    prompt_features,
+    prompt_states,
     read_partiprompts,
     threshold_sweep,
 )
@@ -34,12 +34,6 @@ def validation_split(path: str | os.PathLike, num_train: int = 600, limit: int |
     return [p for p, _ in pairs], np.array([LABEL_IDS[label] for _, label in pairs])
 
 
-def img0_states(model, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """``(N, f)`` [IMG0] states after each prompt (the decision head's input without the retrieval score)."""
-    placeholder = torch.zeros(len(prompts)) if model.config.decision_use_retrieval_score else None
-    return prompt_features(model, prompts, batch_size, max_similarity=placeholder)[:, :model.config.llm_feature_dim]
-
-
 def max_cosines(model, states: torch.Tensor, index) -> torch.Tensor:
     """``(N,)`` best cosine of each prompt's retrieval embedding over the index's candidates."""
     with torch.no_grad():
@@ -48,9 +42,9 @@ def max_cosines(model, states: torch.Tensor, index) -> torch.Tensor:
     return scores[:, 0] / math.exp(index.logit_scale)
 
 
-def _sweep_summary(sweep: dict[float, float], at: float) -> dict:
+def _sweep_summary(sweep: dict[float, float], at: float, f1_at: float) -> dict:
     return {"sweep": sweep, "min": min(sweep.values()), "max": max(sweep.values()),
-            "best_threshold": max(sweep, key=sweep.get), "threshold": at, "f1_at_threshold": sweep.get(at)}
+            "best_threshold": max(sweep, key=sweep.get), "threshold": at, "f1_at_threshold": f1_at}
 
 
 def evaluate_annotations(model, path: str | os.PathLike, num_train: int = 600, limit: int | None = None,
@@ -62,17 +56,16 @@ def evaluate_annotations(model, path: str | os.PathLike, num_train: int = 600, l
               "baselines": baseline_f1(labels)}
     if model is None:
         return result
-    states = img0_states(model, prompts, batch_size)
+    states = prompt_states(model, prompts, batch_size)
     cosines = max_cosines(model, states, index) if index is not None else None
     if cosines is not None:
         heuristic = threshold_sweep(cosines.numpy(), labels, HEURISTIC_THRESHOLDS)
-        result["heuristic"] = _sweep_summary(heuristic, 0.5)
+        result["heuristic"] = _sweep_summary(heuristic, 0.5, heuristic[0.5])
     features = decision_features(states, cosines, model.config.decision_use_retrieval_score)
     p_retrieve = retrieve_probabilities(model.adapter.decision_head, features).cpu().numpy()
     threshold = float(model.config.decision_threshold)
-    sweep = threshold_sweep(p_retrieve, labels)
-    result["classifier"] = _sweep_summary(sweep, threshold)
-    result["classifier"]["f1_at_threshold"] = macro_f1((p_retrieve > threshold).astype(labels.dtype), labels)
+    result["classifier"] = _sweep_summary(threshold_sweep(p_retrieve, labels), threshold,
+                                          macro_f1((p_retrieve > threshold).astype(labels.dtype), labels))
     return result
 
 

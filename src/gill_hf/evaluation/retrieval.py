@@ -13,10 +13,10 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from ..generation_gill import generate_interleaved
 from ..retrieval import RetrievalIndex
 from .contexts import VIST_SETTINGS, ImageExample, vist_context
-from ..atomic import atomic_path
 from .image_cache import safe_name
 from .metrics import recall_at_k
 from .report import sample_section, write_report

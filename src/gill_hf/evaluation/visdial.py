@@ -5,6 +5,7 @@ import os
 from collections.abc import Sequence
 from functools import partial
 
+from ..atomic import atomic_path
 from .contexts import (
     MAX_VISDIAL_ROUNDS,
     VISDIAL_ROUNDS,
@@ -14,7 +15,6 @@ from .contexts import (
 )
 from .generators import EvaluatedModels
 from .image_benchmark import SIMILARITY_METRICS, Row, run_image_benchmark
-from ..atomic import atomic_path
 from .metrics import ClipImageEmbedder, LPIPSScorer
 
 CURVE_FILE = "context_curve.png"

@@ -52,10 +52,8 @@ def read_partiprompts(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def prompt_features(model, prompts: list[str], batch_size: int = 32, max_length: int = 64,
-                    max_similarity: torch.Tensor | None = None) -> torch.Tensor:
-    """``(N, F)`` decision-head inputs: the [IMG0] state after each prompt (+ max retrieval cosine if the head
-    takes it)."""
+def prompt_states(model, prompts: list[str], batch_size: int = 32, max_length: int = 64) -> torch.Tensor:
+    """``(N, f)`` float32 [IMG0] states of ``"<bos> prompt [IMG0..r-1]"`` on CPU."""
     states = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="decision features", leave=False):
         enc = model.processor.encode_captions(prompts[start:start + batch_size], max_length=max_length)
@@ -64,7 +62,15 @@ def prompt_features(model, prompts: list[str], batch_size: int = 32, max_length:
                                                   use_cache=False)
         rows, cols = model.img_block_positions(ids)
         states.append(features[rows[:, 0], cols[:, 0]].float().cpu())  # (b, f)
-    return decision_features(torch.cat(states), max_similarity, model.config.decision_use_retrieval_score)
+    return torch.cat(states)
+
+
+def prompt_features(model, prompts: list[str], batch_size: int = 32, max_length: int = 64,
+                    max_similarity: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, F)`` decision-head inputs: the [IMG0] state after each prompt (+ max retrieval cosine if the head
+    takes it)."""
+    states = prompt_states(model, prompts, batch_size, max_length)
+    return decision_features(states, max_similarity, model.config.decision_use_retrieval_score)
 
 
 def train_decision_head(head: torch.nn.Sequential, features: torch.Tensor, labels: torch.Tensor, steps: int = 2000,
