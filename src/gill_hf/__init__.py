@@ -5,10 +5,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from .configuration_gill import GILLConfig
 from .convert_original import convert_original_release
 from .decision import Decision, decide, load_decision_head
-from .generation_gill import (GeneratedImageSlot, GILLGenerationOutput, InterleavedGenerationConfig,
-                              generate_interleaved, image_conditioning)
+from .generation_gill import (GeneratedImageSlot, GILLGenerateOutput, GILLImageLogitsProcessor,
+                              ImageTokenFilterStreamer, image_conditioning)
 from .hub import HubPushError, build_model_card, push_to_hub
-from .modeling_gill import GILLAdapter, GILLForConditionalGeneration, GILLOutput, count_adapter_parameters
+from .modeling_gill import (GILLAdapter, GILLCausalLMOutputWithPast, GILLForConditionalGeneration, GILLOutput,
+                            count_adapter_parameters)
 from .pipeline_gill import GILLPipeline, GILLPipelineOutput, ImagePart
 from .processing_gill import GILLProcessor
 from .retrieval import RetrievalIndex
@@ -26,7 +27,9 @@ __all__ = [
     "GILLAdapter",
     "GILLConfig",
     "GILLForConditionalGeneration",
-    "GILLGenerationOutput",
+    "GILLCausalLMOutputWithPast",
+    "GILLGenerateOutput",
+    "GILLImageLogitsProcessor",
     "GILLOutput",
     "GILLPipeline",
     "GILLPipelineOutput",
@@ -34,14 +37,13 @@ __all__ = [
     "GeneratedImageSlot",
     "HubPushError",
     "ImagePart",
-    "InterleavedGenerationConfig",
+    "ImageTokenFilterStreamer",
     "RetrievalIndex",
     "build_model_card",
     "build_tiny_backbones",
     "convert_original_release",
     "count_adapter_parameters",
     "decide",
-    "generate_interleaved",
     "image_conditioning",
     "load_decision_head",
     "push_to_hub",

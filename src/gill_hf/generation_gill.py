@@ -1,67 +1,132 @@
-"""Interleaved decoding for GILL: KV-cached, batched (left padding), text with [IMG] blocks, hidden states captured.
+"""GILL generation on transformers' ``GenerationMixin``: GILL's [IMG] rules as a logits processor, [IMG] states kept.
 
-When a row picks [IMG0], the whole block [IMG0..r-1] is fed in ONE cached forward; its
-``hidden_states[config.hidden_layer]`` at the r positions are kept (for retrieval and the decision) together with
-the mapper inputs (the same states, or for ``voken_feature_position="predicting"`` the states one position
-earlier, as ``GILLForConditionalGeneration.forward`` uses in training). Rows that feed one text token while another
-row feeds a block are left-padded inside the step, so every row sees exactly what it would see alone.
+``GILLForConditionalGeneration.generate`` is the stock ``GenerationMixin.generate`` (greedy, sampling, beams,
+streamers, stopping criteria...) with three additions made here:
 
-Shapes: B rows, T prompt tokens, r [IMG] tokens, f feature width, L x D diffusion conditioning.
+- :class:`GILLImageLogitsProcessor` enforces GILL's decoding rules from the ids alone, so every decoding strategy
+  obeys them: [IMG1..r-1] follow [IMG0] in order and appear nowhere else; [IMG0] only while a whole block fits the
+  budget, after ``min_text_tokens`` text tokens, up to ``max_images``; ``force_image_after``; the original's
+  ``gen_scale_factor`` / ``ret_scale_factor`` boost of [IMG0].
+- the streamer never sees [IMG] or placeholder ids (:class:`ImageTokenFilterStreamer`).
+- with ``return_dict_in_generate=True`` the result is a :class:`GILLGenerateOutput` holding, per [IMG] block, the
+  ``hidden_states[config.hidden_layer]`` states the mapper, retrieval and the decision need (one extra forward over
+  the final sequences, run only when some row holds an image).
+
+Shapes: B prompts, R = B x rows per prompt (beams / return sequences), T prompt length, r [IMG] tokens, f feature width.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
+
+# GILL's own generation-config fields and their defaults (saved in generation_config.json with the standard ones).
+GILL_GENERATION_DEFAULTS = dict(force_image_after=None, min_text_tokens=0, max_images=None, gen_scale_factor=1.0,
+                                ret_scale_factor=1.0)
 
 
-@dataclass
-class InterleavedGenerationConfig:
-    """Decoding options.
+def gill_generation_config(config, base: GenerationConfig | None = None) -> GenerationConfig:
+    """The default generation config of a GILL model: the LLM's own (``base``: eos / bos / pad ids) + GILL fields."""
+    values = base.to_dict() if base is not None else {}
+    values = {k: v for k, v in values.items() if k != "transformers_version"}
+    text = config.text_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if values.get(name) is None and getattr(text, name, None) is not None:
+            values[name] = getattr(text, name)
+    return GenerationConfig(**{**GILL_GENERATION_DEFAULTS, **values})
 
-    ``max_new_tokens`` bounds all new tokens, the r tokens of each [IMG] block included; [IMG0] is only allowed
-    while a whole block still fits. ``min_text_tokens``: text tokens required since the answer start or the last
-    image before [IMG0] may appear. ``force_image_after``: force [IMG0] once that many text tokens were produced
-    since the start / last image (0 = an image first; a list gives one value per row). ``gen_scale_factor`` / ``ret_scale_factor`` > 1 apply the
-    original's boost ``logit[IMG0] = |logit[IMG0]| * factor`` (GILL shares the token, so both multiply it).
+
+class GILLImageLogitsProcessor(LogitsProcessor):
+    """GILL's [IMG] rules on ``(R, V)`` scores, computed from ``input_ids`` ``(R, T + n)`` alone (no state).
+
+    Args:
+        img_token_ids: ids of [IMG0..r-1].
+        prompt_length: T, the width of the prompt in ``input_ids`` (0 for ``inputs_embeds`` prompts).
+        max_new_tokens: the new-token budget; [IMG0] only while all r tokens of its block still fit.
+        min_text_tokens: text tokens needed since the answer start / the last image before [IMG0] may appear.
+        max_images: images per answer (None: no limit).
+        force_image_after: force [IMG0] once this many text tokens followed the start / last image; one value or
+            one per prompt (None entries: never forced).
+        gen_scale_factor, ret_scale_factor: the original's boost ``logit = |logit| * factor`` of [IMG0] (> 1 only).
+        rows_per_prompt: rows of ``input_ids`` per prompt (``num_beams`` or ``num_return_sequences``).
     """
 
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    eos_token_id: int | list[int] | None = None  # None: the LLM's own
-    stop_strings: Sequence[str] = ()
-    min_text_tokens: int = 0
-    max_images: int | None = None  # None: no limit
-    force_image_after: int | Sequence[int | None] | None = None  # one value for all rows, or one per row
-    gen_scale_factor: float = 1.0
-    ret_scale_factor: float = 1.0
-    use_cache: bool = True
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        for name in ("top_k", "min_text_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_images is not None and self.max_images < 0:
-            raise ValueError(f"max_images must be >= 0 or None, got {self.max_images}")
-        forced = self.force_image_after if isinstance(self.force_image_after, Sequence) else [self.force_image_after]
-        if any(n is not None and n < 0 for n in forced):
-            raise ValueError(f"force_image_after must be >= 0 or None, got {self.force_image_after}")
-        if self.gen_scale_factor <= 0 or self.ret_scale_factor <= 0:
+    def __init__(self, img_token_ids: Sequence[int], prompt_length: int, max_new_tokens: int,
+                 min_text_tokens: int = 0, max_images: int | None = None,
+                 force_image_after: int | Sequence[int | None] | None = None, gen_scale_factor: float = 1.0,
+                 ret_scale_factor: float = 1.0, rows_per_prompt: int = 1, num_prompts: int = 1):
+        if min_text_tokens < 0:
+            raise ValueError(f"min_text_tokens must be >= 0, got {min_text_tokens}")
+        if max_images is not None and max_images < 0:
+            raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
+        if gen_scale_factor <= 0 or ret_scale_factor <= 0:
             raise ValueError("gen_scale_factor and ret_scale_factor must be > 0")
-        if isinstance(self.stop_strings, str):
-            self.stop_strings = (self.stop_strings,)
+        forced = list(force_image_after) if isinstance(force_image_after, Sequence) else \
+            [force_image_after] * num_prompts
+        if len(forced) != num_prompts:
+            raise ValueError(f"force_image_after has {len(forced)} values for {num_prompts} prompts")
+        if any(n is not None and n < 0 for n in forced):
+            raise ValueError(f"force_image_after must be >= 0 or None, got {force_image_after}")
+        self.img_ids = torch.tensor(list(img_token_ids), dtype=torch.long)
+        self.r = len(self.img_ids)
+        self.prompt_length, self.max_new_tokens = prompt_length, max_new_tokens
+        self.min_text_tokens, self.max_images = min_text_tokens, max_images
+        never = torch.iinfo(torch.long).max
+        self.force_after = torch.tensor([never if n is None else n for n in forced]).repeat_interleave(rows_per_prompt)
+        self.factors = [f for f in (ret_scale_factor, gen_scale_factor) if f > 1.0]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        device, r = scores.device, self.r
+        img_ids, force_after = self.img_ids.to(device), self.force_after.to(device)
+        new = input_ids[:, self.prompt_length:].to(device)  # (R, n)
+        n = new.shape[1]
+        match = new.unsqueeze(-1) == img_ids  # (R, n, r)
+        slot = match.long().argmax(-1).masked_fill(~match.any(-1), -1)  # (R, n): 0..r-1 at [IMG] tokens, else -1
+        last = slot[:, -1] if n else torch.full((new.shape[0],), -1, device=device)
+        in_block = (last >= 0) & (last < r - 1)
+        block_ends = torch.arange(1, n + 1, device=device) * (slot == r - 1)  # 1-based positions of [IMG{r-1}]
+        text_since_image = n - (block_ends.amax(1) if n else torch.zeros_like(last))  # (R,)
+        allowed = ~in_block & (text_since_image >= self.min_text_tokens) & torch.tensor(n + r <= self.max_new_tokens,
+                                                                                         device=device)
+        if self.max_images is not None:
+            allowed &= (slot == 0).sum(1) < self.max_images
+
+        scores = scores.clone()
+        img0 = scores[:, img_ids[0]]
+        for factor in self.factors:
+            img0 = img0.abs() * factor
+        scores[:, img_ids[1:]] = float("-inf")
+        scores[:, img_ids[0]] = img0.masked_fill(~allowed, float("-inf"))
+        forced = in_block | (allowed & (text_since_image >= force_after))
+        if forced.any():
+            target = torch.where(in_block, img_ids[(last + 1).clamp(max=r - 1)], img_ids[0])  # (R,)
+            scores[forced] = float("-inf")
+            scores[forced, target[forced]] = 0.0
+        return scores
+
+
+class ImageTokenFilterStreamer(BaseStreamer):
+    """Passes ids on to ``streamer`` without the [IMG] and placeholder ids (an all-[IMG] step is not passed on)."""
+
+    def __init__(self, streamer: BaseStreamer, hidden_ids: Sequence[int]):
+        self.streamer, self.hidden_ids = streamer, torch.tensor(list(hidden_ids), dtype=torch.long)
+        self._first = True
+
+    def put(self, value: torch.Tensor):
+        kept = value[~torch.isin(value, self.hidden_ids.to(value.device))] if value.dim() == 1 else \
+            torch.stack([row[~torch.isin(row, self.hidden_ids.to(value.device))] for row in value])
+        if self._first or kept.numel():  # the first call is the prompt (TextStreamer's skip_prompt relies on it)
+            self.streamer.put(kept)
+        self._first = False
+
+    def end(self):
+        self.streamer.end()
 
 
 @dataclass
@@ -69,40 +134,58 @@ class GeneratedImageSlot:
     """One [IMG0..r-1] block of an answer: where it starts and the LLM states captured for it."""
 
     position: int  # index of [IMG0] among the row's new tokens
-    hidden_states: torch.Tensor  # (r, f) hidden_states[hidden_layer] at [IMG0..r-1]: retrieval + decision use [0]
-    voken_states: torch.Tensor  # (r, f) mapper input states (shifted by one for voken_feature_position="predicting")
+    hidden_states: torch.Tensor = field(repr=False)  # (r, f) hidden_states[hidden_layer] at [IMG0..r-1]
+    voken_states: torch.Tensor = field(repr=False)  # (r, f) mapper inputs (one earlier for "predicting")
 
 
 @dataclass
-class GILLGenerationOutput:
-    """``sequences`` ``(B, T_new)`` new ids (padded after each row's end); ``parts[b]``: text strings and
-    :class:`GeneratedImageSlot` in reading order (empty strings dropped)."""
+class GILLGenerateOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)``: transformers' fields plus GILL's.
 
-    sequences: torch.LongTensor
-    parts: list[list[str | GeneratedImageSlot]] = field(default_factory=list)
+    ``sequences`` ``(R, T + n)`` as transformers returns them (prompt + new ids; new ids only for ``inputs_embeds``
+    prompts); ``image_slots[b]``: the :class:`GeneratedImageSlot` of row b; ``parts[b]``: its text strings and slots in
+    reading order (empty strings dropped; None without a tokenizer); ``prompt_length``: T.
+    """
+
+    sequences: torch.LongTensor | None = None
+    sequences_scores: torch.FloatTensor | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    beam_indices: torch.LongTensor | None = None
+    cache: object | None = None
+    image_slots: list | None = None
+    parts: list | None = None
+    prompt_length: int | None = None
+
+    @property
+    def new_tokens(self) -> torch.LongTensor:
+        """``(R, n)`` the generated ids alone."""
+        return self.sequences[:, self.prompt_length:]
 
     @property
     def images(self) -> list[list[GeneratedImageSlot]]:
-        return [[p for p in row if isinstance(p, GeneratedImageSlot)] for row in self.parts]
+        return self.image_slots
 
     @property
     def texts(self) -> list[str]:
         """The text of each row with the images left out."""
         return ["".join(p for p in row if isinstance(p, str)) for row in self.parts]
 
-    def voken_states(self) -> torch.Tensor:
-        """All images' mapper inputs stacked in reading order over the batch, ``(N_images, r, f)``."""
-        slots = [s for row in self.images for s in row]
+    def _all_slots(self) -> list[GeneratedImageSlot]:
+        slots = [s for row in self.image_slots for s in row]
         if not slots:
             raise ValueError("the answer holds no image")
-        return torch.stack([s.voken_states for s in slots])
+        return slots
+
+    def voken_states(self) -> torch.Tensor:
+        """All images' mapper inputs stacked in reading order over the batch, ``(N_images, r, f)``."""
+        return torch.stack([s.voken_states for s in self._all_slots()])
 
     def img0_hidden_states(self) -> torch.Tensor:
         """``(N_images, f)`` states at each [IMG0]: the input of W_t2i and of the decision head."""
-        slots = [s for row in self.images for s in row]
-        if not slots:
-            raise ValueError("the answer holds no image")
-        return torch.stack([s.hidden_states[0] for s in slots])
+        return torch.stack([s.hidden_states[0] for s in self._all_slots()])
 
 
 def image_conditioning(model, voken_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -116,209 +199,163 @@ def image_conditioning(model, voken_states: torch.Tensor) -> tuple[torch.Tensor,
     return prompt_embeds, negative
 
 
-def _check_prompt(model, input_ids, attention_mask, pixel_values, image_features):
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
-        if (attention_mask[:, -1] == 0).any():
-            raise ValueError("batched generation needs left padding: encode prompts with padding_side='left'")
-    k = model.config.num_visual_tokens
-    n_slots = int((input_ids == model.config.image_token_id).sum())
-    given = image_features if image_features is not None else pixel_values
-    n_images = 0 if given is None else given.shape[0]
-    if n_slots != n_images * k:
-        raise ValueError(f"the prompt holds {n_slots // k} image placeholders ({n_slots} tokens at k={k}) but "
-                         f"{n_images} images were given")
+class GILLGenerationMixin(GenerationMixin):
+    """``generate`` of :class:`~gill_hf.GILLForConditionalGeneration`: the stock loop plus GILL's rules and states."""
 
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 logits_processor: LogitsProcessorList | None = None, stopping_criteria=None,
+                 streamer: BaseStreamer | None = None, **kwargs):
+        """``GenerationMixin.generate`` on interleaved prompts (``processor(..., padding_side="left")`` output).
 
-def _eos_ids(model, cfg: InterleavedGenerationConfig) -> list[int]:
-    eos = cfg.eos_token_id
-    if eos is None:
-        eos = model.language_model.generation_config.eos_token_id or model.config.text_config.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-class _RowState:
-    """Book-keeping of one row: its new tokens, images and whether it is done."""
-
-    def __init__(self):
-        self.tokens: list[int] = []
-        self.text_since_image = 0
-        self.slots: list[GeneratedImageSlot] = []
-        self.block_pending = False  # [IMG0] chosen: the block is fed by the next forward
-        self.finished = False
-
-
-@torch.no_grad()
-def generate_interleaved(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                         pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                         generator: torch.Generator | None = None, tokenizer=None,
-                         generation_config: InterleavedGenerationConfig | None = None,
-                         **config_kwargs) -> GILLGenerationOutput:
-    """Answer ``(B, T)`` left-padded prompts (``model.processor(..., padding_side="left")``) with text and images.
-
-    Args:
-        pixel_values / image_features: the prompt's images ``(N, 3, H, W)`` or pooled CLIP features ``(N, d)``.
-        generator: drives sampling (``do_sample=True``).
-        tokenizer: decodes text and checks stop strings; default ``model.processor.tokenizer``.
-        generation_config / config_kwargs: :class:`InterleavedGenerationConfig` or its fields as keywords.
-    """
-    cfg = generation_config or InterleavedGenerationConfig(**config_kwargs)
-    tokenizer = tokenizer or (model.processor.tokenizer if model.processor is not None else None)
-    if tokenizer is None:
-        raise ValueError("generate_interleaved needs a tokenizer: attach a processor to the model or pass one")
-    _check_prompt(model, input_ids, attention_mask, pixel_values, image_features)
-    device = model.adapter.logit_scale.device
-    input_ids = input_ids.to(device)
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    if image_features is None and pixel_values is not None:
-        image_features = model.encode_images(pixel_values.to(device))
-    decoder = _Decoder(model, cfg, tokenizer, generator, input_ids.shape[0])
-    return decoder.run(model.embed_inputs(input_ids, image_features), attention_mask)
-
-
-class _Decoder:
-    """The decoding loop; one instance per call."""
-
-    def __init__(self, model, cfg: InterleavedGenerationConfig, tokenizer, generator, batch_size: int):
-        self.model, self.cfg, self.tokenizer, self.generator = model, cfg, tokenizer, generator
-        self.r = model.config.num_img_tokens
-        self.img_ids = model.img_token_ids.tolist()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.eos_ids = _eos_ids(model, cfg)
-        self.rows = [_RowState() for _ in range(batch_size)]
-        forced = cfg.force_image_after
-        self.force_after = list(forced) if isinstance(forced, Sequence) else [forced] * batch_size
-        if len(self.force_after) != batch_size:
-            raise ValueError(f"force_image_after has {len(self.force_after)} values for {batch_size} prompts")
-        warpers = []
-        if cfg.do_sample:
-            if cfg.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(cfg.temperature))
-            if cfg.top_k > 0:
-                warpers.append(TopKLogitsWarper(cfg.top_k))
-            if cfg.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(cfg.top_p))
-        self.warpers = LogitsProcessorList(warpers)
-
-    # ---- one forward over the step's new positions ----
-    def _forward(self, new_embeds, full_embeds, mask, cache):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T_total): left padding keeps positions exact
-        width = new_embeds.shape[1]
-        if cache is not None:
-            logits, features, _ = self.model.run_language_model(
-                new_embeds, mask, past_key_values=cache, position_ids=positions[:, -width:], use_cache=True,
-                logits_to_keep=1)
-        else:  # the original's way: recompute the whole sequence each step
-            logits, features, _ = self.model.run_language_model(full_embeds, mask, position_ids=positions,
-                                                                use_cache=False, logits_to_keep=1)
-        return logits[:, -1].float(), features[:, -width:]
-
-    def run(self, embeds: torch.Tensor, mask: torch.Tensor) -> GILLGenerationOutput:
-        cache = DynamicCache() if self.cfg.use_cache else None
-        new_embeds, full_embeds = embeds, embeds
-        prev_last_features = None
-        while True:
-            last_logits, features = self._forward(new_embeds, full_embeds, mask, cache)  # (B, V), (B, W, f)
-            self._capture_blocks(features, prev_last_features)
-            prev_last_features = features[:, -1]
-            self._choose(last_logits)
-            if all(row.finished and not row.block_pending for row in self.rows):
-                break
-            step_ids, step_mask = self._next_step_inputs(mask)
-            new_embeds = self.model.embed_tokens(step_ids)
-            mask = torch.cat([mask, step_mask], dim=1)
-            if cache is None:
-                full_embeds = torch.cat([full_embeds, new_embeds], dim=1)
-        return self._output()
-
-    def _capture_blocks(self, features: torch.Tensor, prev_last_features: torch.Tensor | None):
-        r = self.r
-        for b, row in enumerate(self.rows):
-            if not row.block_pending:
-                continue
-            at_token = features[b, -r:]  # (r, f): the block was fed right-aligned in this step
-            if self.model.config.voken_feature_position == "at_token":
-                voken = at_token
-            else:  # MiniGPT-5: the state that predicts [IMG0], then those at [IMG0..r-2]
-                voken = torch.cat([prev_last_features[b:b + 1], at_token[:-1]], dim=0)
-            row.slots.append(GeneratedImageSlot(len(row.tokens) - r, at_token.clone(), voken.clone()))
-            row.block_pending = False
-            row.text_since_image = 0
-            if len(row.tokens) >= self.cfg.max_new_tokens:
-                row.finished = True
-
-    def _image_allowed(self, row: _RowState) -> bool:
-        cfg = self.cfg
-        return (len(row.tokens) + self.r <= cfg.max_new_tokens and row.text_since_image >= cfg.min_text_tokens
-                and (cfg.max_images is None or len(row.slots) < cfg.max_images))
-
-    def _choose(self, logits: torch.Tensor):
-        cfg, img0 = self.cfg, self.img_ids[0]
-        logits[:, self.img_ids[1:]] = float("-inf")  # [IMG1..r-1] only ever follow [IMG0] as a block
-        boosted = logits[:, img0]
-        for factor in (cfg.ret_scale_factor, cfg.gen_scale_factor):
-            if factor > 1.0:
-                boosted = boosted.abs() * factor
-        logits[:, img0] = boosted
-        allowed = torch.tensor([self._image_allowed(row) for row in self.rows], device=logits.device)
-        logits[:, img0] = logits[:, img0].masked_fill(~allowed, float("-inf"))
-        if cfg.do_sample:
-            scores = self.warpers(None, logits)
-            probs = torch.softmax(scores, dim=-1)
-            next_ids = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        Takes every standard option, and GILL's (also settable in ``generation_config``): ``force_image_after``,
+        ``min_text_tokens``, ``max_images``, ``gen_scale_factor``, ``ret_scale_factor`` (see
+        :class:`GILLImageLogitsProcessor`). Returns what transformers returns; with ``return_dict_in_generate=True``
+        a :class:`GILLGenerateOutput` with the [IMG] states of every image.
+        """
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        base = generation_config if generation_config is not None else self.generation_config
+        gill = {k: kwargs.pop(k) if k in kwargs else getattr(base, k, d) for k, d in GILL_GENERATION_DEFAULTS.items()}
+        pixel_values = kwargs.pop("pixel_values", None)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        attention_mask = kwargs.get("attention_mask")
+        prompt = self._check_prompt(input_ids, inputs_embeds, attention_mask, pixel_values)
+        if pixel_values is not None:
+            prefix = self.get_image_features(pixel_values.to(self.device)).pooler_output  # (N, k, e)
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=prefix)}
         else:
-            next_ids = logits.argmax(-1)
-        for b, (row, token) in enumerate(zip(self.rows, next_ids.tolist())):
-            if row.finished:
-                continue
-            if self.force_after[b] is not None and row.text_since_image >= self.force_after[b] and bool(allowed[b]):
-                token = img0
-            if token == img0:
-                row.tokens.extend(self.img_ids)
-                row.block_pending = True
-                continue
-            row.tokens.append(token)
-            row.text_since_image += 1
-            if token in self.eos_ids or len(row.tokens) >= cfg.max_new_tokens or self._hit_stop_string(row):
-                row.finished = True
+            prefix = None
 
-    def _hit_stop_string(self, row: _RowState) -> bool:
-        if not self.cfg.stop_strings:
-            return False
-        text_ids = [t for t in row.tokens if t not in self.img_ids]
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        return any(s in text for s in self.cfg.stop_strings)
+        num_beams = kwargs.get("num_beams", base.num_beams) or 1
+        rows_per_prompt = num_beams if num_beams > 1 else (kwargs.get("num_return_sequences",
+                                                                      base.num_return_sequences) or 1)
+        budget, context_full = self._new_token_budget(prompt["length"], base, kwargs)
+        if gill["force_image_after"] is not None:
+            values = gill["force_image_after"] if isinstance(gill["force_image_after"], Sequence) else \
+                [gill["force_image_after"]]
+            need = max((v for v in values if v is not None), default=0) + self.config.num_img_tokens
+            if need > budget:
+                raise ValueError(f"force_image_after={gill['force_image_after']} cannot be met: the image needs "
+                                 f"{need} new tokens (its text + the {self.config.num_img_tokens} [IMG] tokens) but "
+                                 f"the budget is {budget}")
+        rules = GILLImageLogitsProcessor(self.config.img_token_ids, prompt["ids_width"], budget,
+                                         rows_per_prompt=rows_per_prompt, num_prompts=prompt["batch"], **gill)
+        processors = LogitsProcessorList([*(logits_processor or []), rules])  # last: its forcing always wins
+        if streamer is not None:
+            streamer = ImageTokenFilterStreamer(streamer, [*self.config.img_token_ids, self.config.image_token_id])
+        out = super().generate(input_ids, generation_config=generation_config, logits_processor=processors,
+                               stopping_criteria=stopping_criteria, streamer=streamer, **kwargs)
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        if context_full is not None and sequences.shape[1] - prompt["ids_width"] >= budget:
+            logger.warning(f"generation stopped at the LLM's context window ({context_full} positions): the prompt "
+                           f"({prompt['length']}) + the answer filled it")
+        if isinstance(out, torch.Tensor):
+            return out
+        slots = self._image_slots(sequences, prompt, prefix, rows_per_prompt)
+        return GILLGenerateOutput(**dict(out.items()), image_slots=slots, prompt_length=prompt["ids_width"],
+                                  parts=self._answer_parts(sequences[:, prompt["ids_width"]:], slots))
 
-    def _next_step_inputs(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each live row feeds its last token (or its whole [IMG] block), right-aligned; the rest is masked pad."""
-        width = self.r if any(row.block_pending for row in self.rows) else 1
-        ids = torch.full((len(self.rows), width), self.pad_id, dtype=torch.long, device=mask.device)
-        step_mask = torch.zeros_like(ids)
-        for b, row in enumerate(self.rows):
-            if row.block_pending:
-                ids[b] = torch.tensor(self.img_ids, device=mask.device)
-                step_mask[b] = 1
-            elif not row.finished:
-                ids[b, -1] = row.tokens[-1]
-                step_mask[b, -1] = 1
-        return ids, step_mask
+    # ---- checks at the boundary ----
+    def _check_prompt(self, input_ids, inputs_embeds, attention_mask, pixel_values) -> dict:
+        """Validate the prompt; returns its batch size, width in ``sequences`` and length in LLM positions."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("generate needs input_ids (processor output) or inputs_embeds")
+        if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[1] == 0):
+            raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
+        ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if attention_mask is not None:
+            if attention_mask.shape != ref.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != prompt {tuple(ref.shape)}")
+            if (attention_mask[:, -1] == 0).any():
+                raise ValueError("batched generation needs left padding: encode prompts with padding_side='left'")
+        k = self.config.num_visual_tokens
+        n_slots = 0 if input_ids is None else int((input_ids == self.config.image_token_id).sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if inputs_embeds is None and n_slots != n_images * k:
+            raise ValueError(f"the prompt holds {n_slots // k} image placeholders ({n_slots} tokens at k={k}) but "
+                             f"{n_images} images were given")
+        if inputs_embeds is not None and pixel_values is not None:
+            raise ValueError("pixel_values with inputs_embeds: merge the images into inputs_embeds "
+                             "(model.embed_inputs) or pass input_ids")
+        return {"batch": ref.shape[0], "ids_width": 0 if inputs_embeds is not None else ref.shape[1],
+                "length": ref.shape[1], "input_ids": input_ids, "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask}
 
-    def _output(self) -> GILLGenerationOutput:
-        width = max(len(row.tokens) for row in self.rows)
-        sequences = torch.full((len(self.rows), width), self.pad_id, dtype=torch.long)
-        parts = []
-        for b, row in enumerate(self.rows):
-            sequences[b, :len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
-            row_parts, start = [], 0
-            for slot in row.slots:
-                row_parts.append(self.tokenizer.decode(row.tokens[start:slot.position], skip_special_tokens=True))
-                row_parts.append(slot)
-                start = slot.position + self.r
-            row_parts.append(self.tokenizer.decode(row.tokens[start:], skip_special_tokens=True))
-            parts.append([p for p in row_parts if not isinstance(p, str) or p])
-        return GILLGenerationOutput(sequences=sequences, parts=parts)
+    def _new_token_budget(self, prompt_length: int, base: GenerationConfig, kwargs: dict) -> tuple[int, int | None]:
+        """New tokens allowed (``max_new_tokens``, or ``max_length`` minus the prompt) capped by the LLM's context
+        window; returns the budget and the window when it is the binding limit."""
+        max_new = kwargs.get("max_new_tokens", base.max_new_tokens)
+        if max_new is None:
+            max_new = kwargs.get("max_length", base.max_length) - prompt_length
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        window = getattr(self.config.text_config, "max_position_embeddings", None)
+        if window is None or prompt_length + max_new <= window:
+            return max_new, None
+        if prompt_length >= window:
+            raise ValueError(f"the prompt is {prompt_length} tokens long but the LLM's context window is {window}: "
+                             f"shorten it (or encode it with truncation=True)")
+        kwargs["max_new_tokens"] = window - prompt_length
+        kwargs.pop("max_length", None)
+        return window - prompt_length, window
+
+    # ---- [IMG] states ----
+    def _image_slots(self, sequences: torch.Tensor, prompt: dict, prefix, rows_per_prompt: int
+                     ) -> list[list[GeneratedImageSlot]]:
+        """One forward over the final ``(R, T + n)`` sequences -> the states of every complete [IMG] block."""
+        r, width = self.config.num_img_tokens, prompt["ids_width"]
+        new = sequences[:, width:]
+        img = torch.tensor(self.config.img_token_ids, device=new.device)
+        windows = new.unfold(1, r, 1) if new.shape[1] >= r else new.new_zeros(new.shape[0], 0, r)
+        starts = (windows == img).all(-1).nonzero().tolist()  # [(row, position of [IMG0])]
+        slots = [[] for _ in range(sequences.shape[0])]
+        if not starts:
+            return slots
+        embeds, mask = self._full_sequence_inputs(sequences, prompt, prefix, rows_per_prompt)
+        offset = embeds.shape[1] - new.shape[1]  # LLM position of the first new token
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        features = out.hidden_states[self.config.hidden_layer].to(self.adapter.w_t2i.weight.dtype)
+        for row, pos in starts:
+            at = offset + pos
+            states = features[row, at:at + r]
+            voken = states if self.config.voken_feature_position == "at_token" else features[row, at - 1:at + r - 1]
+            slots[row].append(GeneratedImageSlot(pos, states.clone(), voken.clone()))
+        return slots
+
+    def _full_sequence_inputs(self, sequences, prompt, prefix, rows_per_prompt):
+        """``inputs_embeds`` ``(R, T + n, e)`` and attention mask of prompt + answer, rows expanded like generate's."""
+        width = prompt["ids_width"]
+        mask = prompt["attention_mask"]
+        if mask is None:
+            mask = torch.ones(prompt["batch"], prompt["length"], dtype=torch.long, device=sequences.device)
+        mask = torch.cat([mask.to(sequences.device).repeat_interleave(rows_per_prompt, 0),
+                          torch.ones_like(sequences[:, width:])], dim=1)
+        if prompt["inputs_embeds"] is not None:
+            embeds = torch.cat([prompt["inputs_embeds"].repeat_interleave(rows_per_prompt, 0),
+                                self.embed_tokens(sequences)], dim=1)
+            return embeds, mask
+        embeds = self.embed_tokens(sequences)
+        if prefix is not None:
+            per_prompt = (prompt["input_ids"] == self.config.image_token_id).sum(1) // self.config.num_visual_tokens
+            groups = prefix.split(per_prompt.tolist())
+            rows = torch.cat([groups[b // rows_per_prompt] for b in range(sequences.shape[0])])
+            embeds = self.merge_visual_prefix(embeds, sequences, rows)
+        return embeds, mask
+
+    def _answer_parts(self, new_tokens: torch.Tensor, slots: list) -> list | None:
+        """Each row's new ids -> text strings and :class:`GeneratedImageSlot` in reading order (None: no tokenizer)."""
+        processor = getattr(self, "processor", None)
+        if processor is None:
+            return None
+        decode = processor.tokenizer.decode
+        parts, r = [], self.config.num_img_tokens
+        for tokens, row_slots in zip(new_tokens.tolist(), slots):
+            row, start = [], 0
+            for slot in row_slots:
+                row += [decode(tokens[start:slot.position], skip_special_tokens=True), slot]
+                start = slot.position + r
+            row.append(decode(tokens[start:], skip_special_tokens=True))
+            parts.append([p for p in row if not isinstance(p, str) or p])
+        return parts

@@ -1,6 +1,6 @@
 """GILLPipeline: interleaved text/images in, interleaved text + retrieved or generated images out (paper Fig. 3).
 
-One ``__call__`` runs the LLM (:func:`generate_interleaved`), decides per [IMG] block whether to retrieve or to
+One ``__call__`` runs the LLM (``gill_model.generate``, transformers' GenerationMixin), decides per [IMG] block whether to retrieve or to
 generate (:mod:`gill_hf.decision`), searches the :class:`RetrievalIndex` and runs the diffusion model only for the
 images that are generated, conditioned on the mapper output (``prompt_embeds``) and either the model's mapped-null
 embedding (models trained with CFG dropout, MiniGPT-5) or the diffusion text encoder's ``""`` embedding (computed
@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .decision import Decision, decide
-from .generation_gill import GeneratedImageSlot, GILLGenerationOutput, generate_interleaved, image_conditioning
+from .generation_gill import GeneratedImageSlot, GILLGenerateOutput, image_conditioning
 from .modeling_gill import GILLForConditionalGeneration
 from .processing_gill import GILLProcessor, load_image
 from .retrieval import RetrievalIndex
@@ -62,7 +62,7 @@ class GILLPipelineOutput(BaseOutput):
 
     parts: list
     images: list
-    generation: GILLGenerationOutput | None = None
+    generation: GILLGenerateOutput | None = None
 
 
 def _is_single_prompt(prompt) -> bool:
@@ -181,7 +181,7 @@ class GILLPipeline(DiffusionPipeline):
         return image_conditioning(self.gill_model, generation.voken_states())
 
     # ------------------------------------------------------------------ call
-    def _generate(self, prompt, generator, generation_kwargs) -> GILLGenerationOutput:
+    def _generate(self, prompt, generator, generation_kwargs) -> GILLGenerateOutput:
         samples = [prompt] if _is_single_prompt(prompt) else list(prompt)
         if not samples:
             raise ValueError("GILLPipeline got an empty batch of prompts")
@@ -189,10 +189,20 @@ class GILLPipeline(DiffusionPipeline):
             if not _has_text(sample):
                 raise ValueError(f"prompt {i} has no text: GILL answers interleaved inputs with at least one text "
                                  f"part")
-        encoded = self.processor(samples, padding_side="left")
-        return generate_interleaved(self.gill_model, encoded["input_ids"], encoded["attention_mask"],
-                                    pixel_values=encoded.get("pixel_values"), generator=generator,
-                                    tokenizer=self.processor.tokenizer, **generation_kwargs)
+        for name, allowed in (("num_return_sequences", 1), ("return_dict_in_generate", True)):
+            if generation_kwargs.get(name, allowed) != allowed:
+                raise ValueError(f"GILLPipeline needs {name}={allowed}; call pipe.gill_model.generate directly "
+                                 f"for other values")
+        encoded = self.processor(samples, padding_side="left").to(self.gill_model.device)
+        kwargs = {**generation_kwargs, "return_dict_in_generate": True}
+        if generator is None:
+            return self.gill_model.generate(**encoded, **kwargs)
+        # transformers samples from the global RNG: seed a forked copy of it from ``generator``
+        seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device))
+        devices = [generator.device] if generator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self.gill_model.generate(**encoded, **kwargs)
 
     @torch.no_grad()
     def __call__(self, prompt=None, *, prompt_embeds: torch.Tensor | None = None,
@@ -216,8 +226,9 @@ class GILLPipeline(DiffusionPipeline):
             num_inference_steps, guidance_scale, height, width, generator, latents, output_type,
                 callback_on_step_end, callback_on_step_end_tensor_inputs: as in Stable Diffusion. ``generator``
                 also drives LLM sampling.
-            generation_kwargs: :class:`InterleavedGenerationConfig` fields (``max_new_tokens``, ``do_sample``,
-                ``temperature``, ``top_p``, ``top_k``, ``stop_strings``, ``force_image_after``, ...).
+            generation_kwargs: ``gill_model.generate`` options: every transformers one (``max_new_tokens``,
+                ``do_sample``, ``temperature``, ``top_p``, ``num_beams``, ``stop_strings``, ``streamer``...) and
+                GILL's (``force_image_after``, ``min_text_tokens``, ``max_images``, ``gen_scale_factor``, ...).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs

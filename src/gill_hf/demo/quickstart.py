@@ -25,7 +25,7 @@ import torch
 
 from ..atomic import atomic_path, write_text_atomic
 from ..decision import decide, retrieve_probabilities
-from ..generation_gill import generate_interleaved, image_conditioning
+from ..generation_gill import image_conditioning
 from ..hub import build_model_card
 from ..modeling_gill import GILLForConditionalGeneration, count_adapter_parameters
 from ..pipeline_gill import GILLPipeline
@@ -233,9 +233,7 @@ def model_answers(model, prompts: list[dict], inputs: dict, targets: torch.Tenso
     """Everything the reload check compares: story answer token ids, their generation embeddings, retrieval scores
     and P(retrieve), and the held-out forward's text / generation embeddings."""
     encoded = model.processor([p["context"] for p in prompts], padding_side="left")
-    generation = generate_interleaved(model, encoded["input_ids"], encoded["attention_mask"],
-                                      pixel_values=encoded.get("pixel_values"),
-                                      **story_generation_kwargs(model))
+    generation = model.generate(**encoded, return_dict_in_generate=True, **story_generation_kwargs(model))
     img0 = generation.img0_hidden_states()
     scores, _ = index.search(model.text_retrieval_embeddings(img0), k=len(index))
     forward = measures.caption_outputs(model, inputs, targets)

@@ -14,7 +14,6 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
-from ..generation_gill import generate_interleaved
 from ..retrieval import RetrievalIndex
 from .contexts import VIST_SETTINGS, ImageExample, vist_context
 from .image_cache import safe_name
@@ -30,10 +29,8 @@ def query_embeddings(model, contexts: Sequence[list], batch_size: int = 8) -> to
     chunks = []
     for start in tqdm(range(0, len(contexts), batch_size), desc="queries", unit="batch"):
         encoded = model.processor(list(contexts[start:start + batch_size]), padding_side="left")
-        encoded = {k: v.to(model.device) for k, v in encoded.items()}
-        generation = generate_interleaved(model, encoded["input_ids"], encoded["attention_mask"],
-                                          pixel_values=encoded.get("pixel_values"), force_image_after=0,
-                                          max_new_tokens=model.config.num_img_tokens)
+        generation = model.generate(**encoded.to(model.device), force_image_after=0, return_dict_in_generate=True,
+                                    max_new_tokens=model.config.num_img_tokens)
         chunks.append(model.text_retrieval_embeddings(generation.img0_hidden_states()).float().cpu())
     return torch.cat(chunks)
 

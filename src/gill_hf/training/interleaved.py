@@ -12,22 +12,24 @@ def cfg_drop_mask(n: int, prob: float, device) -> torch.Tensor:
 
 
 class GILLForInterleavedTraining(GILLForConditionalGeneration):
-    """GILL whose ``forward`` also takes interleaved batches with ``labels`` (stage 2).
+    """GILL whose training objective (``forward(..., gill_objective=True)``) also takes interleaved batches with
+    ``labels`` (stage 2).
 
     Load the stage-1 adapter with ``GILLForInterleavedTraining.from_pretrained(stage1_dir)``; what it saves loads
     back as a plain :class:`GILLForConditionalGeneration`. Without ``labels`` the stage-1 objective runs.
     """
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                gen_targets: torch.Tensor | None = None, null_gen_target: torch.Tensor | None = None,
-                pack: bool | None = None) -> GILLOutput:
+    def gill_objective(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       gen_targets: torch.Tensor | None = None, null_gen_target: torch.Tensor | None = None,
+                       pack: bool | None = None) -> GILLOutput:
         """Stage 2: ``input_ids``/``labels`` ``(B, T)`` (prompt labels -100), ``pixel_values`` ``(N_in, 3, H, W)`` of
         the context images in reading order. Returns ``img_token_loss`` = the LM loss (lambda_1 via
         ``img_token_loss_weight``), ``gen_embeds`` ``(n_blocks, L, D)`` per [IMG] block (CFG-dropped ones use the null
         features) and, when ``gen_targets`` ``(n_blocks, L, D)`` are given, ``gen_loss`` (lambda_3)."""
         if labels is None:
-            return super().forward(input_ids, attention_mask, pixel_values, gen_targets, null_gen_target, pack)
+            return super().gill_objective(input_ids, attention_mask, pixel_values, gen_targets=gen_targets,
+                                          null_gen_target=null_gen_target, pack=pack)
         cfg = self.config
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         image_features = self.encode_images(pixel_values) if pixel_values is not None else None
