@@ -47,7 +47,7 @@ def test_literal_special_strings_stay_text(processor):
 
 def test_chat_style_and_batching_with_padding(processor):
     chat = [{"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image", "image": _image()}]}]
-    plain = ["look", _image()]
+    plain = ["Q: look", _image(), "\n"]  # a conversation is rendered with the chat template (GILL's Q:/A: default)
     assert torch.equal(processor(chat)["input_ids"], processor(plain)["input_ids"])
     batch = [["short"], ["a much longer text here", _image()]]
     right = processor(batch)
@@ -110,3 +110,16 @@ def test_processor_round_trip(processor, tmp_path):
     sample = ["hello", _image(), "world"]
     a, b = processor(sample), again(sample)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_text_and_images_convention(processor, tmp_path):
+    photo = tmp_path / "photo.png"
+    _image("green").save(photo)
+    enc = processor(text="look <|image|> here", images=str(photo))  # one path string is one image
+    ids = enc["input_ids"][0].tolist()
+    look, here = (processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("look ", " here"))
+    assert ids == [processor.tokenizer.bos_token_id] + look + [processor.image_token_id] * 4 + here
+    assert torch.equal(enc["pixel_values"], processor.preprocess_images([_image("green")]))
+    assert processor.batch_decode(enc["input_ids"], skip_special_tokens=True) == ["look  here"]
+    with pytest.raises(ValueError, match="but 1 images were given"):  # images no longer go first silently
+        processor(text="look here", images=[_image()])

@@ -55,6 +55,27 @@ def build_tiny_tokenizer(vocab_size: int = 512):
                                    unk_token="<unk>")
 
 
+TINY_CHAT_TEMPLATE = (  # Llama-3's layout: BOS, then one header + content + end-of-turn per message
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+)
+
+
+def build_tiny_chat_tokenizer(model_max_length: int = 512):
+    """``build_tiny_tokenizer`` as an instruct LLM's: Llama-3-style header / end-of-turn special tokens, a chat
+    template using them (``TINY_CHAT_TEMPLATE``) and a context window of ``model_max_length`` tokens."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                "<|eot_id|>"]})
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
 def _build_clip_text_tokenizer():
     """A character-level CLIPTokenizer (the SD tokenizer class) from hand-written vocab/merges files."""
     from transformers import CLIPTokenizer

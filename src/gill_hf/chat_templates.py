@@ -1,0 +1,99 @@
+"""Chat templates for GILLProcessor and the message flattening that lets any text-only LLM template render images.
+
+Before a template runs, each message's ``content`` list becomes one string: text parts verbatim, each image part
+replaced by ``<|image|>`` (which the processor expands to k placeholder ids and pairs with that image's pixels).
+So an LLM tokenizer's own template (Llama-3, Qwen, ...) renders the roles, and images land where they were.
+
+Built-in templates (select with ``chat_template="gill"`` / ``"minigpt5"``):
+
+``gill`` (the default for tokenizers without a template), the FROMAGe / GILL dialogue format::
+
+    {system}\\n\\nQ: {user}\\nA: {assistant}\\nQ: {user}\\nA:        <- "A:" is the generation prompt
+
+``minigpt5``, MiniGPT-5's (Vicuna v0) format, images wrapped as ``<Img><|image|></Img>``::
+
+    {system}###Human: {user} ###Assistant: {assistant} ###Human: {user} ###Assistant:
+
+MiniGPT-5 ends every answer with ``###``, which is also its stop string; here the next ``###Human:`` supplies it.
+"""
+
+from .image_io import IMAGE_PART_KEYS, IMAGE_TYPES
+
+IMAGE_TOKEN = "<|image|>"
+
+GILL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'Q: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'A: ' + message['content'] + '\\n' }}"
+    "{%- else -%}{{ raise_exception('the GILL chat template knows the roles system, user and assistant, not '"
+    " + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'A:' }}{%- endif -%}"
+)
+
+MINIGPT5_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] | replace('<|image|>', '<Img><|image|></Img>') -%}"
+    "{%- if message['role'] == 'system' -%}{{ content }}"
+    "{%- elif message['role'] == 'user' -%}{{ '###Human: ' + content + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '###Assistant: ' + content + ' ' }}"
+    "{%- else -%}{{ raise_exception('the MiniGPT-5 chat template knows the roles system, user and assistant, not '"
+    " + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '###Assistant:' }}{%- endif -%}"
+)
+
+BUILTIN_CHAT_TEMPLATES = {"gill": GILL_CHAT_TEMPLATE, "minigpt5": MINIGPT5_CHAT_TEMPLATE}
+
+
+def is_message(part) -> bool:
+    """A chat message: a dict with ``content`` (and a ``role``)."""
+    return isinstance(part, dict) and "content" in part
+
+
+def flatten_conversation(conversation, index: int = 0) -> tuple[list[dict], list]:
+    """Messages -> (messages whose ``content`` is one string with ``<|image|>`` per image, the image sources in
+    reading order). A source is the image part itself (so ``base64`` vs ``path`` keys keep their meaning), a
+    directly given image, or None for a bare ``{"type": "image"}`` (images passed separately)."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise TypeError(f"conversation {index} must be a non-empty list of messages, got "
+                        f"{type(conversation).__name__}")
+    messages, images = [], []
+    for m, message in enumerate(conversation):
+        where = f"conversation {index}, message {m}"
+        if not is_message(message):
+            raise TypeError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
+        if "role" not in message:
+            raise ValueError(f"{where} has no 'role'")
+        content = message["content"]
+        if content is None or isinstance(content, str):
+            messages.append({**message, "content": content or ""})
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise TypeError(f"{where}: content must be a str or a list of parts, got {type(content).__name__}")
+        text = []
+        for p, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if isinstance(part, str) or kind == "text":
+                piece = part if isinstance(part, str) else part.get("text")
+                if not isinstance(piece, str):
+                    raise ValueError(f"{where}, part {p} (text): 'text' must be a str, got {type(piece).__name__}")
+                text.append(piece)
+            elif kind == "image_url":  # OpenAI style, as transformers accepts it
+                url = part.get("image_url")
+                text.append(IMAGE_TOKEN)
+                images.append({"type": "image", "url": url.get("url") if isinstance(url, dict) else url})
+            elif kind == "image" or isinstance(part, IMAGE_TYPES):
+                text.append(IMAGE_TOKEN)
+                has_source = not isinstance(part, dict) or any(part.get(k) is not None for k in IMAGE_PART_KEYS)
+                images.append(part if has_source else None)
+            elif isinstance(part, dict):
+                raise ValueError(f"{where}, part {p}: unknown content part type {kind!r}; expected 'text', "
+                                 f"'image' or 'image_url'")
+            else:
+                raise TypeError(f"{where}, part {p}: content parts are dicts, str or images, got {kind}")
+        messages.append({**message, "content": "".join(text)})
+    return messages, images
