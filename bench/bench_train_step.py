@@ -70,7 +70,7 @@ def make_batch(model, batch_size: int, seed: int = 0) -> dict:
 
 
 def ours_loss(model, batch) -> torch.Tensor:
-    return model(**batch, pack=False).loss
+    return model(**batch, gill_objective=True, pack=False).loss
 
 
 def original_loss(model, batch) -> torch.Tensor:

@@ -360,7 +360,7 @@ def test_other_backbones_and_processor(tmp_path, tiny_backbones):
     assert model.processor.image_token_id == probe.image_token_id == model.config.image_token_id
     assert torch.equal(model.adapter.w_i2t.weight, state["model.visual_fc.weight"].float())
     batch = model.processor.encode_captions(["a red circle"], max_length=16)
-    out = model(**batch, pixel_values=model.processor.preprocess_images([Image.new("RGB", (32, 32), "red")]))
+    out = model(**batch, gill_objective=True, pixel_values=model.processor.preprocess_images([Image.new("RGB", (32, 32), "red")]))
     assert torch.isfinite(out.loss)
 
     args["gen_token_idx"] = args["retrieval_token_idx"] = [i + 1 for i in probe.img_token_ids]

@@ -31,7 +31,7 @@ def _adapter_snapshot(model) -> dict[str, torch.Tensor]:
 def _outputs(model, batch):
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model(**batch, pack=False)
+        out = model(**batch, gill_objective=True, pack=False)
     return out.loss, out.text_embeds, out.image_embeds, out.gen_embeds
 
 
@@ -227,3 +227,36 @@ def test_card_template_is_the_packaged_top_level_file():
     top_level = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
     assert MODEL_CARD_TEMPLATE.parent.name == "gill_hf"  # inside the package, so wheels carry it
     assert MODEL_CARD_TEMPLATE.read_text() == top_level.read_text()
+
+
+def test_save_pretrained_push_to_hub_goes_through_gill_push(fake_hub, trained_model, tmp_path):
+    trained_model.save_pretrained(tmp_path / "gill-saved", push_to_hub=True, repo_id="alice/gill-saved",
+                                  commit_message="from save_pretrained")
+    assert (tmp_path / "gill-saved" / "model.safetensors").is_file()  # the local save still happens
+    files = fake_hub.repos["alice/gill-saved"].files()
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "README.md"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "gill_hf" and card.data.base_model_relation == "adapter"
+    with pytest.raises(TypeError, match="only apply with push_to_hub=True"):
+        trained_model.save_pretrained(tmp_path / "x", repo_id="alice/x")
+
+
+def test_trainer_push_to_hub_uploads_the_gill_card(fake_hub, make_model, tmp_path):
+    from gill_hf.training import CaptionImageDataset, train_gill
+    from gill_hf.training.toy_data import write_toy_cc3m
+
+    ds = CaptionImageDataset.from_tsv(write_toy_cc3m(tmp_path / "data", 4))
+    trainer = train_gill(make_model(), ds, str(tmp_path / "run"), max_steps=1, learning_rate=3e-4,
+                         hub_model_id="alice/gill-trained", disable_tqdm=True, use_cpu=True,
+                         per_device_train_batch_size=4)
+    trainer.train()
+    trainer.push_to_hub(dataset="cc3m")
+    files = fake_hub.repos["alice/gill-trained"].files()
+    assert {"config.json", "model.safetensors", "processor_config.json", "README.md"} <= set(files)
+    stored = safetensors.torch.load(files["model.safetensors"])
+    assert stored and all(k.startswith("adapter.") for k in stored)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "gill_hf" and card.data.datasets == ["cc3m"]
+    assert "learning_rate" in card.text and "0.0003" in card.text  # the TrainingArguments as hyperparameters
+    with pytest.raises(TypeError, match="'finetuned_form'"):
+        trainer.push_to_hub(finetuned_form="x")

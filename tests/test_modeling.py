@@ -22,7 +22,7 @@ def test_every_tensor_has_the_paper_shape(make_model, caption_batch, llm):
     assert a.w_t2i.weight.shape == (cfg.ret_emb_dim, f) and a.w_i2t.weight.shape == (cfg.ret_emb_dim, d)
     assert a.logit_scale.shape == () and a.decision_head[1].weight.shape == (2, f)
     assert a.mapper.queries.shape == (1, cfg.num_gen_queries, cfg.mapper_hidden_dim)
-    out = model(**caption_batch(model, n), pack=False)
+    out = model(**caption_batch(model, n), gill_objective=True, pack=False)
     assert out.img_hidden_states.shape == (n, cfg.num_img_tokens, f)
     assert out.text_embeds.shape == out.image_embeds.shape == (n, cfg.ret_emb_dim)
     assert out.gen_embeds.shape == (n, cfg.num_gen_queries, cfg.gen_emb_dim)
@@ -46,7 +46,7 @@ def test_gradients_reach_only_the_adapter_and_backbones_stay_bit_identical(make_
     optim = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         optim.zero_grad()
-        model(**batch).loss.backward()
+        model(**batch, gill_objective=True).loss.backward()
         for name, p in model.named_parameters():
             assert (p.grad is not None) == in_eq5(name), name
         optim.step()
@@ -68,7 +68,7 @@ def test_each_loss_falls_on_a_fixed_batch(make_model, caption_batch, llm):
     optim = torch.optim.AdamW(params, lr=1e-2)
     history = []
     for _ in range(40):  # the original's step: clip to 1.0, then renormalise the [IMG] rows
-        out = model(**batch, pack=False)
+        out = model(**batch, gill_objective=True, pack=False)
         history.append({k: out[k].item() for k in ("caption_loss", "img_token_loss", "gen_loss", "ret_loss")})
         optim.zero_grad()
         out.loss.backward()
@@ -88,7 +88,7 @@ def test_each_loss_falls_on_a_fixed_batch(make_model, caption_batch, llm):
 def test_losses_equal_a_brute_force_computation(make_model, caption_batch, llm):
     model = make_model(llm).eval()
     batch = caption_batch(model, n=3)
-    out = model(**batch, pack=False)
+    out = model(**batch, gill_objective=True, pack=False)
     cfg, lm = model.config, model.language_model
     img_ids = set(cfg.img_token_ids)
     cap_losses, lp_terms, states = [], [], []
@@ -129,7 +129,7 @@ def test_one_text_pass_feeds_both_heads_and_clip_runs_once(make_model, caption_b
     calls = {"llm": 0, "clip": 0}
     model.language_model.register_forward_hook(lambda *_: calls.__setitem__("llm", calls["llm"] + 1))
     model.vision_model.register_forward_hook(lambda *_: calls.__setitem__("clip", calls["clip"] + 1))
-    model(**caption_batch(model))
+    model(**caption_batch(model), gill_objective=True)
     assert calls == {"llm": 2, "clip": 1}  # the original: 3 LLM passes and 2 CLIP passes per step
 
 
@@ -175,7 +175,7 @@ def test_pack_pairs_matches_brute_force():
 def test_packing_keeps_the_first_example_and_conditions_the_second(make_model, caption_batch):
     model = make_model("opt").eval()
     batch = caption_batch(model, n=4)
-    plain, packed = model(**batch, pack=False), model(**batch, pack=True)
+    plain, packed = model(**batch, gill_objective=True, pack=False), model(**batch, gill_objective=True, pack=True)
     torch.testing.assert_close(packed.img_hidden_states[0::2], plain.img_hidden_states[0::2], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(packed.img_hidden_states[1::2], plain.img_hidden_states[1::2], atol=1e-3)
     torch.testing.assert_close(packed.image_embeds, plain.image_embeds)  # images are never packed
@@ -184,7 +184,7 @@ def test_packing_keeps_the_first_example_and_conditions_the_second(make_model, c
 def test_mapper_position_and_cfg_switches(make_model, caption_batch):
     model = make_model("opt", voken_feature_position="predicting", mapper_add_input_embeddings=False).eval()
     batch = caption_batch(model, n=2)
-    out = model(**batch, pack=False)
+    out = model(**batch, gill_objective=True, pack=False)
     ids = batch["input_ids"]
     rows, cols = model.img_block_positions(ids)
     _, feats, _ = model.run_language_model(model.embed_tokens(ids), batch["attention_mask"])
@@ -192,28 +192,28 @@ def test_mapper_position_and_cfg_switches(make_model, caption_batch):
 
     cfg_model = make_model("opt", cfg_dropout_prob=1.0).train()
     null = torch.randn(77, cfg_model.config.gen_emb_dim)
-    out = cfg_model(**caption_batch(cfg_model, n=2), null_gen_target=null, pack=False)
+    out = cfg_model(**caption_batch(cfg_model, n=2), gill_objective=True, null_gen_target=null, pack=False)
     null_embed = cfg_model.adapter.mapper(torch.zeros(1, 8, cfg_model.config.llm_feature_dim))
     torch.testing.assert_close(out.gen_embeds, null_embed.expand(2, -1, -1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cfg_model.mapped_null_embedding(), null_embed)
     torch.testing.assert_close(out.gen_loss, generation_loss(null_embed.expand(2, -1, -1), null.expand(2, -1, -1)))
     with pytest.raises(ValueError, match="null_gen_target"):
-        cfg_model(**caption_batch(cfg_model, n=2))
+        cfg_model(**caption_batch(cfg_model, n=2), gill_objective=True)
 
 
 def test_bad_inputs_raise_clear_errors(make_model, caption_batch):
     model = make_model("opt")
     batch = caption_batch(model, n=2)
     with pytest.raises(ValueError, match="gen_targets have shape"):
-        model(**{**batch, "gen_targets": torch.randn(2, 77, 31)})
+        model(**{**batch, "gen_targets": torch.randn(2, 77, 31)}, gill_objective=True)
     with pytest.raises(ValueError, match="2 captions but 3 images"):
-        model(**{**batch, "pixel_values": torch.cat([batch["pixel_values"]] * 2)[:3]})
+        model(**{**batch, "pixel_values": torch.cat([batch["pixel_values"]] * 2)[:3]}, gill_objective=True)
     enc = model.processor(["one", batch_image(), "two"])
     with pytest.raises(ValueError, match="4 image placeholder tokens .* but 0 images"):
         model.embed_inputs(enc["input_ids"])
     no_img = model.processor.tokenizer(["a caption without image tokens"], return_tensors="pt")
     with pytest.raises(ValueError, match="every caption needs exactly one"):
-        model(no_img["input_ids"], no_img["attention_mask"])
+        model(no_img["input_ids"], attention_mask=no_img["attention_mask"], gill_objective=True)
 
 
 def batch_image():

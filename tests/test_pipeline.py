@@ -65,7 +65,7 @@ def test_end_to_end_generation_is_seeded(pipe):
     other = pipe(PROMPT, generator=_seed(1), **FAST)
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(again.images[0]))
     assert not np.array_equal(np.asarray(out.images[0]), np.asarray(other.images[0]))
-    assert out.parts[0] == again.parts[0] and out.generation.sequences.shape[1] == FAST["max_new_tokens"]
+    assert out.parts[0] == again.parts[0] and out.generation.new_tokens.shape[1] == FAST["max_new_tokens"]
 
 
 def test_retrieve_path_never_runs_the_unet(pipe, index):

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput, logging
 
 logger = logging.get_logger(__name__)
 
+TRANSFORMERS_DEFAULT_NEW_TOKENS = 20  # what generate() produces when neither max_length nor max_new_tokens is set
 # GILL's own generation-config fields and their defaults (saved in generation_config.json with the standard ones).
 GILL_GENERATION_DEFAULTS = dict(force_image_after=None, min_text_tokens=0, max_images=None, gen_scale_factor=1.0,
                                 ret_scale_factor=1.0)
@@ -34,7 +35,7 @@ GILL_GENERATION_DEFAULTS = dict(force_image_after=None, min_text_tokens=0, max_i
 def gill_generation_config(config, base: GenerationConfig | None = None) -> GenerationConfig:
     """The default generation config of a GILL model: the LLM's own (``base``: eos / bos / pad ids) + GILL fields."""
     values = base.to_dict() if base is not None else {}
-    values = {k: v for k, v in values.items() if k != "transformers_version"}
+    values = {k: v for k, v in values.items() if k != "transformers_version" and not k.startswith("_")}
     text = config.text_config
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if values.get(name) is None and getattr(text, name, None) is not None:
@@ -199,8 +200,23 @@ def image_conditioning(model, voken_states: torch.Tensor) -> tuple[torch.Tensor,
     return prompt_embeds, negative
 
 
+# generate() hands these to the decoding loop, which passes them on to forward(); they are not model inputs.
+GENERATE_ONLY_KWARGS = ("tokenizer", "assistant_tokenizer")
+
+
 class GILLGenerationMixin(GenerationMixin):
     """``generate`` of :class:`~gill_hf.GILLForConditionalGeneration`: the stock loop plus GILL's rules and states."""
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      inputs_embeds=None, is_first_iteration=False, **kwargs):
+        """transformers' own: the visual prefix (``mm_encoder_outputs``) goes in on the first step only (every step
+        without a cache); generate-only arguments are kept out of ``forward``."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        for key in GENERATE_ONLY_KWARGS:
+            inputs.pop(key, None)
+        return inputs
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
@@ -251,7 +267,7 @@ class GILLGenerationMixin(GenerationMixin):
                            f"({prompt['length']}) + the answer filled it")
         if isinstance(out, torch.Tensor):
             return out
-        slots = self._image_slots(sequences, prompt, prefix, rows_per_prompt)
+        slots = self._image_slots(sequences, prompt, prefix, sequences.shape[0] // prompt["batch"])
         return GILLGenerateOutput(**dict(out.items()), image_slots=slots, prompt_length=prompt["ids_width"],
                                   parts=self._answer_parts(sequences[:, prompt["ids_width"]:], slots))
 
@@ -286,7 +302,8 @@ class GILLGenerationMixin(GenerationMixin):
         window; returns the budget and the window when it is the binding limit."""
         max_new = kwargs.get("max_new_tokens", base.max_new_tokens)
         if max_new is None:
-            max_new = kwargs.get("max_length", base.max_length) - prompt_length
+            max_length = kwargs.get("max_length", base.max_length)
+            max_new = TRANSFORMERS_DEFAULT_NEW_TOKENS if max_length is None else max_length - prompt_length
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
         window = getattr(self.config.text_config, "max_position_embeddings", None)

@@ -195,7 +195,8 @@ class GILLPipeline(DiffusionPipeline):
                                  f"for other values")
         encoded = self.processor(samples, padding_side="left").to(self.gill_model.device)
         kwargs = {**generation_kwargs, "return_dict_in_generate": True}
-        if generator is None:
+        sampling = kwargs.get("do_sample", self.gill_model.generation_config.do_sample)
+        if generator is None or not sampling:
             return self.gill_model.generate(**encoded, **kwargs)
         # transformers samples from the global RNG: seed a forked copy of it from ``generator``
         seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device))

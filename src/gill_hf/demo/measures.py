@@ -16,7 +16,7 @@ def caption_outputs(model, processor_inputs: dict, targets: torch.Tensor):
     ``(N, p)``, ``gen_embeds`` ``(N, L, D)``). ``processor_inputs``: input_ids, attention_mask, pixel_values."""
     was_training = model.training
     model.eval()
-    out = model(**processor_inputs, gen_targets=targets, pack=False)
+    out = model(**processor_inputs, gill_objective=True, gen_targets=targets, pack=False)
     model.train(was_training)
     return out
 
