@@ -5,6 +5,7 @@ the error, and the collator drops that example and counts it (``collator.num_ski
 """
 
 import csv
+import itertools
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..processing_gill import load_image, to_rgb
 from .targets import TargetStore
@@ -97,6 +98,57 @@ class _HFCaptionImageDataset(CaptionImageDataset):
 
     def _image_source(self, i: int):
         return self.dataset[i][self.image_column]
+
+
+class _HFIterableCaptionDataset(IterableDataset):
+    """A streaming ``datasets.IterableDataset`` of pairs -> the items of :class:`CaptionImageDataset` (``index``
+    counts the stream; dataloader workers take every n-th example)."""
+
+    def __init__(self, dataset, image_column: str, text_column: str):
+        self.dataset, self.image_column, self.text_column = dataset, image_column, text_column
+
+    def __iter__(self):
+        worker = get_worker_info()
+        stream = enumerate(self.dataset)
+        if worker is not None and worker.num_workers > 1:
+            stream = itertools.islice(stream, worker.id, None, worker.num_workers)
+        for i, row in stream:
+            missing = {self.image_column, self.text_column} - set(row)
+            if missing:
+                raise ValueError(f"streamed example {i} lacks column(s) {sorted(missing)}; it has {sorted(row)} "
+                                 "(pass columns={'caption': ..., 'image': ...})")
+            image, error = _try_load(row[self.image_column])
+            yield {"index": i, "caption": row[self.text_column], "image": image, "error": error}
+
+
+def as_caption_dataset(dataset, columns: dict[str, str] | None = None):
+    """A ``datasets.Dataset`` / ``IterableDataset`` of image-caption pairs -> a dataset of collator items;
+    anything else is returned unchanged. ``columns`` maps ``caption`` / ``image`` to the dataset's column names
+    (default: ``caption`` or else ``text``, and ``image``)."""
+    import datasets
+
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        if columns:
+            raise ValueError("columns= maps the columns of a datasets.Dataset / IterableDataset; this dataset is a "
+                             f"{type(dataset).__name__}")
+        return dataset
+    columns = dict(columns or {})
+    unknown = set(columns) - {"caption", "image"}
+    if unknown:
+        raise ValueError(f"columns keys {sorted(unknown)} are not 'caption' / 'image'")
+    names = list(dataset.column_names or [])
+    caption = columns.get("caption") or ("text" if "caption" not in names and "text" in names else "caption")
+    image = columns.get("image", "image")
+    if isinstance(dataset, datasets.IterableDataset):
+        missing = {caption, image} - set(names) if names else set()
+        if missing:
+            raise ValueError(f"dataset columns {names} lack {sorted(missing)}; pass columns={{'caption': ..., "
+                             "'image': ...}")
+        return _HFIterableCaptionDataset(dataset, image, caption)
+    if {caption, image} - set(names):
+        raise ValueError(f"dataset columns {names} lack {sorted({caption, image} - set(names))}; pass "
+                         "columns={'caption': ..., 'image': ...}")
+    return CaptionImageDataset.from_hf_dataset(dataset, image_column=image, text_column=caption)
 
 
 def ldm_pixel_values(image: Image.Image, size: int) -> torch.Tensor:

@@ -75,19 +75,24 @@ def prompt_features(model, prompts: list[str], batch_size: int = 32, max_length:
 
 def train_decision_head(head: torch.nn.Sequential, features: torch.Tensor, labels: torch.Tensor, steps: int = 2000,
                         lr: float = 1e-3, seed: int = 0) -> list[float]:
-    """Full-batch AdamW (no weight decay) with cross-entropy, as the original; returns the loss per step."""
+    """Full-batch AdamW (no weight decay) with cross-entropy, as the original; returns the loss per step. The head
+    trains in fp32 (master weights, no autocast) and returns to its dtype."""
     torch.manual_seed(seed)
-    head.train().requires_grad_(True)
+    dtype = head[1].weight.dtype
+    head.float().train().requires_grad_(True)  # fp32 master weights whatever the model's dtype / autocast
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     x, y = features.to(head[1].weight), labels.to(head[1].weight.device)
     losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(head(x).float(), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    head.eval().requires_grad_(False)
+    # fp32 even inside an autocast region: autocast caches the low-precision copy of each trainable weight for the
+    # whole region, so a loop inside one would keep using the first step's weights (the loss then diverges)
+    with torch.autocast(x.device.type, enabled=False):
+        for _ in range(steps):
+            loss = F.cross_entropy(head(x).float(), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    head.to(dtype).eval().requires_grad_(False)
     return losses
 
 

@@ -1,11 +1,23 @@
 """LoRA on the frozen LLM via ``peft`` (MiniGPT-5 stage 2); saved as a peft adapter in ``lora/`` beside ours."""
 
+import contextlib
 import os
+import warnings
 
 import safetensors.torch
 import torch
 
 from ..modeling_gill import LORA_SUBFOLDER
+
+
+@contextlib.contextmanager
+def peft_on_transformers5():
+    """peft 0.21 reads the LLM's ``is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning
+    on every ``get_peft_model`` / ``PeftModel.from_pretrained``; that one warning (about peft, not the caller) is
+    silenced here, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def apply_lora(model, r: int | None = None, alpha: int | None = None, dropout: float | None = None,
@@ -21,7 +33,8 @@ def apply_lora(model, r: int | None = None, alpha: int | None = None, dropout: f
                       lora_dropout=cfg.lora_dropout if dropout is None else dropout,
                       target_modules=list(target_modules or cfg.lora_target_modules), bias="none",
                       task_type="CAUSAL_LM")
-    model.language_model = get_peft_model(model.language_model, lora)
+    with peft_on_transformers5():
+        model.language_model = get_peft_model(model.language_model, lora)
     cfg.use_lora, cfg.lora_r, cfg.lora_alpha = True, lora.r, lora.lora_alpha
     cfg.lora_dropout, cfg.lora_target_modules = lora.lora_dropout, sorted(lora.target_modules)
     return model
