@@ -146,8 +146,10 @@ def _frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_fid_end_to_end_matches_scipy(env):
     captions = write_coco_captions(env["root"], num_images=6)
-    feature = str(env["root"] / "channel_means.pt")
-    torch.jit.script(ChannelMeans()).save(feature)
+    feature = str(env["root"] / "channel_means.pt2")
+    example = torch.zeros(2, 3, 299, 299, dtype=torch.uint8)
+    torch.export.save(torch.export.export(ChannelMeans(), (example,), dynamic_shapes=({0: torch.export.Dim("n")},)),
+                      feature)
     out = str(env["root"] / "fid_out")
     assert main(["eval", "fid", env["model"], "--out", out, "--captions", captions, "--fid-feature", feature,
                  "--seeds", "0", "1", "--steps", "2"]) == 0

@@ -3,6 +3,7 @@ CFG negatives, callbacks, save/load, the CLI, and bad inputs."""
 
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -247,3 +248,23 @@ def test_bad_inputs_raise(pipe, index):
     with pytest.raises(ValueError, match="at least one candidate"):
         RetrievalIndex(torch.zeros(0, 256), [])
     assert math.isfinite(index.logit_scale)
+
+
+def test_pipeline_streams_its_text(pipe):
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, timeout=60)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=pipe(PROMPT, streamer=streamer, **FAST)))
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join(timeout=120)
+    out = result["out"]
+    text = "".join(p for p in out.parts if isinstance(p, str))
+    assert streamed.replace(" ", "") == text.replace(" ", "") and "[IMG" not in streamed
+    assert len(out.images) == 1
+
+
+def test_pipeline_rejects_several_sequences_per_prompt(pipe):
+    with pytest.raises(ValueError, match="num_return_sequences=1"):
+        pipe(PROMPT, num_return_sequences=2, **FAST)

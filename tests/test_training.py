@@ -75,7 +75,7 @@ def _seeded_ldm(model, ldm, batch, seed=0):
     model.eval()
     with torch.no_grad():
         inputs = {k: v for k, v in batch.items() if k != "ldm_pixel_values"}
-        out = model(**inputs)
+        out = model(**inputs, gill_objective=True)
         torch.manual_seed(seed)
         value = ldm(out.gen_embeds, batch["ldm_pixel_values"]).item()
     model.train()
@@ -135,7 +135,7 @@ def test_cfg_null_path_probability(make_model, toy_cc3m):
     dropped = 0
     with torch.no_grad():
         for _ in range(25):
-            out = model(**batch)
+            out = model(**batch, gill_objective=True)
             is_null = (out.gen_embeds - null).flatten(1).abs().amax(1) < 1e-5  # (12,)
             dropped += int(is_null.sum())
             expect = torch.where(is_null[:, None, None], batch["null_gen_target"], batch["gen_targets"])
@@ -143,7 +143,7 @@ def test_cfg_null_path_probability(make_model, toy_cc3m):
     assert 0.15 < dropped / 300 < 0.35  # 300 draws at p=0.25: +-4 standard deviations
     model.eval()
     with torch.no_grad():
-        assert not ((model(**batch).gen_embeds - null).flatten(1).abs().amax(1) < 1e-5).any()  # no dropout in eval
+        assert not ((model(**batch, gill_objective=True).gen_embeds - null).flatten(1).abs().amax(1) < 1e-5).any()  # no dropout in eval
 
 
 def test_parameter_groups_skip_decay_where_due(make_model):
@@ -167,7 +167,7 @@ def test_activation_checkpointing_keeps_gradients(make_model, caption_batch):
         model = make_model(pack_prob=0.0).train()
         if checkpointed:
             assert enable_frozen_llm_checkpointing(model.language_model) == 2
-        model(**caption_batch(model, 4)).loss.backward()
+        model(**caption_batch(model, 4), gill_objective=True).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
@@ -269,3 +269,94 @@ def test_bf16_backbones_with_fp32_master_weights(tiny_backbones, toy_cc3m, tmp_p
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)  # master weights stay fp32
     assert all(torch.isfinite(torch.tensor(loss_history(trainer, "loss"))))
+
+
+# ---------------------------------------------------------------------------------------------- standard switches
+def _layer_calls(model):
+    """Counts decoder-layer body runs (forward and, under checkpointing, the recompute in backward)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    calls = {"n": 0}
+    layers = [m for m in model.language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        next(iter(layer.children())).register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    return calls, len(layers)
+
+
+@pytest.mark.parametrize("switch", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
+def test_standard_checkpointing_switch_recomputes_frozen_layers(make_model, caption_batch, switch):
+    from test_loading_switches import objective
+
+    grads, recomputed = [], []
+    for checkpointed in (False, True):
+        model = make_model(pack_prob=0.0).train()
+        if checkpointed:
+            assert getattr(model, switch)() == 2 and model.is_activation_checkpointing
+        calls, n_layers = _layer_calls(model)
+        loss = objective(model, caption_batch(model, 4)).loss
+        forward_calls = calls["n"]
+        loss.backward()
+        recomputed.append(calls["n"] - forward_calls)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert forward_calls == 2 * n_layers  # the text pass and the captioning pass
+    assert recomputed == [0, forward_calls]  # every checkpointed layer ran again during backward
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=1e-6, msg=name)
+    model.gradient_checkpointing_disable()
+    assert not model.is_activation_checkpointing
+    calls, _ = _layer_calls(model)
+    objective(model, caption_batch(model, 4)).loss.backward()
+    assert calls["n"] == forward_calls  # no recompute after disabling
+
+
+def test_training_arguments_gradient_checkpointing_reaches_the_llm(make_model, toy_cc3m, tmp_path):
+    ds, _ = toy_cc3m
+    model = make_model(pack_prob=0.0)
+    calls, n_layers = _layer_calls(model)
+    trainer = train_gill(model, ds, str(tmp_path), max_steps=1, gradient_checkpointing=True, **QUIET)
+    trainer.train()
+    assert model.is_activation_checkpointing
+    assert calls["n"] == 2 * (2 * n_layers)  # forward + recompute of the two LLM passes of the one step
+
+
+def test_train_gill_eval_split_and_hf_datasets(make_model, toy_cc3m, tmp_path):
+    import datasets
+
+    ds, store = toy_cc3m
+    rows = {"text": ds.captions, "picture": [ds[i]["image"] for i in range(len(ds))]}
+    hf = datasets.Dataset.from_dict(rows)
+    model = make_model(pack_prob=0.0)
+    trainer = train_gill(model, hf, str(tmp_path / "map"), columns={"caption": "text", "image": "picture"},
+                         eval_dataset=hf.select(range(4)), targets=store, max_steps=2, eval_strategy="steps",
+                         eval_steps=2, **QUIET)
+    trainer.train()
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    eval_logs = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(train_logs) == 2 and {"caption_loss", "gen_loss", "ret_loss"} <= set(train_logs[0])
+    assert len(eval_logs) == 1
+    assert {"eval_caption_loss", "eval_img_token_loss", "eval_ret_loss"} <= set(eval_logs[0])
+    assert "eval_gen_loss" not in eval_logs[0]  # the train store indexes train examples: no eval targets given
+    metrics = trainer.evaluate()
+    total = (metrics["eval_caption_loss"] + metrics["eval_img_token_loss"] + metrics["eval_ret_loss"])
+    assert metrics["eval_loss"] == pytest.approx(total, rel=1e-4)  # unit weights: the terms add up
+
+    streamed = hf.to_iterable_dataset()
+    trainer = train_gill(make_model(pack_prob=0.0), streamed, str(tmp_path / "stream"),
+                         columns={"caption": "text", "image": "picture"}, max_steps=2, **QUIET)
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "loss" in h]) == 2
+    with pytest.raises(ValueError, match=r"lack \['image'\]"):
+        train_gill(make_model(), hf, str(tmp_path / "bad"), max_steps=1, **QUIET)
+
+
+def test_train_gill_takes_every_training_argument_and_names_typos(make_model, toy_cc3m, tmp_path):
+    ds, _ = toy_cc3m
+    model = make_model()
+    trainer = train_gill(model, ds, str(tmp_path), max_steps=1, lr_scheduler_type="cosine", label_smoothing_factor=0.0,
+                         optim="adamw_torch", adam_epsilon=1e-7, dataloader_drop_last=True, **QUIET)
+    assert trainer.args.lr_scheduler_type == "cosine" and trainer.args.adam_epsilon == 1e-7
+    with pytest.raises(TypeError, match=r"'lerning_rate' \(did you mean 'learning_rate'\?\)"):
+        train_gill(model, ds, str(tmp_path), lerning_rate=1e-3)
+    with pytest.raises(TypeError, match=r"'eval_datasets' \(did you mean 'eval_dataset'\?\)"):
+        train_gill(model, ds, str(tmp_path), eval_datasets=ds)

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput, logging
 
 logger = logging.get_logger(__name__)
 
+DEFAULT_MAX_NEW_TOKENS = 32  # a GILL model's default answer budget ([IMG] blocks included)
 TRANSFORMERS_DEFAULT_NEW_TOKENS = 20  # what generate() produces when neither max_length nor max_new_tokens is set
 # GILL's own generation-config fields and their defaults (saved in generation_config.json with the standard ones).
 GILL_GENERATION_DEFAULTS = dict(force_image_after=None, min_text_tokens=0, max_images=None, gen_scale_factor=1.0,
@@ -40,6 +41,8 @@ def gill_generation_config(config, base: GenerationConfig | None = None) -> Gene
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if values.get(name) is None and getattr(text, name, None) is not None:
             values[name] = getattr(text, name)
+    if values.get("max_new_tokens") is None and values.get("max_length") is None:
+        values["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
     return GenerationConfig(**{**GILL_GENERATION_DEFAULTS, **values})
 
 

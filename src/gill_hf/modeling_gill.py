@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, cached_file
 
 from .configuration_gill import GILLConfig
+from .generation_gill import GILLGenerationMixin, gill_generation_config
 from .losses import contrastive_loss, generation_loss
 from .mapper import build_mapper
 from .packing import pack_pairs
@@ -62,8 +64,22 @@ def count_adapter_parameters(config: GILLConfig) -> dict[str, int]:
 
 
 @dataclass
+class GILLCausalLMOutputWithPast(ModelOutput):
+    """Inference ``forward`` outputs: ``logits`` ``(B, T, V')`` over the LLM vocabulary + the [IMG] tokens (the
+    placeholder scores -inf), ``cache`` for the next step, ``loss`` (next-token CE) when ``labels`` were given;
+    ``image_hidden_states`` ``(N, k, e)``: the visual prefix of the prompt's images."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
 class GILLOutput(ModelOutput):
-    """Training outputs. ``loss`` is the weighted sum of Eq. 5; each term is also returned on its own.
+    """Training outputs (``forward(..., gill_objective=True)``). ``loss`` is the weighted sum of Eq. 5; each term is also returned on its own.
 
     ``text_embeds`` / ``image_embeds``: ``(N, p)`` retrieval embeddings (unnormalised); ``gen_embeds``: ``(N, L, D)``
     mapper outputs; ``img_hidden_states``: ``(N, r, f)`` LLM states at the [IMG] positions.
@@ -92,7 +108,7 @@ class GILLPreTrainedModel(PreTrainedModel):
         """Backbones arrive initialised (or loaded); the adapter initialises itself like the original (torch init)."""
 
 
-class GILLForConditionalGeneration(GILLPreTrainedModel):
+class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
     """GILL: frozen ``language_model`` (any causal LM) and ``vision_model`` (CLIP), trainable ``adapter``.
 
     Build from backbone ids with :meth:`from_backbones`; load a trained adapter with :meth:`from_pretrained`.
@@ -123,6 +139,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
         # Data-parallel hook (set by gill_hf.training): (n, p) local embeddings -> (N_global, p) for l_r.
         self.contrastive_gather = None
         self.post_init()
+        self.generation_config = gill_generation_config(config, self.language_model.generation_config)
         self.renormalize_img_embeddings()
 
     # ------------------------------------------------------------------ construction
@@ -149,73 +166,146 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
 
     @classmethod
     def from_backbones(cls, text_model: str, vision_model: str, diffusion_model: str | None = None, *,
-                       dtype: torch.dtype | None = None, device_map=None, **config_kwargs):
+                       dtype=None, torch_dtype=None, device_map=None, attn_implementation=None,
+                       quantization_config=None, output_loading_info: bool = False, **config_kwargs):
         """A fresh (untrained) GILL on backbones given by Hub id or local path; attaches its processor.
 
-        ``gen_emb_dim`` is read from the diffusion model's text encoder unless given.
+        ``gen_emb_dim`` is read from the diffusion model's text encoder unless given; ``config_kwargs`` are
+        :class:`GILLConfig` fields (a name that is none is an error). The loading switches (``dtype`` /
+        ``torch_dtype``, ``attn_implementation``, ``device_map``, ``quantization_config``, ``output_loading_info``)
+        are those of :meth:`from_pretrained`; the adapter is created in float32.
         """
         from transformers import AutoImageProcessor, AutoTokenizer
 
+        from .loading import unknown_kwargs_error
         from .processing_gill import GILLProcessor
 
+        fields = set(GILLConfig.__dataclass_fields__) - {"text_config", "vision_config", "img_token_ids",
+                                                          "image_token_id"}
+        unknown = set(config_kwargs) - fields
+        if unknown:
+            raise unknown_kwargs_error(f"{cls.__name__}.from_backbones", unknown,
+                                       fields | {"dtype", "torch_dtype", "device_map", "attn_implementation",
+                                                 "quantization_config", "output_loading_info"})
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         image_processor = AutoImageProcessor.from_pretrained(vision_model, backend="pil")
+        text_config = AutoConfig.from_pretrained(text_model)
         processor = GILLProcessor(image_processor, tokenizer,
                                   num_visual_tokens=config_kwargs.get("num_visual_tokens", 4),
-                                  num_img_tokens=config_kwargs.get("num_img_tokens", 8))
+                                  num_img_tokens=config_kwargs.get("num_img_tokens", 8),
+                                  context_length=getattr(text_config, "max_position_embeddings", None))
         if diffusion_model is not None and "gen_emb_dim" not in config_kwargs:
             config_kwargs["gen_emb_dim"] = AutoConfig.from_pretrained(diffusion_model,
                                                                       subfolder="text_encoder").hidden_size
         config = GILLConfig(
-            text_config=AutoConfig.from_pretrained(text_model).to_dict(),
+            text_config=text_config.to_dict(),
             vision_config=CLIPVisionConfig.from_pretrained(vision_model).to_dict(),
             text_model_name_or_path=text_model, vision_model_name_or_path=vision_model,
             diffusion_model_name_or_path=diffusion_model, img_token_ids=processor.img_token_ids,
             image_token_id=processor.image_token_id, **config_kwargs)
-        model = cls(config, *cls._load_backbones(config, dtype=dtype, device_map=device_map))
+        llm, vision, info = cls._load_backbones(
+            config, dtype=dtype, torch_dtype=torch_dtype, device_map=device_map,
+            attn_implementation=attn_implementation, quantization_config=quantization_config,
+            output_loading_info=output_loading_info)
+        model = cls(config, llm, vision)
         model.processor = processor
-        return model
+        return (model, info) if output_loading_info else model
 
     @staticmethod
-    def _load_backbones(config: GILLConfig, dtype=None, device_map=None):
-        for name in ("text_model_name_or_path", "vision_model_name_or_path"):
-            if not getattr(config, name):
-                raise ValueError(f"GILLConfig.{name} is empty: the frozen backbone cannot be loaded")
-        llm = AutoModelForCausalLM.from_pretrained(config.text_model_name_or_path, dtype=dtype, device_map=device_map)
-        vision = CLIPVisionModel.from_pretrained(config.vision_model_name_or_path, dtype=dtype)
-        return llm, vision.to(llm.get_input_embeddings().weight.device)
+    def _load_backbones(config: GILLConfig, dtype=None, device_map=None, torch_dtype=None, attn_implementation=None,
+                        quantization_config=None, output_loading_info: bool = False):
+        """``(llm, vision, loading_info)``; every switch is checked before any weights load (``gill_hf.loading``)."""
+        from .loading import load_backbones, resolve_dtype
+
+        return load_backbones(config, resolve_dtype(dtype, torch_dtype), device_map, attn_implementation,
+                              quantization_config, output_loading_info)
+
+    HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, config: GILLConfig | None = None,
-                        dtype: torch.dtype | None = None, device_map=None, language_model=None, vision_model=None,
-                        **hub_kwargs):
+                        dtype=None, torch_dtype=None, device_map=None, attn_implementation=None,
+                        quantization_config=None, output_loading_info: bool = False, language_model=None,
+                        vision_model=None, **hub_kwargs):
         """Load the frozen backbones from the ids in ``config.json``, then the adapter with an exact key check.
 
-        ``hub_kwargs`` (``revision``, ``token``, ``cache_dir``, ``local_files_only``...) go to the Hub download.
-        Pass ``language_model`` / ``vision_model`` to reuse backbones already in memory.
+        Args:
+            dtype: a torch dtype, its name (``"bfloat16"``) or ``"auto"`` (each backbone in its saved dtype, the
+                adapter in the dtype it was saved in); ``torch_dtype`` is the old name. A concrete dtype also casts
+                the adapter, except under ``quantization_config`` (the adapter then stays float32).
+            attn_implementation: ``"eager"``, ``"sdpa"``, ``"flash_attention_2"``... for both backbones, or a dict
+                ``{"text_config": ..., "vision_config": ...}`` (``""`` = the rest).
+            device_map: for the LLM (``"auto"``, a dict...); the vision encoder follows the LLM's first device.
+            quantization_config: a transformers quantization config (``TorchAoConfig``, ``BitsAndBytesConfig``...)
+                for the LLM only; CLIP and the adapter stay in full precision.
+            output_loading_info: also return ``{"missing_keys", "unexpected_keys", "mismatched_keys",
+                "error_msgs"}`` of the backbone loads (keys prefixed ``language_model.`` / ``vision_model.``; the
+                adapter load is exact, so it adds none).
+            hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download``,
+                ``proxies`` for the Hub download; any other keyword is an error naming it.
+            language_model / vision_model: backbones already in memory to reuse.
+
+        Incompatible settings (a dtype a quantization method cannot run, an attention implementation a backbone
+        lacks) raise before any weights load.
         """
+        from .loading import check_quantization, normalize_quantization_config, resolve_dtype, unknown_kwargs_error
+
+        for passed_by_auto in ("_from_auto", "trust_remote_code", "adapter_kwargs"):  # AutoModel* adds these
+            hub_kwargs.pop(passed_by_auto, None)
+        unknown = set(hub_kwargs) - set(cls.HUB_KWARGS)
+        if unknown:
+            raise unknown_kwargs_error(f"{cls.__name__}.from_pretrained", unknown, {
+                *cls.HUB_KWARGS, "config", "dtype", "torch_dtype", "device_map", "attn_implementation",
+                "quantization_config", "output_loading_info", "language_model", "vision_model"})
+        hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+        dtype = resolve_dtype(dtype, torch_dtype)
+        quantization_config = normalize_quantization_config(quantization_config)
+        check_quantization(quantization_config, dtype)
+        if quantization_config is not None and language_model is not None:
+            raise ValueError("quantization_config quantizes the LLM while it loads; it cannot apply to a "
+                             "language_model passed in memory (quantize that one yourself)")
         path = os.fspath(pretrained_model_name_or_path)
         config = config or GILLConfig.from_pretrained(path, **hub_kwargs)
+        info = None
         if language_model is None or vision_model is None:
-            llm, vision = cls._load_backbones(config, dtype=dtype, device_map=device_map)
+            llm, vision, info = cls._load_backbones(
+                config, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
+                quantization_config=quantization_config, output_loading_info=output_loading_info)
             language_model, vision_model = language_model or llm, vision_model or vision
         model = cls(config, language_model=language_model, vision_model=vision_model)
         from .hub import load_adapter_weights  # model.safetensors, or its shards
 
-        model.load_adapter_state_dict(*load_adapter_weights(path, **hub_kwargs))
+        model._match_config_vocab()
+        adapter_weights, source = load_adapter_weights(path, **hub_kwargs)
+        model.load_adapter_state_dict(adapter_weights, source)
+        model._sync_llm_img_rows()
         if cached_file(path, f"{LORA_SUBFOLDER}/adapter_config.json", _raise_exceptions_for_missing_entries=False,
                        **hub_kwargs):  # a LoRA-tuned LLM (MiniGPT-5 stage 2): re-apply the peft adapter
             from peft import PeftModel
 
-            model.language_model = PeftModel.from_pretrained(model.language_model, path, subfolder=LORA_SUBFOLDER,
-                                                             **hub_kwargs)
-        if dtype is not None:
+            from .training.lora import peft_on_transformers5
+
+            with peft_on_transformers5():
+                model.language_model = PeftModel.from_pretrained(model.language_model, path,
+                                                                 subfolder=LORA_SUBFOLDER, **hub_kwargs)
+        if dtype == "auto":  # the adapter in the dtype it was saved in
+            saved = [v.dtype for v in adapter_weights.values() if v.is_floating_point()]
+            if saved:
+                model.adapter.to(saved[0])
+        elif dtype is not None and quantization_config is None:
             model.adapter.to(dtype)
         if cached_file(path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
             from .processing_gill import GILLProcessor
 
             model.processor = GILLProcessor.from_pretrained(path, **hub_kwargs)
-        return model.eval()
+        if cached_file(path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
+            from transformers import GenerationConfig
+
+            model.generation_config = gill_generation_config(config, GenerationConfig.from_pretrained(path,
+                                                                                                      **hub_kwargs))
+        if info is None and output_loading_info:
+            info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        return (model.eval(), info) if output_loading_info else model.eval()
 
     # ------------------------------------------------------------------ adapter-only persistence
     def adapter_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -239,12 +329,33 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
                 own[key].copy_(value)
         self._frozen_row_norm.clear()
 
-    def save_pretrained(self, save_directory: str | os.PathLike, state_dict=None, processor=None, **kwargs):
+    PUSH_KWARGS = ("repo_id", "token", "commit_message", "commit_description", "private", "create_pr", "revision",
+                   "retrieval_index", "datasets", "hyperparameters", "eval_results", "license", "tags", "model_card")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict=None, processor=None,
+                        push_to_hub: bool = False, **kwargs):
         """Write config.json, the adapter as ``model.safetensors`` and the processor; never the backbones.
 
         Files are written to a temporary folder beside ``save_directory`` and moved in at the end, so an
         interrupted save leaves no half-written file. ``state_dict`` (as the Trainer passes it) is filtered.
+        ``push_to_hub=True`` then uploads through :func:`gill_hf.hub.push_to_hub` (adapter, processor, LoRA and the
+        gill_hf model card) to ``repo_id`` (default: the folder's name); ``token``, ``commit_message``,
+        ``private``, ``create_pr``, ``revision`` and the card fields go to that push.
         """
+        push = {k: kwargs.pop(k) for k in self.PUSH_KWARGS if k in kwargs}
+        if push and not push_to_hub:
+            raise TypeError(f"save_pretrained got {sorted(push)}, which only apply with push_to_hub=True")
+        self._save_local(save_directory, state_dict, processor, **kwargs)
+        if push_to_hub and kwargs.get("is_main_process", True):
+            from .hub import push_to_hub as push_gill
+
+            repo_id = push.pop("repo_id", None) or os.path.basename(os.path.abspath(os.fspath(save_directory)))
+            if "max_shard_size" in kwargs:
+                push["max_shard_size"] = kwargs["max_shard_size"]
+            return push_gill(self, repo_id, **push)
+        return None
+
+    def _save_local(self, save_directory, state_dict=None, processor=None, **kwargs):
         target = os.fspath(save_directory)
         os.makedirs(target, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".gill-save-", dir=os.path.dirname(os.path.abspath(target)))
@@ -269,6 +380,102 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
 
         return push_to_hub(self, repo_id, **kwargs)
 
+    # ------------------------------------------------------------------ embeddings (transformers accessors)
+    def get_input_embeddings(self) -> nn.Module:
+        """The LLM's input embedding table. The [IMG] tokens are embedded from ``adapter.img_embeddings``
+        (:meth:`embed_tokens`); where a resized table has rows for them, those rows hold the same values."""
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+        self._frozen_row_norm.clear()
+        self._sync_llm_img_rows()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The LLM's output projection; the [IMG] logits come from ``adapter.img_output_weight`` (:meth:`full_logits`)."""
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.language_model.set_output_embeddings(value)
+        self._frozen_row_norm.clear()
+        self._sync_llm_img_rows()
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize the frozen LLM's vocabulary (e.g. to ``len(processor.tokenizer)``) and record the size in
+        ``config.text_config.vocab_size``, so :meth:`from_pretrained` resizes the reloaded LLM the same way.
+
+        GILL's own tokens keep their meaning: [IMG] inputs and logits still come from the adapter (the resized
+        rows are set to E_img / E_out and kept equal after every renormalisation), the image placeholder still
+        scores -inf, and the [IMG] renormalisation target is the mean norm of the other rows. Rows of any other new
+        token are part of the frozen LLM, which ``save_pretrained`` does not write: they are re-initialised on load.
+        """
+        embeddings = self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.config.text_config.vocab_size = embeddings.weight.shape[0]
+        self._frozen_row_norm.clear()
+        self._sync_llm_img_rows()
+        return embeddings
+
+    def _gill_token_ids(self) -> list[int]:
+        return [*self.config.img_token_ids, self.config.image_token_id]
+
+    def _match_config_vocab(self):
+        """After loading: resize the LLM to ``config.text_config.vocab_size`` when a saved model was resized."""
+        size = getattr(self.config.text_config, "vocab_size", None)
+        if size and self.language_model.get_input_embeddings().weight.shape[0] != size:
+            self.resize_token_embeddings(size, mean_resizing=False)
+
+    @torch.no_grad()
+    def _sync_llm_img_rows(self):
+        """Copy E_img (and E_out) into the LLM tables' [IMG] rows where a resized vocabulary has such rows."""
+        ids = self.img_token_ids
+        pairs = [(self.language_model.get_input_embeddings(), self.adapter.img_embeddings)]
+        if self.adapter.img_output_embeddings is not None:
+            pairs.append((self.language_model.get_output_embeddings(), self.adapter.img_output_embeddings))
+        for module, rows in pairs:
+            weight = getattr(module, "weight", None)
+            if weight is None or type(weight.data) is not torch.Tensor or weight.shape[0] <= int(ids.max()):
+                continue  # the [IMG] ids lie beyond this table (GILL pads the logits), or it is quantized
+            weight[ids.to(weight.device)] = rows.detach().to(weight.device, weight.dtype)
+
+    # ------------------------------------------------------------------ activation checkpointing (frozen LLM)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> int:
+        """Checkpoint the frozen LLM's decoder layers (what ``TrainingArguments(activation_checkpointing=True)`` /
+        ``gradient_checkpointing=True`` call). Unlike transformers' own switch it works while the LLM stays in
+        eval mode (no dropout); ``activation_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``
+        (default ``use_reentrant=False``). Returns the number of checkpointed layers."""
+        from .loading import set_frozen_layer_checkpointing
+
+        count = set_frozen_layer_checkpointing(self.language_model, True, activation_checkpointing_kwargs,
+                                               every_n_layers, offload)
+        if count == 0:
+            raise ValueError(f"{type(self.language_model).__name__} has no GradientCheckpointingLayer decoder layers "
+                             "to checkpoint")
+        return count
+
+    def activation_checkpointing_disable(self):
+        from .loading import set_frozen_layer_checkpointing
+
+        set_frozen_layer_checkpointing(self.language_model, False)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> int:
+        """transformers' older name of :meth:`activation_checkpointing_enable`."""
+        return self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        from .loading import count_checkpointed_layers
+
+        return count_checkpointed_layers(self.language_model) > 0
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.is_activation_checkpointing
+
     # ------------------------------------------------------------------ mode and [IMG] rows
     def train(self, mode: bool = True):
         """Adapters follow ``mode``; the frozen backbones always stay in eval mode (no dropout)."""
@@ -281,7 +488,10 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
         if which not in self._frozen_row_norm:
             module = (self.language_model.get_input_embeddings() if which == "input"
                       else self.language_model.get_output_embeddings())
-            self._frozen_row_norm[which] = module.weight.detach().float().norm(dim=1).mean().item()
+            weight = module.weight.detach()
+            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[[i for i in self._gill_token_ids() if i < weight.shape[0]]] = False  # resized: not GILL's rows
+            self._frozen_row_norm[which] = weight[keep].float().norm(dim=1).mean().item()
         return self._frozen_row_norm[which]
 
     @torch.no_grad()
@@ -294,6 +504,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
         for param, which in rows:
             target = self._mean_frozen_row_norm(which)
             param.mul_(target / param.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(param.dtype))
+        self._sync_llm_img_rows()
 
     # ------------------------------------------------------------------ building blocks
     def img_token_slots(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -321,17 +532,28 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
 
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids with ``<|image|>`` placeholders + ``(N, d)`` image features -> ``(B, T, e)`` inputs_embeds."""
-        embeds = self.embed_tokens(input_ids)
+        prefix = None if image_features is None or image_features.shape[0] == 0 else self.visual_prefix(image_features)
+        return self.merge_visual_prefix(self.embed_tokens(input_ids), input_ids, prefix)
+
+    def merge_visual_prefix(self, embeds: torch.Tensor, input_ids: torch.Tensor, prefix: torch.Tensor | None
+                            ) -> torch.Tensor:
+        """Write the ``(N, k, e)`` visual prefixes over the ``<|image|>`` placeholders of ``(B, T, e)`` embeds, in
+        reading order; the placeholder count must be N x k."""
         placeholders = input_ids == self.config.image_token_id
         n_slots, k = int(placeholders.sum()), self.config.num_visual_tokens
-        n_images = 0 if image_features is None else image_features.shape[0]
+        n_images = 0 if prefix is None else prefix.shape[0]
         if n_slots != n_images * k:
             raise ValueError(f"input_ids hold {n_slots} image placeholder tokens ({n_slots / k:g} images at "
                              f"k={k}) but {n_images} images were given")
         if n_images:
-            prefix = self.visual_prefix(image_features).to(embeds.dtype)
-            embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), prefix)
+            embeds = embeds.masked_scatter(placeholders.unsqueeze(-1), prefix.to(embeds.dtype))
         return embeds
+
+    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool = True):
+        """``(N, 3, H, W)`` -> ``pooler_output`` ``(N, k, e)``: each image's k LLM input vectors (Eq. 1), as
+        transformers' VLMs return them (``generate`` encodes the images once through this)."""
+        out = BaseModelOutputWithPooling(pooler_output=self.visual_prefix(self.encode_images(pixel_values)))
+        return out if return_dict else out.to_tuple()
 
     def img_logits(self, final_states: torch.Tensor) -> torch.Tensor:
         """``(..., e_out)`` last-layer states -> ``(..., r)`` logits of the [IMG] tokens."""
@@ -343,7 +565,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
         ids = self.img_token_ids
         vocab = max(lm_logits.shape[-1], int(ids.max()) + 1, self.config.image_token_id + 1)
         logits = F.pad(lm_logits, (0, vocab - lm_logits.shape[-1]), value=float("-inf"))
-        img = self.img_logits(final_states)
+        img = self.img_logits(final_states).to(logits.dtype)  # under autocast the LM logits are bf16 / fp16
         logits = logits.scatter(-1, ids.expand(*img.shape[:-1], -1), img)
         logits[..., self.config.image_token_id] = float("-inf")
         return logits
@@ -393,30 +615,78 @@ class GILLForConditionalGeneration(GILLPreTrainedModel):
         """``(N, d)`` pooled CLIP features -> ``(N, p)`` = W_i2t v(x) (unnormalised)."""
         return self.adapter.w_i2t(image_features)
 
-    # ------------------------------------------------------------------ inference
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, **kwargs):
-        """KV-cached interleaved decoding (text + [IMG] blocks with their hidden states); see
-        :func:`gill_hf.generation_gill.generate_interleaved` for the options."""
-        from .generation_gill import generate_interleaved
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.LongTensor | None = None,
+                cache=None, inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                mm_encoder_outputs: dict | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                gill_objective: bool = False, gen_targets: torch.Tensor | None = None,
+                null_gen_target: torch.Tensor | None = None, pack: bool | None = None):
+        """The standard inference forward, or (``gill_objective=True``) GILL's training objective.
 
-        return generate_interleaved(self, input_ids, attention_mask, pixel_values, **kwargs)
+        Inference: ``input_ids`` ``(B, T)`` with ``<|image|>`` placeholders and ``pixel_values`` ``(N, 3, H, W)``
+        (or the prefixes in ``mm_encoder_outputs["image"].pooler_output`` ``(N, k, e)``, or ``inputs_embeds``)
+        -> :class:`GILLCausalLMOutputWithPast` with logits over the LLM vocabulary + [IMG] tokens, the cache, and
+        the mean next-token cross-entropy over ``labels`` (-100 ignored; shifted here) when given.
 
-    # ------------------------------------------------------------------ training forward (Eq. 5)
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, gen_targets: torch.Tensor | None = None,
-                null_gen_target: torch.Tensor | None = None, pack: bool | None = None) -> GILLOutput:
+        ``gill_objective=True``: Eq. 5 on a caption batch (:meth:`gill_objective`; ``gen_targets``,
+        ``null_gen_target``, ``pack`` only apply there), as the Trainer recipe calls it.
+        """
+        if gill_objective:
+            unused = {"position_ids": position_ids, "cache": cache, "inputs_embeds": inputs_embeds,
+                      "mm_encoder_outputs": mm_encoder_outputs}
+            given = sorted(k for k, v in unused.items() if v is not None)
+            if given:
+                raise ValueError(f"{given} do not apply to the training objective (gill_objective=True)")
+            return self.gill_objective(input_ids, attention_mask, pixel_values, labels=labels,
+                                       gen_targets=gen_targets, null_gen_target=null_gen_target, pack=pack)
+        training_only = sorted(k for k, v in (("gen_targets", gen_targets), ("null_gen_target", null_gen_target),
+                                              ("pack", pack)) if v is not None)
+        if training_only:
+            raise ValueError(f"{training_only} are inputs of the training objective: pass gill_objective=True")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        image = (mm_encoder_outputs or {}).get("image")
+        if image is not None and pixel_values is not None:
+            raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+        prefix = image.pooler_output if image is not None else \
+            self.get_image_features(pixel_values).pooler_output if pixel_values is not None else None
+        if inputs_embeds is None:
+            inputs_embeds = self.merge_visual_prefix(self.embed_tokens(input_ids), input_ids, prefix)
+        elif prefix is not None:
+            raise ValueError("images with inputs_embeds: merge them into inputs_embeds (model.embed_inputs)")
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, output_attentions=output_attentions,
+                                  output_hidden_states=True, return_dict=True)
+        logits = self.full_logits(out.logits, out.hidden_states[-1][:, -out.logits.shape[1]:])
+        loss = self._lm_loss(logits, labels) if labels is not None else None
+        return GILLCausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
+                                          hidden_states=out.hidden_states if output_hidden_states else None,
+                                          attentions=out.attentions, image_hidden_states=prefix)
+
+    # ------------------------------------------------------------------ training objective (Eq. 5)
+    def gill_objective(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                       gen_targets: torch.Tensor | None = None, null_gen_target: torch.Tensor | None = None,
+                       pack: bool | None = None) -> GILLOutput:
         """All four losses of Eq. 5 on a batch of N image-caption pairs.
 
         Args:
             input_ids: ``(N, T)`` right-padded ``"<bos> caption [IMG0]..[IMG{r-1}]"`` (``processor.encode_captions``).
             attention_mask: ``(N, T)``.
             pixel_values: ``(N, 3, H, W)`` one image per caption; enables l_c and l_r. CLIP runs once per image.
+            labels: not used by this stage-1 objective (stage 2: ``GILLForInterleavedTraining``); must be None.
             gen_targets: ``(N, L, D)`` precomputed diffusion text-encoder outputs for the captions; enables l_g.
             null_gen_target: ``(L, D)`` text-encoder output of ``""``, the target of CFG-dropped examples.
             pack: force (True) or forbid (False) packing pairs of examples; None samples it with ``pack_prob``
                 in training mode, independently for the two passes, as the paper does.
         """
+        if labels is not None:
+            raise ValueError("the stage-1 objective builds its own targets; batches with labels (MiniGPT-5 stage 2) "
+                             "need GILLForInterleavedTraining")
         cfg = self.config
         n = input_ids.shape[0]
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask

@@ -83,7 +83,11 @@ class GILLProcessor(ProcessorMixin):
         """As ``ProcessorMixin.from_pretrained``, with the PIL image backend by default: it resizes as the original
         (transformers' torchvision backend differs by up to 0.015 in pixel values)."""
         kwargs.setdefault("backend", "pil")
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with warnings.catch_warnings():  # transformers 5.24 reads additional_chat_templates/*.jinja without
+            # closing the files (processing_utils.get_processor_dict); the files are read whole, nothing is lost
+            warnings.filterwarnings("ignore", message="unclosed file .*additional_chat_templates",
+                                    category=ResourceWarning)
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ---- token ids ----
     @property

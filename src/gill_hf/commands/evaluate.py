@@ -83,7 +83,7 @@ def run(args) -> int:
     elif args.benchmark == "fid":
         import torch
 
-        feature = torch.jit.load(args.fid_feature, map_location=device) if args.fid_feature else None
+        feature = torch.export.load(args.fid_feature).module().to(device) if args.fid_feature else None
         scheduler = None if args.scheduler == "default" else args.scheduler
         ev.evaluate_fid(_models(args, device, dtype, scheduler), examples, args.out, args.seeds, feature=feature,
                         device=device, baseline=args.baseline)
@@ -145,7 +145,7 @@ def register(subparsers):
     fid.add_argument("--scheduler", default="ddim", choices=["ddim", "default"],
                      help="ddim as the paper, or the checkpoint's own scheduler")
     fid.add_argument("--fid-feature", default=None,
-                     help="a TorchScript feature extractor file (uint8 (N, 3, 299, 299) -> (N, d)); default: "
+                     help="a torch.export feature extractor (.pt2; uint8 (N, 3, 299, 299) -> (N, d)); default: "
                           "torchmetrics' InceptionV3 2048-d features (torch-fidelity weights, downloaded once)")
     fid.set_defaults(func=run)
     for sub in (vist, retrieval, visdial, decision):

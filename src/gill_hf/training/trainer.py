@@ -4,16 +4,16 @@
 (call ``.train()``); the same script scales to many processes with ``accelerate launch`` / ``torchrun``.
 """
 
+import dataclasses
 import os
 from collections import defaultdict
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainingArguments
-from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..loading import set_frozen_layer_checkpointing, unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
-from .data import GILLDataCollator, InterleavedDataCollator, VISTTaskDataset
+from .data import GILLDataCollator, InterleavedDataCollator, VISTTaskDataset, as_caption_dataset
 from .distributed import gather_with_grad
 from .lora import load_lora_weights
 
@@ -82,20 +82,10 @@ def configure_trainable(model) -> list[str]:
 
 def enable_frozen_llm_checkpointing(language_model) -> int:
     """Per-layer activation checkpointing that also works while the frozen LLM stays in eval mode (transformers'
-    own checkpointing only runs in training mode, which would switch on the LLM's dropout). Returns #layers."""
-    layers = [m for m in language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        if getattr(layer, "_gill_checkpointed", False):
-            continue
-        forward = layer.forward
-
-        def checkpointed(*args, _forward=forward, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-            return _forward(*args, **kwargs)
-
-        layer.forward, layer._gill_checkpointed = checkpointed, True
-    return len(layers)
+    own checkpointing only runs in training mode, which would switch on the LLM's dropout). Returns #layers.
+    The standard switches (``model.activation_checkpointing_enable()``, ``gradient_checkpointing_enable()``,
+    ``TrainingArguments(activation_checkpointing=True)`` or ``gradient_checkpointing=True``) do the same."""
+    return set_frozen_layer_checkpointing(language_model, True)
 
 
 class GILLTrainer(Trainer):
@@ -107,10 +97,12 @@ class GILLTrainer(Trainer):
         mapper_lr_mult: learning-rate multiplier of the mapper (MiniGPT-5 stage 1: 10).
     """
 
-    def __init__(self, *args, ldm_loss=None, mapper_lr_mult: float = 1.0, **kwargs):
+    def __init__(self, *args, ldm_loss=None, mapper_lr_mult: float = 1.0, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.ldm_loss, self.mapper_lr_mult = ldm_loss, mapper_lr_mult
+        self.eval_data_collator = eval_data_collator  # eval batches (e.g. with the eval split's targets)
         self._loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._eval_loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         if ldm_loss is not None:
             ldm_loss.to(self.args.device)
 
@@ -125,18 +117,76 @@ class GILLTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's loss (Eq. 5, or stage 2's) plus ``ldm_loss_weight`` x the LDM loss; a per-batch mean."""
         ldm_pixels = inputs.pop("ldm_pixel_values", None)
-        outputs = model(**inputs)
+        outputs = model(**inputs, gill_objective=True)
         loss = outputs.loss
+        parts = self._loss_parts if model.training else self._eval_loss_parts
         for name in LOSS_FIELDS:
             value = getattr(outputs, name)
             if value is not None:
-                self._loss_parts[name].append(value.detach().float())
+                parts[name].append(value.detach().float())
         weight = self.model.config.ldm_loss_weight
         if self.ldm_loss is not None and weight > 0 and ldm_pixels is not None and outputs.gen_embeds is not None:
             ldm = self.ldm_loss(outputs.gen_embeds, ldm_pixels)
             loss = loss + weight * ldm
-            self._loss_parts["ldm_loss"].append(ldm.detach().float())
+            parts["ldm_loss"].append(ldm.detach().float())
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the training objective's loss on the batch (GILL batches carry no ``labels`` the stock
+        step would look for); no logits are gathered."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, *args, **kwargs):
+        """Adds ``<prefix>_<term>``: the mean of every loss term over the split (this process's batches)."""
+        self._eval_loss_parts.clear()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        for name, values in self._eval_loss_parts.items():
+            output.metrics[f"{prefix}_{name}"] = round(torch.stack(values).mean().item(), 6)
+        self._eval_loss_parts.clear()
+        return output
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_data_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Save, then upload through :func:`gill_hf.hub.push_to_hub` to ``args.hub_model_id`` (default: the output
+        folder's name): adapter, config, processor, LoRA adapter and the gill_hf model card with these
+        ``TrainingArguments`` as hyperparameters. ``kwargs``: the card fields of ``gill_hf.hub.push_to_hub``
+        (``datasets`` (or transformers' ``dataset``), ``eval_results``, ``license``, ``tags``,
+        ``retrieval_index``). The upload is synchronous (``blocking`` is accepted for compatibility)."""
+        from ..hub import push_to_hub
+
+        if "dataset" in kwargs and "datasets" not in kwargs:
+            dataset = kwargs.pop("dataset")
+            kwargs["datasets"] = [dataset] if isinstance(dataset, str) else list(dataset)
+        kwargs.pop("model_name", None)  # the stock card's title; the gill_hf card names the repo
+        allowed = ("datasets", "eval_results", "license", "tags", "retrieval_index", "commit_description",
+                   "create_pr", "max_shard_size")
+        unknown = set(kwargs) - set(allowed)
+        if unknown:
+            raise unknown_kwargs_error("GILLTrainer.push_to_hub", unknown, {*allowed, "dataset", "model_name"})
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self._finish_current_push()
+        return push_to_hub(self.model, self.hub_model_id, revision=revision or self.args.hub_revision,
+                           commit_message=commit_message, token=token,
+                           private=private if private is not None else self.args.hub_private_repo,
+                           hyperparameters=self.args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean of every loss term since the last log (this process's batches)."""
@@ -151,47 +201,91 @@ class GILLTrainer(Trainer):
         load_lora_weights(self.model if model is None else model, resume_from_checkpoint)
 
 
-def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, targets=None, ldm_loss=None,
-               max_length: int = 32, activation_checkpointing: bool = False, mapper_lr_mult: float = 1.0,
-               callbacks=(), **training_args) -> GILLTrainer:
-    """A :class:`GILLTrainer` for ``model`` on ``train_dataset`` (call ``.train()`` on it).
+TRAIN_GILL_OPTIONS = ("data_collator", "targets", "ldm_loss", "max_length", "activation_checkpointing",
+                      "mapper_lr_mult", "callbacks", "eval_dataset", "eval_targets", "columns")
 
-    Args:
-        train_dataset: a ``CaptionImageDataset`` (stage 1) or ``VISTTaskDataset`` (stage 2; the model must take
-            ``labels``, e.g. ``GILLForInterleavedTraining``), each with its default collator, or any dataset
-            matching ``data_collator``.
-        targets: a ``TargetStore`` with the captions' text-encoder outputs (enables l_g and CFG targets).
-        ldm_loss: the MiniGPT-5 latent-diffusion loss (needs ``config.ldm_loss_weight > 0``).
-        activation_checkpointing: checkpoint the frozen LLM's layers (less memory, one extra LLM forward).
-        training_args: ``TrainingArguments`` fields; GILL's optimiser defaults (``GILL_TRAINING_DEFAULTS``) fill
-            the rest. bf16 autocast is on by default where CUDA supports it; trainables stay fp32.
-    """
-    if targets is not None and hasattr(train_dataset, "captions"):
-        targets.check_captions(train_dataset.captions)
-    if model.config.ldm_loss_weight > 0 and ldm_loss is None:
-        raise ValueError("config.ldm_loss_weight > 0 needs ldm_loss=LatentDiffusionLoss.from_pretrained(...)")
-    if model.config.cfg_dropout_prob > 0 and targets is None and model.config.training_stage == "align":
-        raise ValueError("cfg_dropout_prob > 0 needs a target store (its null embedding is the dropped target)")
+
+def training_arguments(output_dir: str, **training_args) -> TrainingArguments:
+    """``TrainingArguments`` with GILL's defaults (``GILL_TRAINING_DEFAULTS``; bf16 autocast where CUDA supports it);
+    a name that is no field is an error naming the closest field."""
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    unknown = set(training_args) - fields
+    if unknown:
+        raise unknown_kwargs_error("train_gill", unknown, fields | set(TRAIN_GILL_OPTIONS))
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in training_args:  # transformers' deprecated names: the same switch
+            training_args.setdefault(new, training_args.pop(old))
     args = {**GILL_TRAINING_DEFAULTS, "output_dir": output_dir,
-            "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+            "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not training_args.get("fp16"),
             "dataloader_pin_memory": torch.cuda.is_available(), **training_args}
     if args.get("use_cpu") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args.setdefault("ddp_backend", "gloo")  # multi-process CPU runs (torchrun / accelerate launch --cpu)
     if args.get("remove_unused_columns"):
         raise ValueError("remove_unused_columns must stay False: the collator builds the model inputs")
+    return TrainingArguments(**args)
+
+
+def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, targets=None, ldm_loss=None,
+               max_length: int = 32, activation_checkpointing: bool = False, mapper_lr_mult: float = 1.0,
+               callbacks=(), eval_dataset=None, eval_targets=None, columns: dict[str, str] | None = None,
+               **training_args) -> GILLTrainer:
+    """A :class:`GILLTrainer` for ``model`` on ``train_dataset`` (call ``.train()`` on it).
+
+    Args:
+        train_dataset: a ``CaptionImageDataset`` (stage 1) or ``VISTTaskDataset`` (stage 2; the model must take
+            ``labels``, e.g. ``GILLForInterleavedTraining``), each with its default collator; a ``datasets.Dataset``
+            or ``IterableDataset`` of image-caption pairs (see ``columns``); or any dataset matching
+            ``data_collator``.
+        eval_dataset: the same kinds (or a dict of them); ``trainer.evaluate()`` and ``eval_strategy`` report
+            ``eval_loss`` and every loss term as ``eval_<term>`` (training logs carry the bare names).
+        targets / eval_targets: ``TargetStore`` s with the captions' text-encoder outputs of the train / eval split
+            (enable l_g and CFG targets; a store is indexed by example, so each split needs its own).
+        columns: for ``datasets`` inputs, ``{"caption": <text column>, "image": <image column>}``; defaults to
+            ``caption`` or ``text``, and ``image``.
+        ldm_loss: the MiniGPT-5 latent-diffusion loss (needs ``config.ldm_loss_weight > 0``).
+        activation_checkpointing: checkpoint the frozen LLM's layers (less memory, one extra LLM forward); the
+            same as ``TrainingArguments``' ``activation_checkpointing`` / ``gradient_checkpointing``.
+        training_args: any ``TrainingArguments`` field (a misspelt one is an error naming the closest field);
+            GILL's optimiser defaults (``GILL_TRAINING_DEFAULTS``) fill the rest. bf16 autocast is on by default
+            where CUDA supports it (``fp16=True`` switches it off); trainables (adapter, LoRA) stay fp32 masters
+            under ``bf16`` / ``fp16`` whatever dtype the backbones are in.
+    """
+    args = training_arguments(output_dir, **training_args)
+    train_dataset = as_caption_dataset(train_dataset, columns)
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {name: as_caption_dataset(ds, columns) for name, ds in eval_dataset.items()}
+    elif eval_dataset is not None:
+        eval_dataset = as_caption_dataset(eval_dataset, columns)
+    if targets is not None and hasattr(train_dataset, "captions"):
+        targets.check_captions(train_dataset.captions)
+    if eval_targets is not None:
+        if eval_dataset is None or isinstance(eval_dataset, dict):
+            raise ValueError("eval_targets needs one eval_dataset (a dict of splits takes a data_collator instead)")
+        if hasattr(eval_dataset, "captions"):
+            eval_targets.check_captions(eval_dataset.captions)
+    if model.config.ldm_loss_weight > 0 and ldm_loss is None:
+        raise ValueError("config.ldm_loss_weight > 0 needs ldm_loss=LatentDiffusionLoss.from_pretrained(...)")
+    if model.config.cfg_dropout_prob > 0 and targets is None and model.config.training_stage == "align":
+        raise ValueError("cfg_dropout_prob > 0 needs a target store (its null embedding is the dropped target)")
     configure_trainable(model)
     if activation_checkpointing:
-        enable_frozen_llm_checkpointing(model.language_model)
+        model.activation_checkpointing_enable()
     model.contrastive_gather = gather_with_grad  # identity in a single process
     ldm_size = ldm_loss.image_size if ldm_loss is not None else None
+    eval_collator = None
     if data_collator is None and isinstance(train_dataset, VISTTaskDataset):
         data_collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_size)
     elif data_collator is None:
         data_collator = GILLDataCollator(model.processor, max_length=max_length, targets=targets,
                                          ldm_image_size=ldm_size)
-    return GILLTrainer(model=model, args=TrainingArguments(**args), train_dataset=train_dataset,
-                       data_collator=data_collator, ldm_loss=ldm_loss, mapper_lr_mult=mapper_lr_mult,
-                       callbacks=[RenormalizeImgEmbeddingsCallback(), *callbacks])
+        if eval_dataset is not None and not isinstance(eval_dataset, VISTTaskDataset) and targets is not None:
+            # the train store indexes train examples: eval batches get their own store, or no l_g
+            eval_collator = GILLDataCollator(model.processor, max_length=max_length, targets=eval_targets,
+                                             ldm_image_size=ldm_size)
+    return GILLTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                       data_collator=data_collator, eval_data_collator=eval_collator, ldm_loss=ldm_loss,
+                       mapper_lr_mult=mapper_lr_mult, callbacks=[RenormalizeImgEmbeddingsCallback(), *callbacks])
 
 
 TRAINING_FIELDS = ("training_stage", "caption_loss_weight", "img_token_loss_weight", "gen_loss_weight", "ret_loss_weight",
