@@ -66,8 +66,12 @@ def load_image(source, timeout: float = DEFAULT_TIMEOUT) -> Image.Image:
             return _decode(io.BytesIO(fetch_url(source, timeout)), source)
         if source.startswith("data:"):
             return _decode(io.BytesIO(decode_base64(source)), _short(source))
-        if not os.path.exists(source) and _looks_like_base64(source):
-            return _decode(io.BytesIO(decode_base64(source)), f"{_short(source)} (no such file; read as base64)")
+        if not os.path.exists(source) and _looks_like_base64(source):  # a missing path can look like base64 too
+            try:
+                return _decode(io.BytesIO(decode_base64(source)), "base64 data")
+            except ValueError:
+                raise ValueError(f"could not decode image {_short(source, 400)!r}: no such file, and not base64 "
+                                 f"image data either") from None
         return _open_file(source)
     raise TypeError(f"cannot read an image from a {type(source).__name__}; expected a PIL image, path, URL, "
                     f"base64 string, bytes, numpy array, torch tensor or {{'type': 'image', ...}} part")
