@@ -1,8 +1,8 @@
 """GILLPipeline: interleaved text/images in, interleaved text + retrieved or generated images out (paper Fig. 3).
 
-One ``__call__`` runs the LLM (``gill_model.generate``, transformers' GenerationMixin), decides per [IMG] block whether to retrieve or to
-generate (:mod:`gill_hf.decision`), searches the :class:`RetrievalIndex` and runs the diffusion model only for the
-images that are generated, conditioned on the mapper output (``prompt_embeds``) and either the model's mapped-null
+One ``__call__`` runs the LLM (``gill_model.generate``, transformers' GenerationMixin), decides per [IMG] block
+whether to retrieve or to generate (:mod:`gill_hf.decision`), searches the :class:`RetrievalIndex` and runs the
+diffusion model only for the images that are generated, conditioned on the mapper output (``prompt_embeds``) and either the model's mapped-null
 embedding (models trained with CFG dropout, MiniGPT-5) or the diffusion text encoder's ``""`` embedding (computed
 once per pipeline) as ``negative_prompt_embeds``.
 
