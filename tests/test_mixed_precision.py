@@ -9,17 +9,14 @@ import pytest
 import torch
 from conftest import SMALL_MAPPER
 from test_loading_switches import objective
+from test_training import QUIET, toy_pairs_with_targets
 
 from gill_hf import GILLForConditionalGeneration
-from gill_hf.training import (CaptionImageDataset, GILLForInterleavedTraining, InterleavedDataCollator,
-                              LatentDiffusionLoss, TargetStore, VISTTaskDataset, apply_lora, precompute_targets,
-                              train_gill)
+from gill_hf.training import (GILLForInterleavedTraining, InterleavedDataCollator, LatentDiffusionLoss,
+                              VISTTaskDataset, apply_lora, train_gill)
 from gill_hf.training.lora import lora_parameters
-from gill_hf.training.targets import DiffusionTextEncoder
-from gill_hf.training.toy_data import write_toy_cc3m, write_toy_vist
+from gill_hf.training.toy_data import write_toy_vist
 
-QUIET = dict(disable_tqdm=True, logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0,
-             use_cpu=True, seed=0)
 # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); through two 2-layer LLM passes, CLIP and the mapper the
 # per-term losses of one batch stay within 2% of the fp32 values (measured: < 0.5%).
 BF16_LOSS_RTOL = 2e-2
@@ -27,11 +24,7 @@ BF16_LOSS_RTOL = 2e-2
 
 @pytest.fixture(scope="module")
 def toy_pairs(tmp_path_factory, tiny_backbones):
-    root = tmp_path_factory.mktemp("pairs")
-    ds = CaptionImageDataset.from_tsv(write_toy_cc3m(root, 8))
-    store = TargetStore(precompute_targets(ds.captions, root / "targets", DiffusionTextEncoder(tiny_backbones["sd"]),
-                                           batch_size=8, dtype="float32", progress=False))
-    return ds, store
+    return toy_pairs_with_targets(tmp_path_factory.mktemp("pairs"), 8, tiny_backbones["sd"])
 
 
 def build(tiny_backbones, dtype=None, llm="opt", **overrides):

@@ -20,14 +20,17 @@ QUIET = dict(disable_tqdm=True, logging_steps=1, per_device_train_batch_size=4, 
              use_cpu=True, seed=0)
 
 
+def toy_pairs_with_targets(root, n: int, sd_path: str):
+    """n toy pairs as a TSV under ``root`` + their target store (the tiny SD text encoder at ``sd_path``)."""
+    ds = CaptionImageDataset.from_tsv(write_toy_cc3m(root, n))
+    store = TargetStore(precompute_targets(ds.captions, root / "targets", DiffusionTextEncoder(sd_path),
+                                           batch_size=n, dtype="float32", progress=False))
+    return ds, store
+
+
 @pytest.fixture(scope="module")
 def toy_cc3m(tmp_path_factory, tiny_backbones):
-    """12 toy pairs as a TSV + their target store (tiny SD text encoder)."""
-    root = tmp_path_factory.mktemp("cc3m")
-    ds = CaptionImageDataset.from_tsv(write_toy_cc3m(root, 12))
-    store = TargetStore(precompute_targets(ds.captions, root / "targets", DiffusionTextEncoder(tiny_backbones["sd"]),
-                                           batch_size=12, dtype="float32", progress=False))
-    return ds, store
+    return toy_pairs_with_targets(tmp_path_factory.mktemp("cc3m"), 12, tiny_backbones["sd"])
 
 
 def loss_history(trainer, key):
