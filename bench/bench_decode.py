@@ -15,6 +15,7 @@ Prompt of VIST length (5 captions + 4 images, as the paper's VIST evaluation fee
 """
 
 import argparse
+import copy
 import tempfile
 import time
 
@@ -110,7 +111,6 @@ def block_costs(model, embeds, mask, device):
     prefill = model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
 
     def fresh_cache():
-        import copy
         return copy.deepcopy(prefill.cache)
 
     def stepwise():

@@ -100,6 +100,14 @@ def test_batched_equals_one_at_a_time(make_model, llm):
         _assert_same_images(batched.images[b], single.images[0], atol=1e-4)
 
 
+def test_states_of_a_row_after_rows_without_images(opt_model):
+    """Only rows holding an image run the state forward: each still gets its own sequence's states."""
+    batched = _generate(opt_model, PROMPTS, max_new_tokens=20, force_image_after=[None, None, 4], max_images=1)
+    assert [len(row) for row in batched.images] == [0, 0, 1]
+    single = _generate(opt_model, [PROMPTS[2]], max_new_tokens=20, force_image_after=4, max_images=1)
+    _assert_same_images(batched.images[2], single.images[0], atol=1e-4)
+
+
 def test_img_states_match_a_training_style_forward(make_model):
     """The captured states are hidden_states[hidden_layer] at the [IMG] positions of the whole sequence (and one
     position earlier for 'predicting'), exactly what the training objective takes."""
@@ -321,8 +329,26 @@ def test_forward_is_the_standard_inference_forward(opt_model):
         step = opt_model(input_ids=ids[:, -1:], attention_mask=enc["attention_mask"], cache=head.cache,
                          use_cache=True)
         torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-4)
+        as_tuple = opt_model(**enc, return_dict=False)
+        assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], full.logits)
     with pytest.raises(ValueError, match="gill_objective=True"):
         opt_model(**enc, pack=False)
+    with pytest.raises(ValueError, match=r"\['logits_to_keep', 'use_cache'\] do not apply to the training"):
+        opt_model(**enc, gill_objective=True, use_cache=True, logits_to_keep=1)
+
+
+def test_pre_encoded_images_generate_the_same(opt_model):
+    enc = _encode(opt_model, [PROMPTS[0]])
+    kwargs = dict(max_new_tokens=16, force_image_after=3, return_dict_in_generate=True, **NO_EOS)
+    with torch.no_grad():
+        encoded = opt_model.get_image_features(enc["pixel_values"])
+    from_pixels = opt_model.generate(**enc, **kwargs)
+    pre = opt_model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             mm_encoder_outputs={"image": encoded}, **kwargs)
+    assert torch.equal(pre.sequences, from_pixels.sequences)
+    _assert_same_images(pre.images[0], from_pixels.images[0])
+    with pytest.raises(ValueError, match="either pixel_values or mm_encoder_outputs"):
+        opt_model.generate(**enc, mm_encoder_outputs={"image": encoded}, max_new_tokens=2)
 
 
 def test_no_deprecation_or_future_warnings(opt_model):

@@ -260,3 +260,7 @@ def test_trainer_push_to_hub_uploads_the_gill_card(fake_hub, make_model, tmp_pat
     assert "learning_rate" in card.text and "0.0003" in card.text  # the TrainingArguments as hyperparameters
     with pytest.raises(TypeError, match="'finetuned_form'"):
         trainer.push_to_hub(finetuned_form="x")
+    with pytest.raises(TypeError, match="'model_name'"):  # the stock card's title: gill_hf's card has none
+        trainer.push_to_hub(model_name="x")
+    with pytest.raises(ValueError, match="blocking=False"):
+        trainer.push_to_hub(blocking=False)

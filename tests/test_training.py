@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from gill_hf import GILLForConditionalGeneration
 from gill_hf.training import (CaptionImageDataset, GILLForInterleavedTraining, InterleavedDataCollator,
                               LatentDiffusionLoss, StopAtStepCallback, TargetStore, VISTTaskDataset, apply_lora,
-                              enable_frozen_llm_checkpointing, parameter_groups, precompute_targets, train_gill)
+                              parameter_groups, precompute_targets, train_gill)
 from gill_hf.training.lora import lora_parameters
 from gill_hf.training.targets import DiffusionTextEncoder
 from gill_hf.training.toy_data import write_toy_cc3m, write_toy_vist
@@ -169,7 +169,7 @@ def test_activation_checkpointing_keeps_gradients(make_model, caption_batch):
     for checkpointed in (False, True):
         model = make_model(pack_prob=0.0).train()
         if checkpointed:
-            assert enable_frozen_llm_checkpointing(model.language_model) == 2
+            assert model.activation_checkpointing_enable() == 2
         model(**caption_batch(model, 4), gill_objective=True).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

@@ -123,8 +123,11 @@ class ImageTokenFilterStreamer(BaseStreamer):
         self._first = True
 
     def put(self, value: torch.Tensor):
-        kept = value[~torch.isin(value, self.hidden_ids.to(value.device))] if value.dim() == 1 else \
-            torch.stack([row[~torch.isin(row, self.hidden_ids.to(value.device))] for row in value])
+        if value.dim() == 2:
+            if value.shape[0] != 1:
+                raise ValueError(f"streaming works on one sequence at a time, got a batch of {value.shape[0]}")
+            value = value[0]
+        kept = value[~torch.isin(value, self.hidden_ids.to(value.device))]
         if self._first or kept.numel():  # the first call is the prompt (TextStreamer's skip_prompt relies on it)
             self.streamer.put(kept)
         self._first = False
@@ -236,14 +239,16 @@ class GILLGenerationMixin(GenerationMixin):
         base = generation_config if generation_config is not None else self.generation_config
         gill = {k: kwargs.pop(k) if k in kwargs else getattr(base, k, d) for k, d in GILL_GENERATION_DEFAULTS.items()}
         pixel_values = kwargs.pop("pixel_values", None)
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None and pixel_values is not None:
+            raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+        if pixel_values is not None:  # encoded once here; transformers feeds it on the first step
+            encoded = self.get_image_features(pixel_values.to(self.device))
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoded.pooler_output)}
+        prefix = None if encoded is None else encoded.pooler_output  # (N, k, e), kept: generate expands its copy
         inputs_embeds = kwargs.get("inputs_embeds")
         attention_mask = kwargs.get("attention_mask")
-        prompt = self._check_prompt(input_ids, inputs_embeds, attention_mask, pixel_values)
-        if pixel_values is not None:
-            prefix = self.get_image_features(pixel_values.to(self.device)).pooler_output  # (N, k, e)
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=prefix)}
-        else:
-            prefix = None
+        prompt = self._check_prompt(input_ids, inputs_embeds, attention_mask, prefix)
 
         num_beams = kwargs.get("num_beams", base.num_beams) or 1
         rows_per_prompt = num_beams if num_beams > 1 else (kwargs.get("num_return_sequences",
@@ -275,7 +280,7 @@ class GILLGenerationMixin(GenerationMixin):
                                   parts=self._answer_parts(sequences[:, prompt["ids_width"]:], slots))
 
     # ---- checks at the boundary ----
-    def _check_prompt(self, input_ids, inputs_embeds, attention_mask, pixel_values) -> dict:
+    def _check_prompt(self, input_ids, inputs_embeds, attention_mask, prefix) -> dict:
         """Validate the prompt; returns its batch size, width in ``sequences`` and length in LLM positions."""
         if input_ids is None and inputs_embeds is None:
             raise ValueError("generate needs input_ids (processor output) or inputs_embeds")
@@ -289,13 +294,13 @@ class GILLGenerationMixin(GenerationMixin):
                 raise ValueError("batched generation needs left padding: encode prompts with padding_side='left'")
         k = self.config.num_visual_tokens
         n_slots = 0 if input_ids is None else int((input_ids == self.config.image_token_id).sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        n_images = 0 if prefix is None else prefix.shape[0]
         if inputs_embeds is None and n_slots != n_images * k:
             raise ValueError(f"the prompt holds {n_slots // k} image placeholders ({n_slots} tokens at k={k}) but "
                              f"{n_images} images were given")
-        if inputs_embeds is not None and pixel_values is not None:
-            raise ValueError("pixel_values with inputs_embeds: merge the images into inputs_embeds "
-                             "(model.embed_inputs) or pass input_ids")
+        if inputs_embeds is not None and prefix is not None:
+            raise ValueError("images with inputs_embeds: merge them into inputs_embeds (model.embed_inputs) or pass "
+                             "input_ids")
         return {"batch": ref.shape[0], "ids_width": 0 if inputs_embeds is not None else ref.shape[1],
                 "length": ref.shape[1], "input_ids": input_ids, "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask}
@@ -332,15 +337,17 @@ class GILLGenerationMixin(GenerationMixin):
         if not starts:
             return slots
         embeds, mask = self._full_sequence_inputs(sequences, prompt, prefix, rows_per_prompt)
+        rows = sorted({row for row, _ in starts})  # only the rows that hold an image run again
+        embeds, mask = embeds[rows], mask[rows]
         offset = embeds.shape[1] - new.shape[1]  # LLM position of the first new token
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                   output_hidden_states=True, use_cache=False, logits_to_keep=1)
         features = out.hidden_states[self.config.hidden_layer].to(self.adapter.w_t2i.weight.dtype)
         for row, pos in starts:
-            at = offset + pos
-            states = features[row, at:at + r]
-            voken = states if self.config.voken_feature_position == "at_token" else features[row, at - 1:at + r - 1]
+            at, i = offset + pos, rows.index(row)
+            states = features[i, at:at + r]
+            voken = states if self.config.voken_feature_position == "at_token" else features[i, at - 1:at + r - 1]
             slots[row].append(GeneratedImageSlot(pos, states.clone(), voken.clone()))
         return slots
 
@@ -366,10 +373,9 @@ class GILLGenerationMixin(GenerationMixin):
 
     def _answer_parts(self, new_tokens: torch.Tensor, slots: list) -> list | None:
         """Each row's new ids -> text strings and :class:`GeneratedImageSlot` in reading order (None: no tokenizer)."""
-        processor = getattr(self, "processor", None)
-        if processor is None:
+        if self.processor is None:
             return None
-        decode = processor.tokenizer.decode
+        decode = self.processor.tokenizer.decode
         parts, r = [], self.config.num_img_tokens
         for tokens, row_slots in zip(new_tokens.tolist(), slots):
             row, start = [], 0

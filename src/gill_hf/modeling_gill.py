@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLI
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, cached_file
 
+from .checkpointing import count_checkpointed_layers, set_frozen_layer_checkpointing
 from .configuration_gill import GILLConfig
 from .generation_gill import GILLGenerationMixin, gill_generation_config
 from .losses import contrastive_loss, generation_loss
@@ -445,8 +446,6 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         ``gradient_checkpointing=True`` call). Unlike transformers' own switch it works while the LLM stays in
         eval mode (no dropout); ``activation_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``
         (default ``use_reentrant=False``). Returns the number of checkpointed layers."""
-        from .loading import set_frozen_layer_checkpointing
-
         count = set_frozen_layer_checkpointing(self.language_model, True, activation_checkpointing_kwargs,
                                                every_n_layers, offload)
         if count == 0:
@@ -455,8 +454,6 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         return count
 
     def activation_checkpointing_disable(self):
-        from .loading import set_frozen_layer_checkpointing
-
         set_frozen_layer_checkpointing(self.language_model, False)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> int:
@@ -468,8 +465,6 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        from .loading import count_checkpointed_layers
-
         return count_checkpointed_layers(self.language_model) > 0
 
     @property
@@ -635,9 +630,12 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         ``null_gen_target``, ``pack`` only apply there), as the Trainer recipe calls it.
         """
         if gill_objective:
-            unused = {"position_ids": position_ids, "cache": cache, "inputs_embeds": inputs_embeds,
-                      "mm_encoder_outputs": mm_encoder_outputs}
-            given = sorted(k for k, v in unused.items() if v is not None)
+            unused = {"position_ids": position_ids is not None, "cache": cache is not None,
+                      "inputs_embeds": inputs_embeds is not None, "mm_encoder_outputs": mm_encoder_outputs is not None,
+                      "use_cache": bool(use_cache), "logits_to_keep": logits_to_keep != 0,
+                      "output_attentions": bool(output_attentions), "output_hidden_states": bool(output_hidden_states),
+                      "return_dict": return_dict is False}
+            given = sorted(k for k, v in unused.items() if v)
             if given:
                 raise ValueError(f"{given} do not apply to the training objective (gill_objective=True)")
             return self.gill_objective(input_ids, attention_mask, pixel_values, labels=labels,
@@ -663,9 +661,10 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                                   output_hidden_states=True, return_dict=True)
         logits = self.full_logits(out.logits, out.hidden_states[-1][:, -out.logits.shape[1]:])
         loss = self._lm_loss(logits, labels) if labels is not None else None
-        return GILLCausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
-                                          hidden_states=out.hidden_states if output_hidden_states else None,
-                                          attentions=out.attentions, image_hidden_states=prefix)
+        output = GILLCausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
+                                            hidden_states=out.hidden_states if output_hidden_states else None,
+                                            attentions=out.attentions, image_hidden_states=prefix)
+        return output if return_dict is not False else output.to_tuple()
 
     # ------------------------------------------------------------------ training objective (Eq. 5)
     def gill_objective(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

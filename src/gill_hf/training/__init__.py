@@ -8,13 +8,13 @@ from .interleaved import GILLForInterleavedTraining
 from .ldm_loss import LatentDiffusionLoss
 from .lora import apply_lora, load_lora_weights
 from .targets import DiffusionTextEncoder, TargetStore, precompute_targets
-from .trainer import (GILLTrainer, configure_trainable, enable_frozen_llm_checkpointing, minigpt5_overrides,
-                      parameter_groups, set_training_fields, train_gill)
+from .trainer import (GILLTrainer, configure_trainable, minigpt5_overrides, parameter_groups, set_training_fields,
+                      train_gill)
 
 __all__ = [
     "CaptionImageDataset", "DiffusionTextEncoder", "GILLDataCollator", "GILLForInterleavedTraining", "GILLTrainer",
     "InterleavedDataCollator", "LatentDiffusionLoss", "RenormalizeImgEmbeddingsCallback", "StopAtStepCallback",
-    "TargetStore", "VISTTaskDataset", "apply_lora", "configure_trainable", "enable_frozen_llm_checkpointing",
+    "TargetStore", "VISTTaskDataset", "apply_lora", "configure_trainable",
     "gather_with_grad", "ldm_pixel_values", "load_lora_weights", "minigpt5_overrides", "parameter_groups", "precompute_targets",
     "read_vist_stories", "set_training_fields", "train_gill",
 ]

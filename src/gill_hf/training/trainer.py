@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ..loading import set_frozen_layer_checkpointing, unknown_kwargs_error
+from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
 from .data import GILLDataCollator, InterleavedDataCollator, VISTTaskDataset, as_caption_dataset
 from .distributed import gather_with_grad
@@ -78,14 +78,6 @@ def configure_trainable(model) -> list[str]:
                 param.data = param.data.float()
             names.append(name)
     return names
-
-
-def enable_frozen_llm_checkpointing(language_model) -> int:
-    """Per-layer activation checkpointing that also works while the frozen LLM stays in eval mode (transformers'
-    own checkpointing only runs in training mode, which would switch on the LLM's dropout). Returns #layers.
-    The standard switches (``model.activation_checkpointing_enable()``, ``gradient_checkpointing_enable()``,
-    ``TrainingArguments(activation_checkpointing=True)`` or ``gradient_checkpointing=True``) do the same."""
-    return set_frozen_layer_checkpointing(language_model, True)
 
 
 class GILLTrainer(Trainer):
@@ -164,18 +156,19 @@ class GILLTrainer(Trainer):
         folder's name): adapter, config, processor, LoRA adapter and the gill_hf model card with these
         ``TrainingArguments`` as hyperparameters. ``kwargs``: the card fields of ``gill_hf.hub.push_to_hub``
         (``datasets`` (or transformers' ``dataset``), ``eval_results``, ``license``, ``tags``,
-        ``retrieval_index``). The upload is synchronous (``blocking`` is accepted for compatibility)."""
+        ``retrieval_index``). The upload is synchronous: ``blocking=False`` is an error."""
         from ..hub import push_to_hub
 
+        if not blocking:
+            raise ValueError("GILLTrainer.push_to_hub uploads synchronously; blocking=False is not supported")
         if "dataset" in kwargs and "datasets" not in kwargs:
             dataset = kwargs.pop("dataset")
             kwargs["datasets"] = [dataset] if isinstance(dataset, str) else list(dataset)
-        kwargs.pop("model_name", None)  # the stock card's title; the gill_hf card names the repo
         allowed = ("datasets", "eval_results", "license", "tags", "retrieval_index", "commit_description",
                    "create_pr", "max_shard_size")
         unknown = set(kwargs) - set(allowed)
         if unknown:
-            raise unknown_kwargs_error("GILLTrainer.push_to_hub", unknown, {*allowed, "dataset", "model_name"})
+            raise unknown_kwargs_error("GILLTrainer.push_to_hub", unknown, {*allowed, "dataset"})
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
