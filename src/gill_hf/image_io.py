@@ -1,6 +1,12 @@
 """Images from anywhere -> RGB PIL: files, http(s) URLs, base64 / data URIs, bytes, numpy arrays, torch tensors,
 and chat parts ``{"type": "image", "url" | "path" | "image" | "base64": ...}``. Every failure is a ``ValueError``
-(or ``TypeError`` for an unsupported kind of value) that names the source."""
+(or ``TypeError`` for an unsupported kind of value) that names the source.
+
+Every loaded image is checked: both sides >= 1 px and an aspect ratio of at most ``MAX_ASPECT_RATIO``:1 (CLIP's
+resize of the shortest side to 224 px would turn a 1 x 4000 strip into a 224 x 896000 image). Files over
+``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's decompression-bomb limit, read at each call; None disables it) are refused
+with the file named, at PIL's warning level already.
+"""
 
 import base64
 import binascii
@@ -11,6 +17,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import numpy as np
 import torch
@@ -20,17 +27,24 @@ DEFAULT_TIMEOUT = 10.0  # seconds for a whole URL download
 IMAGE_PART_KEYS = ("image", "url", "path", "base64")
 IMAGE_TYPES = (Image.Image, os.PathLike, bytes, np.ndarray, torch.Tensor)  # besides str and image dict parts
 _BASE64 = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
+MAX_ASPECT_RATIO = 50  # long side / short side: a 224 x 11200 image at most after CLIP's shortest-side resize
+CLIP_SHORTEST_SIDE = 224  # the resize the aspect-ratio message refers to
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha is composited on white, 16/32-bit and float images are rescaled to 8 bit."""
+    """Any PIL mode -> RGB: alpha is composited on white; 16-bit images (``I;16*`` modes, and ``I``, PIL's mode for
+    16-bit PNG / PGM data, which must hold 0..65535) are scaled by their bit depth (v / 65535 * 255, never by their
+    maximum); float ``F`` images are read on the 8-bit scale (as PIL's own ``convert("L")``) and clipped."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        return _gray_to_rgb(_sixteen_bit_to_8(np.asarray(image), image.mode))
+    if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
-        if values.max(initial=0) > 255:  # 16-bit range
-            values = values / 257.0
-        return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8), mode="L").convert("RGB")
+        if not np.isfinite(values).all():
+            raise ValueError("float (mode 'F') image holds NaN or infinite values")
+        return _gray_to_rgb(np.clip(values, 0, 255).round().astype(np.uint8))
     if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -38,6 +52,35 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _sixteen_bit_to_8(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit gray levels ``(H, W)`` -> uint8 by bit depth: round(v * 255 / 65535)."""
+    values = values.astype(np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise ValueError(f"mode {mode!r} image holds values in [{low}, {high}]; it is read as 16-bit data, which "
+                         f"must lie in 0..65535 (convert 32-bit images to 8 or 16 bit first)")
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)  # exact integer rounding of v * 255 / 65535
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(values, mode="L").convert("RGB")
+
+
+def check_image_size(image: Image.Image, name: str) -> Image.Image:
+    """``image`` unchanged; a side of 0 px or an aspect ratio over ``MAX_ASPECT_RATIO``:1 is a ``ValueError``
+    naming ``name``."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"image {name!r} is {width}x{height} pixels: both sides must be at least 1 pixel")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        scale = CLIP_SHORTEST_SIDE / min(width, height)
+        raise ValueError(f"image {name!r} is {width}x{height} pixels, an aspect ratio of {ratio:.4g}:1; at most "
+                         f"{MAX_ASPECT_RATIO}:1 is accepted (resizing its shortest side to {CLIP_SHORTEST_SIDE} px, "
+                         f"as CLIP does, would make it {round(width * scale)}x{round(height * scale)} pixels)")
+    return image
 
 
 def is_image_part(part) -> bool:
@@ -49,14 +92,15 @@ def load_image(source, timeout: float = DEFAULT_TIMEOUT) -> Image.Image:
     """Decode one image source (see the module docstring) into a PIL image (mode unchanged; see ``to_rgb``).
 
     A ``str`` is an http(s) URL, a ``data:`` URI, an existing file, or else raw base64. Arrays and tensors are
-    ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with C in 1/3/4, uint8 or float in [0, 1].
+    ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` with C in 1/3/4, uint8 or float in [0, 1]. Sizes are checked
+    (``check_image_size``); a lazily opened PIL image is decoded here, so its errors surface as ``ValueError``.
     """
     if isinstance(source, Image.Image):
-        return source
+        return _loaded(source)
     if isinstance(source, dict):
         return _load_part(source, timeout)
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        return array_to_image(source)
+        return check_image_size(array_to_image(source), f"array of shape {tuple(source.shape)}")
     if isinstance(source, bytes):
         return _decode(io.BytesIO(source), f"<{len(source)} bytes>")
     if isinstance(source, os.PathLike):
@@ -171,17 +215,38 @@ def array_to_image(array: np.ndarray | torch.Tensor) -> Image.Image:
 def _open_file(path: str) -> Image.Image:
     if not os.path.isfile(path):
         raise ValueError(f"could not decode image {path!r}: no such file (nor an http(s) URL or base64 data)")
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise ValueError(f"could not read image {path!r}: {err}") from err
+    with handle:
         return _decode(handle, path)
 
 
 def _decode(stream, name: str) -> Image.Image:
+    """Decode a file-like object; PIL's decompression-bomb warning is raised as an error here (not leaked)."""
     try:
-        with Image.open(stream) as image:
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                image.load()
+                image = image.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"could not decode image {name!r}: {err} (PIL.Image.MAX_IMAGE_PIXELS = "
+                         f"{Image.MAX_IMAGE_PIXELS})") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ValueError(f"could not decode image {name!r}: {err}") from err
+    return check_image_size(image, name)
+
+
+def _loaded(image: Image.Image) -> Image.Image:
+    """A PIL image given as such: decoded now if it was opened lazily, and size-checked."""
+    name = getattr(image, "filename", "") or f"PIL image ({image.mode}, {image.width}x{image.height})"
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ValueError(f"could not decode image {name!r}: {err}") from err
+    return check_image_size(image, name)
 
 
 def _looks_like_base64(text: str) -> bool:
