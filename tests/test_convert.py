@@ -5,8 +5,10 @@ decision model and model_args.json are the real release files.
 """
 
 import json
+import logging
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -363,8 +365,93 @@ def test_other_backbones_and_processor(tmp_path, tiny_backbones):
     out = model(**batch, gill_objective=True, pixel_values=model.processor.preprocess_images([Image.new("RGB", (32, 32), "red")]))
     assert torch.isfinite(out.loss)
 
-    args["gen_token_idx"] = args["retrieval_token_idx"] = [i + 1 for i in probe.img_token_ids]
+
+
+@pytest.mark.parametrize("with_processor", [True, False])
+def test_ids_come_from_the_tokenizer_as_load_gill(tmp_path, tiny_backbones, caplog, with_processor):
+    """model_args.json ids that are not the tokenizer's: the tokenizer's are written (with a warning naming both),
+    and the converted model runs; before, it refused (--with-processor) or ended in a bare IndexError."""
+    probe = GILLProcessor(CLIPImageProcessor.from_pretrained(tiny_backbones["clip"]),
+                          AutoTokenizer.from_pretrained(tiny_backbones["opt"]))
+    files = build_tiny_release(tmp_path / "release", tiny_backbones)
+    args = json.loads(Path(files["model_args"]).read_text())
+    args["gen_token_idx"] = args["retrieval_token_idx"] = IMG_IDS  # the OPT-6.7B ids, not this tokenizer's
     (tmp_path / "shifted.json").write_text(json.dumps(args))
-    with pytest.raises(ValueError, match="the release was trained with"):
-        convert_original_release(checkpoint, tmp_path / "shifted.json", tmp_path / "out2", with_processor=True)
-    assert not (tmp_path / "out2").exists()
+    with caplog.at_level(logging.WARNING, logger="gill_hf.convert_original"):
+        summary = convert_original_release(files["checkpoint"], tmp_path / "shifted.json", tmp_path / "out",
+                                           with_processor=with_processor)
+    warning = caplog.text
+    assert f"gives [IMG] ids {IMG_IDS} (<|image|> 50265) but the tokenizer gives {probe.img_token_ids} " \
+           f"(<|image|> {probe.image_token_id})" in warning
+    config = GILLConfig.from_pretrained(tmp_path / "out")
+    assert (config.img_token_ids, config.image_token_id) == (probe.img_token_ids, probe.image_token_id)
+    assert (summary["img_token_ids"], summary["image_token_id"]) == (probe.img_token_ids, probe.image_token_id)
+    model = GILLForConditionalGeneration.from_pretrained(tmp_path / "out")
+    if not with_processor:
+        model.processor = probe
+    batch = probe.encode_captions(["a red circle"], max_length=16)
+    out = model(**batch, gill_objective=True, pixel_values=probe.preprocess_images([Image.new("RGB", (32, 32))]))
+    assert torch.isfinite(out.loss)
+
+
+def test_every_load_checks_the_ids(tmp_path, tiny_backbones, monkeypatch):
+    """A config whose ids are not the tokenizer's / do not fit the LLM: one error naming both, before any
+    backbone loads (it used to be `IndexError: index out of range in self` in the first forward)."""
+    files = build_tiny_release(tmp_path / "release", tiny_backbones)
+    convert_original_release(files["checkpoint"], files["model_args"], tmp_path / "out", with_processor=True)
+    config_file = tmp_path / "out" / "config.json"
+    good = json.loads(config_file.read_text())
+
+    def no_backbones(*args, **kwargs):
+        raise AssertionError("the backbones loaded before the ids were checked")
+
+    monkeypatch.setattr(GILLForConditionalGeneration, "_load_backbones", staticmethod(no_backbones))
+    shifted = [i + 1 for i in good["img_token_ids"]]
+    config_file.write_text(json.dumps({**good, "img_token_ids": shifted, "image_token_id": shifted[0] - 1}))
+    message = f"GILLConfig.img_token_ids are {shifted} but the tokenizer saved in {tmp_path / 'out'} gives " \
+              f"[IMG0..7] the ids {good['img_token_ids']}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GILLForConditionalGeneration.from_pretrained(tmp_path / "out")
+    (tmp_path / "out" / "processor_config.json").unlink()  # no tokenizer saved: the LLM's size still catches it
+    config_file.write_text(json.dumps({**good, "img_token_ids": IMG_IDS, "image_token_id": 50265}))
+    with pytest.raises(ValueError, match=r"reach id 50273 but the LLM's input embeddings have 512 rows"):
+        GILLForConditionalGeneration.from_pretrained(tmp_path / "out")
+    monkeypatch.undo()
+
+    config_file.write_text(json.dumps(good))
+    model = GILLForConditionalGeneration.from_pretrained(tmp_path / "out")
+    other = GILLProcessor(CLIPImageProcessor.from_pretrained(tiny_backbones["clip"]),
+                          AutoTokenizer.from_pretrained(tiny_backbones["opt"]), num_img_tokens=7)
+    with pytest.raises(ValueError, match="the processor has num_img_tokens=7 but the model's config 8"):
+        model.processor = other
+    extra = AutoTokenizer.from_pretrained(tiny_backbones["opt"])
+    extra.add_tokens(["<extra>"])  # an ordinary token beyond the LLM's 512 rows, before GILL's
+    with pytest.raises(ValueError, match=r"GILLConfig.img_token_ids are \[513, .*\] but the processor's tokenizer "
+                                         r"gives \[IMG0..7\] the ids \[514, "):
+        model.processor = GILLProcessor(CLIPImageProcessor.from_pretrained(tiny_backbones["clip"]), extra)
+    assert model.processor is None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_index_dtype(tmp_path, dtype):
+    checkpoint = save_release(cheap_release(), tmp_path / "ckpt.pth.tar")
+    rng = np.random.default_rng(1)
+    embeddings = rng.standard_normal((4, 256)).astype(np.float32)
+    with open(tmp_path / "cc3m_embeddings_urls.npy", "wb") as handle:
+        pickle.dump({"paths": [f"{i}.jpg" for i in range(4)], "embeddings": list(embeddings)}, handle)
+    assert cli_main(["convert-original", "--checkpoint", str(checkpoint), "--model-args", str(MODEL_ARGS),
+                     "--embeddings", str(tmp_path / "cc3m_embeddings_urls.npy"), "--index-dtype", dtype,
+                     "--out", str(tmp_path / "out")]) == 0
+    index = RetrievalIndex.load(tmp_path / "out" / "retrieval_index")
+    assert index.embeddings.dtype == getattr(torch, dtype)
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    np.testing.assert_allclose(index.embeddings.float().numpy(), unit, atol=1e-7 if dtype == "float32" else 2e-3)
+
+
+def test_index_dtype_refusals(tmp_path):
+    with pytest.raises(ValueError, match="index_dtype must be one of \\['float16', 'float32'\\], got 'bfloat16'"):
+        convert_original_release(tmp_path / "c.pth.tar", MODEL_ARGS, tmp_path / "out", embeddings=tmp_path / "e.npy",
+                                 index_dtype="bfloat16")
+    with pytest.raises(ValueError, match="index_dtype sets the storage of the retrieval index: it needs embeddings"):
+        convert_original_release(tmp_path / "c.pth.tar", MODEL_ARGS, tmp_path / "out", index_dtype="float32")
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ from .modeling_gill import (GILLAdapter, GILLCausalLMOutputWithPast, GILLForCond
 from .pipeline_gill import GILLPipeline, GILLPipelineOutput, ImagePart
 from .processing_gill import GILLProcessor
 from .retrieval import RetrievalIndex
+from .scoring import rank_images, score_continuations, sequence_log_likelihood
 from .tiny import build_tiny_backbones
 
 __version__ = "0.1.0"
@@ -47,4 +48,7 @@ __all__ = [
     "image_conditioning",
     "load_decision_head",
     "push_to_hub",
+    "rank_images",
+    "score_continuations",
+    "sequence_log_likelihood",
 ]

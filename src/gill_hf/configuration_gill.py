@@ -19,6 +19,8 @@ GEN_LOSS_TYPES = ("l2", "mse")
 VOKEN_POSITIONS = ("at_token", "predicting")
 MAPPER_INPUT_PROJ = ("linear", "mlp")
 TRAINING_STAGES = ("align", "interleaved")
+# The released code's cross-entropy semantics (GILLConfig's defaults deviate from it; see the field comments).
+ORIGINAL_SEMANTICS = {"mask_image_token_logit": False, "packed_lp_first_caption_only": True}
 
 
 @strict
@@ -82,6 +84,16 @@ class GILLConfig(PreTrainedConfig):
     gen_loss_type: Literal["l2", "mse"] = "l2"  # "l2": mean per-token L2 distance, as the released code trains
     lp_supervise_caption: bool = True  # the original's l_p also supervises the caption tokens before [IMG0]
     pack_prob: float = 0.5  # probability of packing two examples into one sequence per pass
+    # Two deliberate deviations from the released code's cross-entropies; False / True restore the original's
+    # (``convert-original --original-semantics`` sets both). Default True: <|image|> only stands for visual input
+    # vectors, so it is never a target and never generated (a generated placeholder has no image to fill it), and an
+    # LLM without a spare row for it has no logit to keep. The original keeps the LLM's own finite row (an OPT
+    # padding row), so its softmaxes run over one token more; from_backbones then resizes an LLM without that row
+    # to len(tokenizer), as the original does.
+    mask_image_token_logit: bool = True
+    # Default False: a packed text row supervises both captions and both [IMG0] in l_p, using all the data. The
+    # original's l_p masks everything from the row's first [IMG1], so only the first caption of a packed row counts.
+    packed_lp_first_caption_only: bool = False
 
     # MiniGPT-5 switches (off = GILL).
     training_stage: Literal["align", "interleaved"] = "align"

@@ -9,8 +9,20 @@ The output folder holds ``config.json`` and ``model.safetensors`` (exactly ``ada
 ``retrieval_index/`` when embeddings are given; ``GILLForConditionalGeneration.from_pretrained(out_dir)`` loads it
 with the backbones named in the config. Processor files need the backbones' tokenizer and image processor, which
 are not in the release: ``with_processor=True`` (``--with-processor``) fetches them by the ids in model_args.json
-(Hub or local paths) and saves a GILLProcessor whose ``<|image|>`` / ``[IMG]`` ids are checked against the release
-(50265 and 50266..50273 for OPT). Offline, convert without it and save the processor into the folder later.
+(Hub or local paths) and saves a GILLProcessor. Offline, convert without it and save the processor into the folder
+later.
+
+Token ids: as the original's ``load_gill``, the ``<|image|>`` / ``[IMG0..r-1]`` ids are recomputed from the LLM's
+tokenizer (the tokens added when missing, ``<|image|>`` first: 50265 and 50266..50273 for OPT), not read from
+model_args.json; where the two disagree the tokenizer wins and a warning names both (the release's 8 [IMG] rows are
+positional: ``load_gill`` copies them into the last rows of the resized table, whatever model_args.json says). When
+the tokenizer cannot be loaded (offline) the ids of model_args.json are kept, with a warning; every later load
+checks them against the LLM's vocabulary and any paired processor (``gill_hf.token_ids``).
+
+``original_semantics=True`` (``--original-semantics``) writes a config whose losses and log-likelihoods are the
+original's (``mask_image_token_logit=False``, ``packed_lp_first_caption_only=True``, and an LLM vocabulary covering
+``<|image|>`` as the original's ``resize_token_embeddings(len(tokenizer))``); the default keeps gill_hf's choices.
+``index_dtype`` (``--index-dtype``) stores the retrieval index in float16 (default) or float32.
 
 Inference then follows the original: the [IMG] hidden states are the LLM's last ``hidden_states`` (what its tied LM
 head sees), the mapper adds the [IMG] input embeddings to them, retrieval scores are ``exp(logit_scale)`` times
@@ -28,11 +40,15 @@ from collections import Counter
 import safetensors.torch
 import torch
 from transformers import AutoConfig, CLIPVisionConfig
+from transformers.utils import logging
 
-from .configuration_gill import DEFAULT_LLM, DEFAULT_VISION, GILLConfig, gill_paper_config
+from .configuration_gill import DEFAULT_LLM, DEFAULT_VISION, ORIGINAL_SEMANTICS, GILLConfig, gill_paper_config
 from .decision import load_decision_state_dict
 from .modeling_gill import ADAPTER_WEIGHTS_NAME, GILLAdapter
 from .retrieval import RetrievalIndex
+from .token_ids import add_gill_tokens, check_processor, check_token_ids
+
+logger = logging.get_logger(__name__)
 
 # Released key -> ours. Entries ending in "." rename a prefix; the others a whole key.
 KEY_MAP = (
@@ -59,6 +75,7 @@ MODEL_ARGS_TO_CONFIG = {"opt_version": "text_model_name_or_path", "visual_encode
 MODEL_ARGS_REQUIRED = {"text_fc_mode": "gill_mapper", "ret_text_fc_mode": "linear", "share_ret_gen": True}
 MODEL_ARGS_IGNORED = {"freeze_lm", "freeze_vm", "norm_image_embed", "task"}
 MODEL_ARGS_TOKENS = ("text_emb_layers", "retrieval_token_idx", "gen_token_idx")
+INDEX_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def _rename(key: str, table) -> str | None:
@@ -113,6 +130,64 @@ def config_from_model_args(model_args: dict) -> GILLConfig:
         raise ValueError(f"cannot read the backbone configs of {values['text_model_name_or_path']!r} / "
                          f"{values['vision_model_name_or_path']!r}: {err}") from err
     return GILLConfig(text_config=text_config, vision_config=vision_config, **values)
+
+
+def load_release_tokenizer(config: GILLConfig, tokenizer=None, required: bool = False):
+    """The LLM's tokenizer with the GILL tokens added: ``tokenizer`` (an object, a path or a Hub id; default the
+    config's LLM). None when it cannot be loaded and not ``required`` (logged)."""
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        name = os.fspath(tokenizer) if tokenizer is not None else config.text_model_name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as err:
+            if required:
+                raise ValueError(f"cannot load the tokenizer {name!r}: {err}") from err
+            logger.warning(f"cannot load the tokenizer {name!r} ({err}); the [IMG] / <|image|> ids are taken "
+                           "unchecked from model_args.json and checked when a processor is paired with the model")
+            return None
+    add_gill_tokens(tokenizer, config.num_img_tokens)
+    return tokenizer
+
+
+def with_tokenizer_ids(config: GILLConfig, tokenizer, source: str = "model_args.json") -> GILLConfig:
+    """``config`` with the GILL token ids recomputed from ``tokenizer`` as ``load_gill`` does; a warning names
+    both when ``source``'s ids differ (the tokenizer's are what the original runs with)."""
+    image_id, img_ids = add_gill_tokens(tokenizer, config.num_img_tokens)
+    if (image_id, img_ids) != (config.image_token_id, list(config.img_token_ids)):
+        logger.warning(f"{source} gives [IMG] ids {list(config.img_token_ids)} (<|image|> {config.image_token_id}) "
+                       f"but the tokenizer gives {img_ids} (<|image|> {image_id}); using the tokenizer's, as the "
+                       "original's load_gill does")
+    values = config.to_dict()
+    values.update(img_token_ids=img_ids, image_token_id=image_id)
+    return GILLConfig(**values)
+
+
+def with_original_semantics(config: GILLConfig, tokenizer=None) -> GILLConfig:
+    """``config`` whose cross-entropies are the original's (:data:`ORIGINAL_SEMANTICS`); the LLM vocabulary grows
+    to ``len(tokenizer)`` when it has no row for ``<|image|>``, as the original resizes the LLM."""
+    values = {**config.to_dict(), **ORIGINAL_SEMANTICS}
+    text_config = config.text_config.to_dict()
+    if config.image_token_id >= text_config["vocab_size"]:
+        if tokenizer is None:
+            raise ValueError(f"original semantics score <|image|> (id {config.image_token_id}) with the LLM's own row "
+                             f"but the LLM has {text_config['vocab_size']} rows, and without its tokenizer the "
+                             "resized vocabulary is unknown: pass the tokenizer")
+        text_config["vocab_size"] = len(tokenizer)
+    values["text_config"] = text_config
+    return GILLConfig(**values)
+
+
+def index_dtype_of(name: str | torch.dtype | None) -> torch.dtype:
+    """``"float16"`` / ``"float32"`` (or the torch dtype; None = float16) -> the retrieval index storage dtype."""
+    if name is None:
+        return torch.float16
+    if isinstance(name, torch.dtype) and name in INDEX_DTYPES.values():
+        return name
+    if name not in INDEX_DTYPES:
+        raise ValueError(f"index_dtype must be one of {sorted(INDEX_DTYPES)}, got {name!r}")
+    return INDEX_DTYPES[name]
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -180,45 +255,60 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: GILLConfig,
 
 
 # ---------------------------------------------------------------------------------------------- whole release
-def processor_for(config: GILLConfig):
-    """The GILLProcessor of the config's backbones; refuses one whose special-token ids differ from the config's."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+def processor_for(config: GILLConfig, tokenizer):
+    """The GILLProcessor of the config's vision backbone and ``tokenizer``, checked against the config."""
+    from transformers import AutoImageProcessor
 
     from .processing_gill import GILLProcessor
 
     processor = GILLProcessor(AutoImageProcessor.from_pretrained(config.vision_model_name_or_path, backend="pil"),
-                              AutoTokenizer.from_pretrained(config.text_model_name_or_path),
-                              num_visual_tokens=config.num_visual_tokens, num_img_tokens=config.num_img_tokens)
-    ids = (processor.image_token_id, processor.img_token_ids)
-    if ids != (config.image_token_id, config.img_token_ids):
-        raise ValueError(f"the tokenizer of {config.text_model_name_or_path} gives <|image|>, [IMG] ids {ids}; the "
-                         f"release was trained with {(config.image_token_id, config.img_token_ids)}")
+                              tokenizer, num_visual_tokens=config.num_visual_tokens,
+                              num_img_tokens=config.num_img_tokens)
+    check_processor(config, processor, config.text_config.vocab_size)
     return processor
 
 
 def convert_original_release(checkpoint: str | os.PathLike, model_args: str | os.PathLike,
                              out_dir: str | os.PathLike, decision: str | os.PathLike | None = None,
-                             embeddings: str | os.PathLike | None = None, with_processor: bool = False) -> dict:
+                             embeddings: str | os.PathLike | None = None, with_processor: bool = False,
+                             tokenizer=None, index_dtype: str | torch.dtype | None = None,
+                             original_semantics: bool = False) -> dict:
     """Write a gill_hf model folder from the release files; returns a summary (tensors, parameters, dtypes, files).
+
+    Args:
+        tokenizer: the LLM's tokenizer (object, path or Hub id) the [IMG] ids are recomputed from; default the
+            model_args' ``opt_version``.
+        index_dtype: ``"float16"`` (default) or ``"float32"`` storage of the retrieval index; needs ``embeddings``.
+        original_semantics: write the original's cross-entropy semantics into the config (module docstring).
 
     Every input is read and checked before the output appears: files are written to a temporary folder beside
     ``out_dir``, which must not exist yet (or be empty), and moved into place at the end.
     """
+    if index_dtype is not None and embeddings is None:
+        raise ValueError("index_dtype sets the storage of the retrieval index: it needs embeddings")
+    index_dtype = index_dtype_of(index_dtype)
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} exists and is not an empty folder; choose a new output folder")
     with open(model_args) as handle:
         config = config_from_model_args(json.load(handle))
+    tokenizer = load_release_tokenizer(config, tokenizer, required=with_processor)
+    if tokenizer is not None:
+        config = with_tokenizer_ids(config, tokenizer, source=os.fspath(model_args))
+    if original_semantics:
+        config = with_original_semantics(config, tokenizer)
+    check_token_ids(config, tokenizer, config.text_config.vocab_size)
     release = load_release_checkpoint(checkpoint)
     check_release_state_dict(release, release_key_shapes(config), source=os.fspath(checkpoint))
     head = load_decision_state_dict(decision) if decision is not None else None
     index = None
     if embeddings is not None:
-        index = RetrievalIndex.from_original_release(embeddings, logit_scale=float(release["model.logit_scale"]))
+        index = RetrievalIndex.from_original_release(embeddings, logit_scale=float(release["model.logit_scale"]),
+                                                     dtype=index_dtype)
         if index.dim != config.ret_emb_dim:
             raise ValueError(f"{os.fspath(embeddings)} holds {index.dim}-d embeddings, the model retrieves in "
                              f"{config.ret_emb_dim} dimensions")
-    processor = processor_for(config) if with_processor else None
+    processor = processor_for(config, tokenizer) if with_processor else None
     weights = convert_state_dict(release, config, head, source=os.fspath(checkpoint))
 
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
@@ -242,5 +332,8 @@ def convert_original_release(checkpoint: str | os.PathLike, model_args: str | os
     return {"out_dir": out_dir, "tensors": len(weights), "parameters": sum(t.numel() for t in weights.values()),
             "parameters_by_dtype": dict(dtypes), "decision_head": "released" if head is not None else "always generate",
             "retrieval_candidates": len(index) if index is not None else 0,
+            "retrieval_index_dtype": str(index.embeddings.dtype).removeprefix("torch.") if index is not None else None,
+            "img_token_ids": list(config.img_token_ids), "image_token_id": config.image_token_id,
+            "original_semantics": original_semantics,
             "files": sorted(os.path.relpath(os.path.join(root, f), out_dir)
                             for root, _, files in os.walk(out_dir) for f in files)}

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList
+from transformers import (GenerationConfig, GenerationMixin, LogitsProcessor, LogitsProcessorList,
+                          SuppressTokensLogitsProcessor)
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
@@ -264,7 +265,9 @@ class GILLGenerationMixin(GenerationMixin):
                                  f"the budget is {budget}")
         rules = GILLImageLogitsProcessor(self.config.img_token_ids, prompt["ids_width"], budget,
                                          rows_per_prompt=rows_per_prompt, num_prompts=prompt["batch"], **gill)
-        processors = LogitsProcessorList([*(logits_processor or []), rules])  # last: its forcing always wins
+        suppress = [] if self.config.mask_image_token_logit else [  # a generated placeholder has no image
+            SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device)]
+        processors = LogitsProcessorList([*(logits_processor or []), *suppress, rules])  # last: its forcing wins
         if streamer is not None:
             streamer = ImageTokenFilterStreamer(streamer, [*self.config.img_token_ids, self.config.image_token_id])
         out = super().generate(input_ids, generation_config=generation_config, logits_processor=processors,

@@ -22,6 +22,7 @@ from .generation_gill import GILLGenerationMixin, gill_generation_config
 from .losses import contrastive_loss, generation_loss
 from .mapper import build_mapper
 from .packing import pack_pairs
+from .token_ids import check_pretrained_token_ids
 
 ADAPTER_PREFIX = "adapter."
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
@@ -67,8 +68,9 @@ def count_adapter_parameters(config: GILLConfig) -> dict[str, int]:
 @dataclass
 class GILLCausalLMOutputWithPast(ModelOutput):
     """Inference ``forward`` outputs: ``logits`` ``(B, T, V')`` over the LLM vocabulary + the [IMG] tokens (the
-    placeholder scores -inf), ``cache`` for the next step, ``loss`` (next-token CE) when ``labels`` were given;
-    ``image_hidden_states`` ``(N, k, e)``: the visual prefix of the prompt's images."""
+    placeholder scores -inf unless ``config.mask_image_token_logit`` is False), ``cache`` for the next step,
+    ``loss`` (next-token CE) when ``labels`` were given; ``image_hidden_states`` ``(N, k, e)``: the visual prefix of
+    the prompt's images."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -165,6 +167,26 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
     def _backbone_device(self) -> torch.device:
         return self.language_model.get_input_embeddings().weight.device
 
+    @property
+    def processor(self):
+        """The attached :class:`GILLProcessor` (or None); assigning one checks it against the model
+        (:meth:`check_processor`)."""
+        return self.__dict__.get("_processor")
+
+    @processor.setter
+    def processor(self, value):
+        if value is not None:
+            self.check_processor(value)
+        self.__dict__["_processor"] = value
+
+    def check_processor(self, processor):
+        """Raise ``ValueError`` unless ``processor``'s k, r and GILL token ids are this model's and every other
+        token of its tokenizer has a row in the LLM's input embeddings (``gill_hf.token_ids``)."""
+        from .token_ids import check_processor
+
+        check_processor(self.config, processor, self.language_model.get_input_embeddings().weight.shape[0])
+
+
     @classmethod
     def from_backbones(cls, text_model: str, vision_model: str, diffusion_model: str | None = None, *,
                        dtype=None, torch_dtype=None, device_map=None, attn_implementation=None,
@@ -209,6 +231,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             attn_implementation=attn_implementation, quantization_config=quantization_config,
             output_loading_info=output_loading_info)
         model = cls(config, llm, vision)
+        if not config.mask_image_token_logit and config.image_token_id >= llm.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))  # as the original: <|image|> gets the LLM's own row
         model.processor = processor
         return (model, info) if output_loading_info else model
 
@@ -267,6 +291,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                              "language_model passed in memory (quantize that one yourself)")
         path = os.fspath(pretrained_model_name_or_path)
         config = config or GILLConfig.from_pretrained(path, **hub_kwargs)
+        check_pretrained_token_ids(config, path, **hub_kwargs)
         info = None
         if language_model is None or vision_model is None:
             llm, vision, info = cls._load_backbones(
@@ -556,13 +581,20 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         return (final_states.to(weight.dtype) @ weight.t()).to(final_states.dtype)
 
     def full_logits(self, lm_logits: torch.Tensor, final_states: torch.Tensor) -> torch.Tensor:
-        """LLM logits ``(B, T, V)`` + [IMG] logits at the [IMG] ids -> ``(B, T, V')``; the placeholder is -inf."""
-        ids = self.img_token_ids
-        vocab = max(lm_logits.shape[-1], int(ids.max()) + 1, self.config.image_token_id + 1)
+        """LLM logits ``(B, T, V)`` + [IMG] logits at the [IMG] ids -> ``(B, T, V')``. The placeholder scores -inf,
+        or keeps the LLM's own logit with ``config.mask_image_token_logit=False`` (the original's softmax)."""
+        ids, placeholder = self.img_token_ids, self.config.image_token_id
+        if not self.config.mask_image_token_logit and placeholder >= lm_logits.shape[-1]:
+            raise ValueError(f"mask_image_token_logit=False keeps the LLM's own logit for <|image|> (id {placeholder}) "
+                             f"but the LLM scores only {lm_logits.shape[-1]} tokens: resize it "
+                             "(model.resize_token_embeddings(len(processor.tokenizer)), as the original does) or "
+                             "keep mask_image_token_logit=True")
+        vocab = max(lm_logits.shape[-1], int(ids.max()) + 1, placeholder + 1)
         logits = F.pad(lm_logits, (0, vocab - lm_logits.shape[-1]), value=float("-inf"))
         img = self.img_logits(final_states).to(logits.dtype)  # under autocast the LM logits are bf16 / fp16
         logits = logits.scatter(-1, ids.expand(*img.shape[:-1], -1), img)
-        logits[..., self.config.image_token_id] = float("-inf")
+        if self.config.mask_image_token_logit:
+            logits[..., placeholder] = float("-inf")
         return logits
 
     def run_language_model(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
@@ -609,6 +641,21 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
     def image_retrieval_embeddings(self, image_features: torch.Tensor) -> torch.Tensor:
         """``(N, d)`` pooled CLIP features -> ``(N, p)`` = W_i2t v(x) (unnormalised)."""
         return self.adapter.w_i2t(image_features)
+
+    # ------------------------------------------------------------------ scoring (gill_hf.scoring)
+    def score_continuations(self, prompt, candidates, batch_size: int = 8, reduction: str = "sum"):
+        """Log-likelihood of each candidate text after an interleaved ``prompt``, reusing the prompt's KV cache;
+        see :func:`gill_hf.scoring.score_continuations`."""
+        from .scoring import score_continuations
+
+        return score_continuations(self, prompt, candidates, batch_size=batch_size, reduction=reduction)
+
+    def log_likelihood(self, prompt) -> torch.Tensor:
+        """The original's ``get_log_likelihood_scores`` (minus the token-mean CE of the prompt's text); see
+        :func:`gill_hf.scoring.sequence_log_likelihood`."""
+        from .scoring import sequence_log_likelihood
+
+        return sequence_log_likelihood(self, prompt)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
@@ -740,11 +787,15 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         return (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
 
     def _img_token_labels(self, ids, lengths):
-        """l_p targets: [IMG0] (and, as the original, the caption tokens); later [IMG] tokens and pads ignored."""
+        """l_p targets: [IMG0] (and, as the original, the caption tokens); later [IMG] tokens and pads ignored.
+        ``config.packed_lp_first_caption_only`` also ignores everything from a row's first [IMG1] on (the
+        original's mask: a packed row supervises its first caption only)."""
         slots = self.img_token_slots(ids)
         keep = self._mask(ids, lengths).bool() & (slots <= 0)
         if not self.config.lp_supervise_caption:
             keep &= slots == 0
+        if self.config.packed_lp_first_caption_only:
+            keep &= (slots == 1).cumsum(1) == 0
         return ids.masked_fill(~keep, IGNORE_INDEX)
 
     def _caption_loss(self, input_ids, lengths, image_features, pad_id, pack):

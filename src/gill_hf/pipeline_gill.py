@@ -99,6 +99,7 @@ class GILLPipeline(DiffusionPipeline):
                  text_encoder: CLIPTextModel | None = None, tokenizer: CLIPTokenizer | None = None,
                  retrieval_index: RetrievalIndex | None = None):
         super().__init__()
+        gill_model.check_processor(processor)
         if gill_model.processor is None:
             gill_model.processor = processor
         self.register_modules(gill_model=gill_model, processor=processor, unet=unet, vae=vae, scheduler=scheduler,

@@ -7,7 +7,9 @@ def run(args) -> int:
     from ..convert_original import convert_original_release
 
     summary = convert_original_release(args.checkpoint, args.model_args, args.out, decision=args.decision,
-                                       embeddings=args.embeddings, with_processor=args.with_processor)
+                                       embeddings=args.embeddings, with_processor=args.with_processor,
+                                       tokenizer=args.tokenizer, index_dtype=args.index_dtype,
+                                       original_semantics=args.original_semantics)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -21,5 +23,12 @@ def register(subparsers):
     parser.add_argument("--embeddings", help="cc3m_embeddings*.npy (a pickle; read with a numpy-only unpickler)")
     parser.add_argument("--with-processor", action="store_true",
                         help="also save the processor, fetching the backbones' tokenizer and image processor")
+    parser.add_argument("--tokenizer", help="the LLM's tokenizer (path or Hub id) the [IMG] ids are recomputed from, "
+                                            "as the original's load_gill (default: opt_version of model_args.json)")
+    parser.add_argument("--index-dtype", choices=["float16", "float32"],
+                        help="storage of the retrieval index from --embeddings (default float16)")
+    parser.add_argument("--original-semantics", action="store_true",
+                        help="write a config whose losses and log-likelihoods are the original's (finite <|image|> "
+                             "logit, packed rows supervise the first caption in l_p)")
     parser.add_argument("--out", required=True, help="new (or empty) output folder")
     parser.set_defaults(func=run)
