@@ -1,6 +1,8 @@
 """gill_hf: GILL (Generating Images with multimodal Language models) on Hugging Face transformers and diffusers."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+import diffusers
+from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_gill import GILLConfig
 from .convert_original import convert_original_release
@@ -18,10 +20,13 @@ from .tiny import build_tiny_backbones
 
 __version__ = "0.1.0"
 
-AutoConfig.register("gill", GILLConfig)
 AutoModel.register(GILLConfig, GILLForConditionalGeneration)
 AutoModelForImageTextToText.register(GILLConfig, GILLForConditionalGeneration)
 AutoProcessor.register(GILLConfig, GILLProcessor)
+# diffusers has no registry: DiffusionPipeline.from_pretrained looks `_class_name` up on the diffusers module, and
+# AutoPipelineForText2Image in its task mapping
+diffusers.GILLPipeline = GILLPipeline
+AUTO_TEXT2IMAGE_PIPELINES_MAPPING["gill"] = GILLPipeline
 
 __all__ = [
     "Decision",

@@ -9,6 +9,7 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 DEFAULT_LLM = "facebook/opt-6.7b"
 DEFAULT_VISION = "openai/clip-vit-large-patch14"
@@ -182,6 +183,13 @@ class GILLConfig(PreTrainedConfig):
     def vision_dim(self) -> int:
         """d: width of the pooled CLIP output."""
         return self.vision_config.hidden_size
+
+
+# Registered here rather than in gill_hf/__init__.py so that a copy of this module run as a Hub repo's remote code
+# (gill_hf not installed) registers too: the AutoConfig / AutoTokenizer calls made while that repo loads then find
+# "gill" instead of asking again for trust_remote_code. The first registration (the installed library's) is kept.
+if GILLConfig.model_type not in CONFIG_MAPPING:
+    AutoConfig.register(GILLConfig.model_type, GILLConfig)
 
 
 def gill_paper_config(**overrides) -> GILLConfig:

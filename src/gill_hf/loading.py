@@ -1,10 +1,16 @@
 """The loading switches of ``GILLForConditionalGeneration.from_backbones`` / ``from_pretrained``, checked before any
 weights load: ``dtype`` (torch dtype, name or ``"auto"``; ``torch_dtype`` alias), ``attn_implementation`` (one name, or
 per backbone ``{"text_config": ..., "vision_config": ...}``), ``device_map``, ``quantization_config`` (the LLM only)
-and ``output_loading_info``. Also the frozen-LLM activation checkpointing used by ``activation_checkpointing_enable``.
+and ``output_loading_info``. Also the frozen-LLM activation checkpointing used by ``activation_checkpointing_enable``,
+where a saved model is read from (a local folder's verified snapshot, or a Hub id) and the safetensors header check
+that finds truncated or corrupt weight files before anything loads.
 """
 
+import contextlib
 import difflib
+import json
+import os
+import warnings
 
 import torch
 
@@ -124,6 +130,16 @@ def check_quantization(quantization_config, dtype) -> None:
                              f"(got {dtype!r}) or use Int8WeightOnlyConfig")
 
 
+@contextlib.contextmanager
+def peft_on_transformers5():
+    """peft 0.21 reads the LLM's ``is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning
+    on every ``get_peft_model`` / ``PeftModel.from_pretrained``; that one warning (about peft, not the caller) is
+    silenced here, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def resolve_backbone_classes(config):
     """The classes ``from_pretrained`` will instantiate for the LLM and the vision encoder."""
     from transformers import AutoModelForCausalLM, CLIPVisionModel
@@ -172,3 +188,61 @@ def load_backbones(config, dtype=None, device_map=None, attn_implementation=None
                 for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         info["error_msgs"] = list(llm_info.get("error_msgs", [])) + list(vision_info.get("error_msgs", []))
     return llm, vision.to(llm.get_input_embeddings().weight.device), info
+
+
+# ---------------------------------------------------------------------------------------------- saved folders
+def check_model_location(path: str) -> None:
+    """Accept a local folder or something that can be a Hub repo id; else an error naming ``path``."""
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise NotADirectoryError(f"{path} is a file; from_pretrained takes the folder a GILL model was saved to, or "
+                                 "a Hub repo id")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"no such folder {path!r} (and it is not a Hub repo id 'owner/name' either)") from None
+
+
+@contextlib.contextmanager
+def open_saved_model(path: str):
+    """Yield where to read one save from: a local folder's verified snapshot (``gill_hf.atomic``; the folder itself
+    when it has no manifest), or the Hub id unchanged. Raises for a path that is neither (see
+    :func:`check_model_location`)."""
+    from .atomic import verified_snapshot
+
+    check_model_location(path)
+    if not os.path.isdir(path):
+        yield path
+        return
+    with verified_snapshot(path) as root:
+        yield root
+
+
+def read_safetensors_header(path: str, shown: str | None = None) -> dict[str, dict]:
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` from a safetensors file's header, without loading it.
+
+    Raises ``OSError`` naming ``shown`` (default ``path``) when the file is shorter or longer than its header says
+    (truncated by an interrupted copy, download or write) or the header is unreadable."""
+    shown = shown or path
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or length > size - 8:
+            raise OSError(f"{shown} is truncated or not a safetensors file: {size} bytes, too few for its header "
+                          "(an interrupted copy, download or write?)")
+        try:
+            header = json.loads(handle.read(length))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise OSError(f"{shown} has a corrupt safetensors header ({type(err).__name__}: {err})") from None
+    if 8 + length + end != size:
+        state = "truncated" if 8 + length + end > size else "longer than its header describes"
+        raise OSError(f"{shown} is {state}: {size} bytes, its header describes {8 + length + end} (an interrupted "
+                      "copy, download or write?)")
+    return tensors

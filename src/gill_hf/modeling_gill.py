@@ -4,9 +4,8 @@ Shapes use: N examples (images), B sequences, T tokens, k visual tokens, r [IMG]
 f width of the LLM states that feed the heads, d CLIP width, p retrieval width, L x D diffusion conditioning.
 """
 
+import copy
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +62,24 @@ def count_adapter_parameters(config: GILLConfig) -> dict[str, int]:
     counts.update({name: p.numel() for name, p in adapter.named_parameters(recurse=False)})
     counts["total"] = sum(p.numel() for p in adapter.parameters())
     return counts
+
+
+def expected_adapter_tensors(config: GILLConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """``{key as stored on disk: (shape, is floating)}`` of the adapter ``config`` builds (meta device, no weights)."""
+    with torch.device("meta"):
+        adapter = GILLAdapter(config)
+    return {ADAPTER_PREFIX + k: (tuple(v.shape), v.is_floating_point()) for k, v in adapter.state_dict().items()}
+
+
+def adapter_mismatch_message(own: dict[str, tuple], got: dict[str, tuple], source: str, bad_dtypes=()) -> str | None:
+    """One message listing the missing / unexpected keys, wrong shapes (``{key: shape}`` of the model and of the
+    checkpoint) and ``bad_dtypes`` of the adapter weights in ``source``; None when they match."""
+    wrong = [f"{k}: checkpoint {tuple(got[k])} vs model {tuple(own[k])}" for k in sorted(set(own) & set(got))
+             if tuple(got[k]) != tuple(own[k])]
+    parts = [f"{label} ({len(items)}): {items}" for label, items in
+             (("missing keys", sorted(set(own) - set(got))), ("unexpected keys", sorted(set(got) - set(own))),
+              ("wrong shapes", wrong), ("not a float dtype", list(bad_dtypes))) if items]
+    return f"adapter weights in {source} do not match this GILL model; " + "; ".join(parts) if parts else None
 
 
 @dataclass
@@ -186,7 +203,6 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
 
         check_processor(self.config, processor, self.language_model.get_input_embeddings().weight.shape[0])
 
-
     @classmethod
     def from_backbones(cls, text_model: str, vision_model: str, diffusion_model: str | None = None, *,
                        dtype=None, torch_dtype=None, device_map=None, attn_implementation=None,
@@ -246,6 +262,10 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                               quantization_config, output_loading_info)
 
     HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+    # what diffusers passes a pipeline component, and the values that need nothing from GILL (backbones always load
+    # through transformers' low-memory path, the adapter is always safetensors)
+    DIFFUSERS_COMPONENT_KWARGS = {"max_memory": (None,), "offload_folder": (None,), "use_safetensors": (None, True),
+                                  "low_cpu_mem_usage": (None, True)}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, config: GILLConfig | None = None,
@@ -273,10 +293,15 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         Incompatible settings (a dtype a quantization method cannot run, an attention implementation a backbone
         lacks) raise before any weights load.
         """
-        from .loading import check_quantization, normalize_quantization_config, resolve_dtype, unknown_kwargs_error
+        from .hub import load_adapter_files
+        from .loading import (check_quantization, normalize_quantization_config, open_saved_model, resolve_dtype,
+                              unknown_kwargs_error)
 
         for passed_by_auto in ("_from_auto", "trust_remote_code", "adapter_kwargs"):  # AutoModel* adds these
             hub_kwargs.pop(passed_by_auto, None)
+        for name, allowed in cls.DIFFUSERS_COMPONENT_KWARGS.items():  # DiffusionPipeline.from_pretrained adds these
+            if name in hub_kwargs and hub_kwargs.pop(name) not in allowed:
+                raise ValueError(f"{cls.__name__}.from_pretrained supports {name} only as one of {allowed}")
         unknown = set(hub_kwargs) - set(cls.HUB_KWARGS)
         if unknown:
             raise unknown_kwargs_error(f"{cls.__name__}.from_pretrained", unknown, {
@@ -290,48 +315,64 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             raise ValueError("quantization_config quantizes the LLM while it loads; it cannot apply to a "
                              "language_model passed in memory (quantize that one yourself)")
         path = os.fspath(pretrained_model_name_or_path)
-        config = config or GILLConfig.from_pretrained(path, **hub_kwargs)
-        check_pretrained_token_ids(config, path, **hub_kwargs)
-        info = None
-        if language_model is None or vision_model is None:
-            llm, vision, info = cls._load_backbones(
-                config, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
-                quantization_config=quantization_config, output_loading_info=output_loading_info)
-            language_model, vision_model = language_model or llm, vision_model or vision
-        model = cls(config, language_model=language_model, vision_model=vision_model)
-        from .hub import load_adapter_weights  # model.safetensors, or its shards
+        with open_saved_model(path) as root:  # a local folder: exactly one save's files (gill_hf.atomic)
+            config = config or GILLConfig.from_pretrained(root, **hub_kwargs)
+            check_pretrained_token_ids(config, path, **hub_kwargs)
+            weight_files, has_lora = cls._check_saved_files(root, path, config, hub_kwargs)
+            info = None
+            if language_model is None or vision_model is None:
+                llm, vision, info = cls._load_backbones(
+                    config, dtype=dtype, device_map=device_map, attn_implementation=attn_implementation,
+                    quantization_config=quantization_config, output_loading_info=output_loading_info)
+                language_model, vision_model = language_model or llm, vision_model or vision
+            model = cls(config, language_model=language_model, vision_model=vision_model)
+            model._match_config_vocab()
+            adapter_weights = load_adapter_files(weight_files[0], path)
+            model.load_adapter_state_dict(adapter_weights, weight_files[1])
+            model._sync_llm_img_rows()
+            if has_lora:  # a LoRA-tuned LLM (MiniGPT-5 stage 2): re-apply the peft adapter
+                from peft import PeftModel
 
-        model._match_config_vocab()
-        adapter_weights, source = load_adapter_weights(path, **hub_kwargs)
-        model.load_adapter_state_dict(adapter_weights, source)
-        model._sync_llm_img_rows()
-        if cached_file(path, f"{LORA_SUBFOLDER}/adapter_config.json", _raise_exceptions_for_missing_entries=False,
-                       **hub_kwargs):  # a LoRA-tuned LLM (MiniGPT-5 stage 2): re-apply the peft adapter
-            from peft import PeftModel
+                from .loading import peft_on_transformers5
 
-            from .training.lora import peft_on_transformers5
-
-            with peft_on_transformers5():
-                model.language_model = PeftModel.from_pretrained(model.language_model, path,
-                                                                 subfolder=LORA_SUBFOLDER, **hub_kwargs)
-        if dtype == "auto":  # the adapter in the dtype it was saved in
-            saved = [v.dtype for v in adapter_weights.values() if v.is_floating_point()]
-            if saved:
-                model.adapter.to(saved[0])
-        elif dtype is not None and quantization_config is None:
-            model.adapter.to(dtype)
-        if cached_file(path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
-            from .processing_gill import GILLProcessor
-
-            model.processor = GILLProcessor.from_pretrained(path, **hub_kwargs)
-        if cached_file(path, "generation_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
-            from transformers import GenerationConfig
-
-            model.generation_config = gill_generation_config(config, GenerationConfig.from_pretrained(path,
-                                                                                                      **hub_kwargs))
+                with peft_on_transformers5():
+                    model.language_model = PeftModel.from_pretrained(model.language_model, root,
+                                                                     subfolder=LORA_SUBFOLDER, **hub_kwargs)
+            if dtype == "auto":  # the adapter in the dtype it was saved in
+                saved = [v.dtype for v in adapter_weights.values() if v.is_floating_point()]
+                if saved:
+                    model.adapter.to(saved[0])
+            elif dtype is not None and quantization_config is None:
+                model.adapter.to(dtype)
+            model._load_saved_extras(root, path, hub_kwargs)
         if info is None and output_loading_info:
             info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return (model.eval(), info) if output_loading_info else model.eval()
+
+    @staticmethod
+    def _check_saved_files(root: str, path: str, config: GILLConfig, hub_kwargs: dict):
+        """Before the backbones load: the adapter files' headers against ``config`` and the LoRA folder the config
+        records. Returns ``(({name: local file}, source shown in errors), has LoRA)``."""
+        from .hub import adapter_weight_files, check_adapter_files, check_lora_files
+
+        files, listing = adapter_weight_files(root, **hub_kwargs)
+        source = os.path.join(path, listing)
+        check_adapter_files(files, path, expected_adapter_tensors(config), source)
+        return (files, source), check_lora_files(root, path, config.use_lora, **hub_kwargs)
+
+    def _load_saved_extras(self, root: str, path: str, hub_kwargs: dict):
+        """The saved processor and generation config, when the folder has them; names point at ``path``."""
+        self.config._name_or_path = path
+        if cached_file(root, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
+            from .processing_gill import GILLProcessor
+
+            self.processor = GILLProcessor.from_pretrained(root, **hub_kwargs)
+            self.processor.tokenizer.name_or_path = path
+        if cached_file(root, "generation_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
+            from transformers import GenerationConfig
+
+            self.generation_config = gill_generation_config(self.config,
+                                                            GenerationConfig.from_pretrained(root, **hub_kwargs))
 
     # ------------------------------------------------------------------ adapter-only persistence
     def adapter_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -342,28 +383,27 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
     def load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict"):
         """Copy adapter weights in; any missing / unexpected key or wrong shape raises one error listing them all."""
         own = self.adapter_state_dict()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in sorted(set(own) & set(state_dict)) if state_dict[k].shape != own[k].shape]
-        if missing or unexpected or wrong:
-            parts = [f"{label} ({len(items)}): {items}" for label, items in
-                     (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
-            raise ValueError(f"adapter weights in {source} do not match this GILL model; " + "; ".join(parts))
+        message = adapter_mismatch_message({k: v.shape for k, v in own.items()},
+                                           {k: v.shape for k, v in state_dict.items()}, source)
+        if message:
+            raise ValueError(message)
         with torch.no_grad():
             for key, value in state_dict.items():
                 own[key].copy_(value)
         self._frozen_row_norm.clear()
 
     PUSH_KWARGS = ("repo_id", "token", "commit_message", "commit_description", "private", "create_pr", "revision",
-                   "retrieval_index", "datasets", "hyperparameters", "eval_results", "license", "tags", "model_card")
+                   "retrieval_index", "datasets", "hyperparameters", "eval_results", "license", "tags", "model_card",
+                   "remote_code", "license_name")
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict=None, processor=None,
                         push_to_hub: bool = False, **kwargs):
         """Write config.json, the adapter as ``model.safetensors`` and the processor; never the backbones.
 
-        Files are written to a temporary folder beside ``save_directory`` and moved in at the end, so an
-        interrupted save leaves no half-written file. ``state_dict`` (as the Trainer passes it) is filtered.
+        The save is atomic as a whole (:func:`gill_hf.atomic.atomic_folder`): files are staged inside
+        ``save_directory``, moved in, and ``gill_manifest.json`` (their sizes and sha256) is written last, so
+        ``from_pretrained`` loads this save or the previous one, never a mix, and a killed save leaves the previous
+        one loadable. ``state_dict`` (as the Trainer passes it) is filtered; only the main process writes.
         ``push_to_hub=True`` then uploads through :func:`gill_hf.hub.push_to_hub` (adapter, processor, LoRA and the
         gill_hf model card) to ``repo_id`` (default: the folder's name); ``token``, ``commit_message``,
         ``private``, ``create_pr``, ``revision`` and the card fields go to that push.
@@ -382,22 +422,24 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         return None
 
     def _save_local(self, save_directory, state_dict=None, processor=None, **kwargs):
-        target = os.fspath(save_directory)
-        os.makedirs(target, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".gill-save-", dir=os.path.dirname(os.path.abspath(target)))
-        try:
+        """One atomic save (:func:`gill_hf.atomic.atomic_folder`): config.json (its ``use_lora`` says whether
+        ``lora/`` is written), generation config, adapter weights, processor and LoRA adapter, with a manifest."""
+        from .atomic import atomic_folder
+
+        if not self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            return  # as transformers: only the main process writes
+        has_lora = hasattr(self.language_model, "peft_config")
+        with atomic_folder(save_directory) as staging:
             super().save_pretrained(staging, state_dict=self.adapter_state_dict(state_dict), **kwargs)
+            if self.config.use_lora != has_lora:  # the saved config records what the folder holds
+                saved = copy.deepcopy(self.config)
+                saved.use_lora = has_lora
+                saved.save_pretrained(staging)
             processor = processor or self.processor
             if processor is not None:
                 processor.save_pretrained(staging)
-            if hasattr(self.language_model, "peft_config"):  # LoRA on the LLM: a peft adapter beside ours
+            if has_lora:  # LoRA on the LLM: a peft adapter beside ours
                 self.language_model.save_pretrained(os.path.join(staging, LORA_SUBFOLDER))
-            for name in os.listdir(staging):
-                if os.path.isdir(os.path.join(target, name)):
-                    shutil.rmtree(os.path.join(target, name))
-                os.replace(os.path.join(staging, name), os.path.join(target, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload adapter, config, processor, LoRA adapter and a gill_hf model card in one commit; see

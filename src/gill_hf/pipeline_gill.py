@@ -123,10 +123,16 @@ class GILLPipeline(DiffusionPipeline):
                    tokenizer=getattr(sd, "tokenizer", None), retrieval_index=retrieval_index)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """diffusers' save (the GILL component writes only its adapter) + the retrieval index, if any."""
-        super().save_pretrained(save_directory, **kwargs)
-        if self.retrieval_index is not None:
-            self.retrieval_index.save(os.path.join(save_directory, RETRIEVAL_FOLDER))
+        """diffusers' save (the GILL component writes only its adapter) + the retrieval index, if any, as one atomic
+        save (:func:`gill_hf.atomic.atomic_folder`: a killed save leaves the previous pipeline in place)."""
+        from .atomic import atomic_folder
+
+        if kwargs.get("push_to_hub"):  # diffusers names the repo after the folder it writes: the target's name
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(os.fspath(save_directory))))
+        with atomic_folder(save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
+            if self.retrieval_index is not None:
+                self.retrieval_index.save(os.path.join(staging, RETRIEVAL_FOLDER))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -149,6 +155,18 @@ class GILLPipeline(DiffusionPipeline):
         if "retrieval_index" not in kwargs and os.path.isdir(index_dir):
             kwargs["retrieval_index"] = RetrievalIndex.load(index_dir)
         return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``; a pushed repo's remote-code entries (``["gill_remote", class]``, see
+        :mod:`gill_hf.remote_code`) are read as the classes this module imported, so loading such a repo through
+        this class runs none of the repo's code."""
+        from .remote_code import local_model_index
+
+        loaded = super().load_config(*args, **kwargs)
+        classes = {c.__name__: c for c in (GILLPipeline, GILLForConditionalGeneration, GILLProcessor)}
+        local_model_index(loaded[0] if isinstance(loaded, tuple) else loaded, classes)
+        return loaded
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the pipeline (GILL adapter, diffusion model, retrieval index) with a gill_hf model card in one

@@ -1,23 +1,12 @@
 """LoRA on the frozen LLM via ``peft`` (MiniGPT-5 stage 2); saved as a peft adapter in ``lora/`` beside ours."""
 
-import contextlib
 import os
-import warnings
 
 import safetensors.torch
 import torch
 
+from ..loading import peft_on_transformers5
 from ..modeling_gill import LORA_SUBFOLDER
-
-
-@contextlib.contextmanager
-def peft_on_transformers5():
-    """peft 0.21 reads the LLM's ``is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning
-    on every ``get_peft_model`` / ``PeftModel.from_pretrained``; that one warning (about peft, not the caller) is
-    silenced here, nothing else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
 
 
 def apply_lora(model, r: int | None = None, alpha: int | None = None, dropout: float | None = None,
