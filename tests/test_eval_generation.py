@@ -179,9 +179,8 @@ def test_bad_inputs_are_named(env, tmp_path):
         load_vist(short, short_dir)
     with pytest.raises(ValueError, match="unknown VIST setting"):
         vist_context(load_vist(annotations, image_dir, limit=1)[0], "2 captions")
-    with pytest.raises(SystemExit):
-        main(["eval", "vist", env["model"], "--out", str(tmp_path), "--annotations", annotations, "--image-dir",
-              image_dir, "--settings", "2cap"])
+    assert main(["eval", "vist", env["model"], "--out", str(tmp_path), "--annotations", annotations, "--image-dir",
+                 image_dir, "--settings", "2cap"]) == 2  # argparse's usage error
     no_data = tmp_path / "visdial.json"
     no_data.write_text(json.dumps({"dialogs": []}))
     with pytest.raises(ValueError, match="'data'"):

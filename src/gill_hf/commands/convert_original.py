@@ -2,10 +2,16 @@
 
 import json
 
+from . import existing_path, output_path
+
 
 def run(args) -> int:
     from ..convert_original import convert_original_release
 
+    for name in ("checkpoint", "model_args", "decision", "embeddings"):  # before any file is read
+        if getattr(args, name):
+            existing_path(getattr(args, name), f"--{name.replace('_', '-')}", "file")
+    output_path(args.out, "--out", "folder")
     summary = convert_original_release(args.checkpoint, args.model_args, args.out, decision=args.decision,
                                        embeddings=args.embeddings, with_processor=args.with_processor,
                                        tokenizer=args.tokenizer, index_dtype=args.index_dtype,

@@ -4,6 +4,8 @@ Generated images are kept under DIR/images and reused when the command is run ag
 
 import argparse
 
+from . import bounded, existing_path, model_source, output_path
+
 BENCHMARKS = ("vist", "visdial", "retrieval", "decision", "fid")
 
 
@@ -11,14 +13,14 @@ def _common(generation: bool, steps: int = 50, guidance: float = 7.5) -> argpars
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("model", help="a saved GILL folder or Hub repo id")
     parser.add_argument("--out", required=True, help="output folder (results, images, samples.html)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--limit", type=bounded(int, 1), default=None, help="evaluate only the first N examples")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="backbone / diffusion dtype (default: as saved)")
     if generation:
         parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (mean ± std)")
-        parser.add_argument("--steps", type=int, default=steps, help="diffusion steps")
-        parser.add_argument("--guidance-scale", type=float, default=guidance)
+        parser.add_argument("--steps", type=bounded(int, 1), default=steps, help="diffusion steps")
+        parser.add_argument("--guidance-scale", type=bounded(float, 0.0), default=guidance)
         parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                             help="skip the Stable Diffusion baseline rows")
     return parser
@@ -32,11 +34,28 @@ def _similarity_options(parser):
     parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg", "squeeze"])
 
 
+# Input paths of each benchmark: option -> (attribute, "file" / "folder").
+INPUT_PATHS = {"--annotations": ("annotations", "file"), "--image-dir": ("image_dir", "folder"),
+               "--captions": ("captions", "file"), "--fid-feature": ("fid_feature", "file"),
+               "--index": ("index", "folder")}
+
+
+def check_args(args):
+    """The model source, every input path and the output folder, before anything loads (``UsageError``)."""
+    args.model = model_source(args.model, "model")
+    for option, (name, kind) in INPUT_PATHS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [existing_path(v, option, kind) for v in value])
+        elif value is not None:
+            setattr(args, name, existing_path(value, option, kind))
+    args.out = output_path(args.out, "--out", "folder")
+
+
 def _setup(args):
     from ..evaluation.metrics import default_device, parse_dtype
 
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit(f"gill-hf eval: --limit must be >= 1, got {args.limit}")
+    check_args(args)
     return args.device or default_device(), parse_dtype(args.dtype)
 
 
@@ -104,7 +123,7 @@ def run(args) -> int:
 
 
 def register(subparsers):
-    from ..evaluation.contexts import VISDIAL_ROUNDS, VIST_SETTING_KEYS
+    from ..evaluation.contexts import MAX_VISDIAL_ROUNDS, VISDIAL_ROUNDS, VIST_SETTING_KEYS
 
     parser = subparsers.add_parser("eval", help=__doc__.splitlines()[0], description=__doc__)
     benchmarks = parser.add_subparsers(dest="benchmark", required=True)
@@ -117,13 +136,14 @@ def register(subparsers):
         sub.add_argument("--settings", nargs="+", default=list(VIST_SETTING_KEYS), choices=VIST_SETTING_KEYS,
                          help="1cap = 1 caption, 5cap = 5 captions, 5cap4img = 5 captions + 4 images")
     _similarity_options(vist)
-    retrieval.add_argument("--batch-size", type=int, default=8)
+    retrieval.add_argument("--batch-size", type=bounded(int, 1), default=8)
 
     visdial = benchmarks.add_parser("visdial", parents=[_common(True)],
                                     help="Table 2 / Fig. 8: VisDial contextual image generation")
     visdial.add_argument("--annotations", required=True, help="VisDial v1.0 JSON (e.g. visdial_1.0_val.json)")
     visdial.add_argument("--image-dir", required=True, help="folder of the dialog images (named by image id)")
-    visdial.add_argument("--rounds", type=int, nargs="+", default=list(VISDIAL_ROUNDS))
+    visdial.add_argument("--rounds", type=bounded(int, 1, MAX_VISDIAL_ROUNDS), nargs="+",
+                         default=list(VISDIAL_ROUNDS))
     visdial.add_argument("--curve", action="store_true", help="every number of rounds 1..10, plotted (Fig. 8)")
     _similarity_options(visdial)
 
@@ -131,15 +151,16 @@ def register(subparsers):
                                      help="Table 6: retrieve-vs-generate macro-F1 on PartiPrompts")
     decision.add_argument("--annotations", nargs="+", required=True,
                           help="PartiPromptsDecisionsConfident.tsv and/or PartiPromptsAllDecisions_*.tsv")
-    decision.add_argument("--num-train", type=int, default=600, help="labelled prompts before the validation split")
+    decision.add_argument("--num-train", type=bounded(int, 1), default=600,
+                          help="labelled prompts before the validation split")
     decision.add_argument("--index", help="a saved RetrievalIndex (adds the max-cosine heuristic)")
-    decision.add_argument("--batch-size", type=int, default=32)
+    decision.add_argument("--batch-size", type=bounded(int, 1), default=32)
 
     fid = benchmarks.add_parser("fid", parents=[_common(True, steps=250, guidance=3.0)],
                                 help="Table 8: FID on a caption set (MS-COCO protocol)")
     fid.add_argument("--captions", required=True, help="COCO captions JSON or caption<TAB>image TSV")
     fid.add_argument("--image-dir", default=None, help="folder of the reference images (default: the file's)")
-    fid.add_argument("--sample", type=int, default=None,
+    fid.add_argument("--sample", type=bounded(int, 1), default=None,
                      help="evaluate this many randomly drawn captioned images (the paper: 30000)")
     fid.add_argument("--sample-seed", type=int, default=0, help="seed of the --sample draw")
     fid.add_argument("--scheduler", default="ddim", choices=["ddim", "default"],

@@ -2,7 +2,9 @@
 write the answer as a self-contained HTML page (images inline beside the text)."""
 
 import argparse
+import os
 
+from . import UsageError, bounded, existing_path, model_source, output_path
 from ..atomic import write_text_atomic
 from ..html_report import html_page, part_html
 
@@ -24,6 +26,27 @@ def render_html(prompt_items: list, parts: list) -> str:
                                     f"<div class='turn'>{answer}</div>")
 
 
+def check_args(args):
+    """Inputs, paths and option combinations, before the pipeline loads."""
+    from ..pipeline_gill import RETRIEVAL_FOLDER
+
+    if not args.inputs or not any(kind == "text" for kind, _ in args.inputs):
+        raise UsageError("generate: give at least one --text (and optionally --image) in reading order")
+    for kind, value in args.inputs:
+        if kind == "image" and not value.startswith(("http://", "https://", "data:")):
+            existing_path(value, "--image", "file")
+    args.pipeline = model_source(args.pipeline, "pipeline")
+    if args.index:
+        args.index = existing_path(args.index, "--index", "folder")
+    args.output = output_path(args.output, "--output", "file")
+    saved_index = os.path.isdir(os.path.join(args.pipeline, RETRIEVAL_FOLDER))
+    if args.decision == "retrieve" and not args.index and os.path.isdir(args.pipeline) and not saved_index:
+        raise UsageError("--decision retrieve needs a retrieval index: pass --index or save one with the pipeline")
+    if args.force_image_after is not None and args.force_image_after >= args.max_new_tokens:
+        raise UsageError(f"--force-image-after {args.force_image_after} cannot be met within --max-new-tokens "
+                         f"{args.max_new_tokens} (the image's [IMG] tokens count too)")
+
+
 def run(args) -> int:
     import torch
 
@@ -31,8 +54,7 @@ def run(args) -> int:
     from ..processing_gill import load_image
     from ..retrieval import RetrievalIndex
 
-    if not args.inputs or not any(kind == "text" for kind, _ in args.inputs):
-        raise SystemExit("gill-hf generate: give at least one --text (and optionally --image) in reading order")
+    check_args(args)
     items = [value if kind == "text" else load_image(value) for kind, value in args.inputs]
     pipe = GILLPipeline.from_pretrained(args.pipeline)
     if args.index:
@@ -55,14 +77,14 @@ def register(subparsers):
     parser.add_argument("--image", dest="inputs", action=_Interleaved, help="an image file part (repeatable)")
     parser.add_argument("-o", "--output", default="answer.html")
     parser.add_argument("--index", help="a saved RetrievalIndex folder (enables retrieval and the decision)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--force-image-after", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=bounded(int, 1), default=32)
+    parser.add_argument("--temperature", type=bounded(float, 0.0), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=bounded(float, 0.0, 1.0, open_min=True), default=1.0)
+    parser.add_argument("--force-image-after", type=bounded(int, 0), default=None,
                         help="force an image after this many text tokens")
-    parser.add_argument("--gen-scale-factor", type=float, default=1.0)
+    parser.add_argument("--gen-scale-factor", type=bounded(float, 0.0, open_min=True), default=1.0)
     parser.add_argument("--decision", choices=["auto", "generate", "retrieve"], default="auto")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=bounded(int, 1), default=50)
+    parser.add_argument("--guidance-scale", type=bounded(float, 0.0), default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run, inputs=[])

@@ -1,5 +1,16 @@
 """``gill-hf precompute-targets``: encode every caption once with the diffusion text encoder into a target store."""
 
+from . import UsageError, bounded, existing_path, model_source, output_path
+
+
+def check_args(args):
+    """Paths and the process share, before the text encoder loads."""
+    args.tsv = existing_path(args.tsv, "tsv", "file")
+    args.out_dir = output_path(args.out_dir, "out_dir", "folder")
+    args.diffusion_model = model_source(args.diffusion_model, "--diffusion-model")
+    if args.process_index >= args.num_processes:
+        raise UsageError(f"--process-index must be < --num-processes ({args.num_processes}), got {args.process_index}")
+
 
 def run(args) -> int:
     import torch
@@ -7,6 +18,7 @@ def run(args) -> int:
     from ..training.data import CaptionImageDataset
     from ..training.targets import DiffusionTextEncoder, precompute_targets
 
+    check_args(args)
     captions = CaptionImageDataset.from_tsv(args.tsv, caption_column=args.caption_column,
                                             image_column=args.image_column).captions
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -23,12 +35,12 @@ def register(subparsers):
     parser.add_argument("tsv", help="caption<TAB>image TSV (CC3M format)")
     parser.add_argument("out_dir", help="folder of the target store (resumes if it exists)")
     parser.add_argument("--diffusion-model", required=True, help="Stable Diffusion id or folder (text_encoder/)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=bounded(int, 1), default=64)
+    parser.add_argument("--shard-size", type=bounded(int, 1), default=4096)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     parser.add_argument("--caption-column", default="caption")
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--process-index", type=int, default=0, help="this process's share of the shards")
-    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--process-index", type=bounded(int, 0), default=0, help="this process's share of the shards")
+    parser.add_argument("--num-processes", type=bounded(int, 1), default=1)
     parser.set_defaults(func=run)

@@ -8,13 +8,18 @@ identically; writes report.html and report.json (see ``gill_hf.demo.quickstart``
 
 from dataclasses import fields
 
+from . import UsageError, output_path
+
 
 def run(args) -> int:
     from ..demo import QuickstartSettings, run_quickstart
 
     names = {f.name for f in fields(QuickstartSettings)}
-    settings = QuickstartSettings(**{k: v for k, v in vars(args).items() if k in names})
-    report = run_quickstart(args.out, settings)
+    try:
+        settings = QuickstartSettings(**{k: v for k, v in vars(args).items() if k in names})
+    except ValueError as error:  # option values the settings reject, named by their field
+        raise UsageError(f"quickstart: {error}") from None
+    report = run_quickstart(output_path(args.out, "--out", "folder"), settings)
     return 0 if report["reload"]["identical"] else 1
 
 

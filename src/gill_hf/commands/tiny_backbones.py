@@ -2,11 +2,14 @@
 
 import json
 
+from . import output_path
+
 
 def run(args) -> int:
     from ..tiny import build_tiny_backbones
 
-    print(json.dumps(build_tiny_backbones(args.out_dir, seed=args.seed), indent=2))
+    out_dir = output_path(args.out_dir, "out_dir", "folder")
+    print(json.dumps(build_tiny_backbones(out_dir, seed=args.seed), indent=2))
     return 0
 
 

@@ -25,8 +25,14 @@ Run it under ``accelerate launch`` or ``torchrun`` for multi-process training; n
 
 import argparse
 import copy
+import dataclasses
+import difflib
+import os
+import typing
 
 import yaml
+
+from . import UsageError, existing_path, model_source, output_path
 
 DEFAULTS = {"model": {"text_model": None, "vision_model": None, "diffusion_model": None, "from_pretrained": None,
                       "lora": False, "config": {}},
@@ -34,34 +40,223 @@ DEFAULTS = {"model": {"text_model": None, "vision_model": None, "diffusion_model
                      "max_length": 32, "vist_tasks": ["gen", "text_image", "text"]},
             "training": {"output_dir": None, "activation_checkpointing": False, "mapper_lr_mult": 1.0},
             "resume_from_checkpoint": None}
+# The type of every field of the model / data sections and of the top-level scalars (training: TrainingArguments).
+FIELD_TYPES = {"model": {"text_model": str | None, "vision_model": str | None, "diffusion_model": str | None,
+                         "from_pretrained": str | None, "lora": bool, "config": dict | None},
+               "data": {"tsv": str | None, "image_dir": str | None, "targets": str | None, "vist": str | None,
+                        "vist_image_dir": str | None, "max_length": int, "vist_tasks": list[str]},
+               "resume_from_checkpoint": str | bool | None}
+TRAIN_GILL_FIELDS = {"activation_checkpointing": bool, "mapper_lr_mult": float}  # train_gill's own options
+# GILLConfig fields the model section sets itself (backbones) or the processor fills in.
+NOT_CONFIG_FIELDS = ("text_config", "vision_config", "img_token_ids", "image_token_id", "text_model_name_or_path",
+                     "vision_model_name_or_path", "diffusion_model_name_or_path")
+
+
+def section_fields(section: str) -> dict:
+    """Field name -> type of a config section ("model", "data", "training" or "model.config")."""
+    if section == "training":
+        from transformers import TrainingArguments
+
+        args = {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+        return {**args, **TRAIN_GILL_FIELDS}
+    if section == "model.config":
+        from ..configuration_gill import GILLConfig
+
+        return {k: v for k, v in GILLConfig.__annotations__.items() if k not in NOT_CONFIG_FIELDS}
+    return FIELD_TYPES[section]
+
+
+def _type_name(expected) -> str:
+    if typing.get_origin(expected) is typing.Literal:
+        return f"one of {list(typing.get_args(expected))}"
+    return getattr(expected, "__name__", None) or str(expected).replace("typing.", "")
+
+
+def check_value(where: str, value, expected):
+    """``value`` if it fits ``expected`` (an int where a float is expected becomes that float), else
+    ``UsageError``."""
+    from huggingface_hub.dataclasses import type_validator
+
+    if isinstance(value, int) and not isinstance(value, bool) and float in typing.get_args(expected) + (expected,):
+        value = float(value)
+    try:
+        type_validator(where, value, expected)
+        return value
+    except (TypeError, ValueError):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads numbers like 1e-4 as text; write 1.0e-4)"
+            except ValueError:
+                pass
+        raise UsageError(f"{where}: expected {_type_name(expected)}, got {value!r}{hint}") from None
+
+
+def _unknown(where: str, name: str, known) -> UsageError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    suggestion = f"; did you mean {close[0]!r}?" if close else f"; expected one of {sorted(known)}"
+    return UsageError(f"{where}: unknown field {name!r}{suggestion}")
+
+
+def check_fragment(fragment: dict, source: str):
+    """Check the names and types of a (partial) config, the YAML file's content or one ``--set`` (errors name
+    ``source``); ints given for float fields become floats in place."""
+    if not isinstance(fragment, dict):
+        raise UsageError(f"{source}: expected a mapping of sections {sorted(DEFAULTS)}, got {fragment!r}")
+    for section, body in fragment.items():
+        if section not in DEFAULTS:
+            raise _unknown(source, section, DEFAULTS)
+        if not isinstance(DEFAULTS[section], dict):
+            fragment[section] = check_value(f"{source}: {section}", body, FIELD_TYPES[section])
+            continue
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise UsageError(f"{source}: {section} must be a mapping of fields, got {body!r}")
+        known = section_fields(section)
+        for name, value in body.items():
+            if name not in known:
+                raise _unknown(f"{source}: {section}", name, known)
+            body[name] = check_value(f"{source}: {section}.{name}", value, known[name])
+        config = body.get("config") if section == "model" else None
+        for name, value in (config or {}).items():
+            known = section_fields("model.config")
+            if name not in known:
+                raise _unknown(f"{source}: model.config", name, known)
+            config[name] = check_value(f"{source}: model.config.{name}", value, known[name])
+
+
+def _merge(config: dict, fragment: dict):
+    """``fragment``'s values over ``config`` (sections and ``model.config`` merged key by key)."""
+    for section, body in fragment.items():
+        if isinstance(config[section], dict):
+            for name, value in (body or {}).items():
+                if name == "config" and section == "model":
+                    config["model"]["config"] = {**(config["model"]["config"] or {}), **(value or {})}
+                else:
+                    config[section][name] = value
+        else:
+            config[section] = body
+
+
+def _read_yaml(path: str) -> dict:
+    path = existing_path(path, "config", "file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+
+
+def _override(item: str) -> dict:
+    """``a.b=value`` -> ``{"a": {"b": value}}`` (the value parsed as YAML)."""
+    if "=" not in item:
+        raise UsageError(f"--set expects key.path=value, got {item!r}")
+    dotted, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UsageError(f"--set {item}: the value is not valid YAML: {' '.join(str(error).split())}") from None
+    keys = dotted.split(".")
+    if not all(keys) or len(keys) > 3 or (len(keys) == 3 and keys[:2] != ["model", "config"]):
+        raise UsageError(f"--set {item}: expected section.field (or model.config.field), got {dotted!r}")
+    for key in reversed(keys):
+        value = {key: value}
+    return value
 
 
 def load_config(path: str | None, overrides: list[str]) -> dict:
-    """YAML file (optional) merged over ``DEFAULTS``, then ``a.b=value`` overrides (values parsed as YAML)."""
+    """YAML file (optional) merged over ``DEFAULTS``, then ``a.b=value`` overrides (values parsed as YAML); every
+    name, type and input path is checked here (``UsageError``), before anything loads."""
     config = copy.deepcopy(DEFAULTS)
     if path:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        unknown = set(loaded) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; expected {sorted(DEFAULTS)}")
-        for key, value in loaded.items():
-            if isinstance(config[key], dict):
-                config[key].update(value or {})
-            else:
-                config[key] = value
+        loaded = _read_yaml(path)
+        check_fragment(loaded, path)
+        _merge(config, loaded)
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects key.path=value, got {item!r}")
-        dotted, value = item.split("=", 1)
-        *parents, leaf = dotted.split(".")
-        node = config
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(value)
-    if not config["training"].get("output_dir"):
-        raise ValueError("training.output_dir is required")
+        fragment = _override(item)
+        check_fragment(fragment, f"--set {item}")
+        _merge(config, fragment)
+    check_config(config)
     return config
+
+
+def check_config(config: dict):
+    """What the run needs, checked before any model loads: output_dir, backbones or a trained folder, the stage's
+    data files, the GILLConfig overrides, the TrainingArguments and the checkpoint to resume from."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    model, data, training = config["model"], config["data"], dict(config["training"])
+    if not training.get("output_dir"):
+        raise UsageError("training.output_dir is required")
+    output_dir = config["training"]["output_dir"] = output_path(training.pop("output_dir"), "training.output_dir",
+                                                                "folder")
+    stage = _check_model(model)
+    for name, kind in (("tsv", "file"), ("image_dir", "folder"), ("targets", "folder"), ("vist", "file"),
+                       ("vist_image_dir", "folder")):
+        if data.get(name):
+            data[name] = existing_path(data[name], f"data.{name}", kind)
+    needed = "vist (a VIST SIS JSON)" if stage == "interleaved" else "tsv (caption<TAB>image)"
+    if not data.get(needed.split()[0]):
+        raise UsageError(f"training_stage {stage!r} needs data.{needed}")
+    if data["max_length"] < 1:
+        raise UsageError(f"data.max_length must be >= 1, got {data['max_length']}")
+    _check_tasks(data["vist_tasks"])
+    _check_training_arguments(output_dir, training)
+    resume = config["resume_from_checkpoint"]
+    if isinstance(resume, str):
+        config["resume_from_checkpoint"] = existing_path(resume, "resume_from_checkpoint", "folder")
+    elif resume and not (os.path.isdir(output_dir) and get_last_checkpoint(output_dir)):
+        raise UsageError(f"resume_from_checkpoint: true needs a checkpoint-* folder in {output_dir}; none found")
+
+
+def _check_model(model: dict) -> str:
+    """Backbone / trained-model sources and the GILLConfig overrides; returns the training stage."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from ..configuration_gill import GILLConfig
+    from ..training import set_training_fields
+
+    overrides = dict(model.get("config") or {})
+    for name in ("text_model", "vision_model", "diffusion_model", "from_pretrained"):
+        if model.get(name):
+            model[name] = model_source(model[name], f"model.{name}")
+    try:
+        if model.get("from_pretrained"):
+            saved = GILLConfig.from_pretrained(model["from_pretrained"])  # config.json only
+            set_training_fields(saved, **overrides)
+            return saved.training_stage
+        missing = [k for k in ("text_model", "vision_model") if not model.get(k)]
+        if missing:
+            raise UsageError(f"model.{missing[0]} is required unless model.from_pretrained is given")
+        # hidden_layer's range depends on the LLM, read only when it loads
+        return GILLConfig(**{k: v for k, v in overrides.items() if k != "hidden_layer"}).training_stage
+    except UsageError:
+        raise
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        if isinstance(error, StrictDataclassError) and error.__cause__ is not None:
+            error = error.__cause__  # the validator's own message
+        raise UsageError(f"model.config: {' '.join(str(error).split())}") from None
+
+
+def _check_tasks(tasks: list[str]):
+    from ..training.data import TASKS
+
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise UsageError(f"data.vist_tasks must be a non-empty list of {list(TASKS)}, got {tasks}")
+
+
+def _check_training_arguments(output_dir: str, training: dict):
+    """Build the run's ``TrainingArguments`` once (cheap) so that a value it rejects is a usage error."""
+    from ..training.trainer import training_arguments
+
+    args = {k: v for k, v in training.items() if k not in TRAIN_GILL_FIELDS}
+    try:
+        training_arguments(output_dir, **args)
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"training: {' '.join(str(error).split())}") from None
 
 
 def build_model(model_cfg: dict):
@@ -73,10 +268,7 @@ def build_model(model_cfg: dict):
     if model_cfg.get("from_pretrained"):
         model = GILLForInterleavedTraining.from_pretrained(model_cfg["from_pretrained"])
         set_training_fields(model.config, **overrides)
-    else:
-        missing = [k for k in ("text_model", "vision_model") if not model_cfg.get(k)]
-        if missing:
-            raise ValueError(f"model.{missing[0]} is required unless model.from_pretrained is given")
+    else:  # check_config made sure the backbones are named
         model = GILLForInterleavedTraining.from_backbones(model_cfg["text_model"], model_cfg["vision_model"],
                                                           model_cfg.get("diffusion_model"), **overrides)
     model.train()
@@ -99,13 +291,9 @@ def build_trainer(config: dict):
         ldm_loss = LatentDiffusionLoss.from_pretrained(diffusion, snr_gamma=model.config.ldm_snr_gamma)
     collator, targets = None, None
     if model.config.training_stage == "interleaved":
-        if not data.get("vist"):
-            raise ValueError("training_stage 'interleaved' needs data.vist (a VIST SIS JSON)")
         dataset = VISTTaskDataset.from_json(data["vist"], data.get("vist_image_dir"), tasks=data["vist_tasks"])
         collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_loss.image_size if ldm_loss else None)
     else:
-        if not data.get("tsv"):
-            raise ValueError("training_stage 'align' needs data.tsv (caption<TAB>image)")
         dataset = CaptionImageDataset.from_tsv(data["tsv"], data.get("image_dir"))
         targets = TargetStore(data["targets"]) if data.get("targets") else None
     output_dir = training.pop("output_dir")
