@@ -13,7 +13,8 @@ from transformers import Trainer, TrainingArguments
 
 from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
-from .data import GILLDataCollator, InterleavedDataCollator, VISTTaskDataset, as_caption_dataset
+from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, SkippedExamplesCallback, VISTTaskDataset,
+                   as_caption_dataset)
 from .distributed import gather_with_grad
 from .lora import load_lora_weights
 
@@ -276,9 +277,11 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
             # the train store indexes train examples: eval batches get their own store, or no l_g
             eval_collator = GILLDataCollator(model.processor, max_length=max_length, targets=eval_targets,
                                              ldm_image_size=ldm_size)
+    summary = [SkippedExamplesCallback(data_collator)] if isinstance(data_collator, SkipCounter) else []
     return GILLTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                        data_collator=data_collator, eval_data_collator=eval_collator, ldm_loss=ldm_loss,
-                       mapper_lr_mult=mapper_lr_mult, callbacks=[RenormalizeImgEmbeddingsCallback(), *callbacks])
+                       mapper_lr_mult=mapper_lr_mult,
+                       callbacks=[RenormalizeImgEmbeddingsCallback(), *summary, *callbacks])
 
 
 TRAINING_FIELDS = ("training_stage", "caption_loss_weight", "img_token_loss_weight", "gen_loss_weight", "ret_loss_weight",
