@@ -440,3 +440,76 @@ def test_image_text_to_text_pipeline_answers_interleaved_prompts(opt_model):
     chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}]}]
     out = pipe(text=chat, generate_kwargs=dict(max_new_tokens=4, **NO_EOS))[0]["generated_text"]
     assert out[-1]["role"] == "assistant" and isinstance(out[-1]["content"], str)
+
+
+class CountCalls(LogitsProcessor):
+    """Counts decoding steps (a check that raises before decoding leaves it at 0)."""
+
+    calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        return scores
+
+
+def test_forced_images_that_cannot_be_met_raise_before_decoding(opt_model):
+    r = opt_model.config.num_img_tokens
+    cases = [
+        (dict(force_image_after=2, max_images=0), "force_image_after=2 cannot be met with max_images=0"),
+        (dict(force_image_after=[None, 1], max_images=0), r"force_image_after=\[None, 1\] cannot be met with max_imag"),
+        (dict(force_image_after=0, min_text_tokens=5), f"needs {r + 5} new tokens \\(min_text_tokens=5 \\+ the {r} "
+                                                       f"\\[IMG\\] tokens\\) but the budget is {r + 4}"),
+        (dict(force_image_after=r + 4), f"force_image_after={r + 4} cannot be met: the image needs {2 * r + 4}"),
+        (dict(force_image_after=1.5), "force_image_after must be an int or None, got 1.5"),
+        (dict(force_image_after=[1, True]), r"force_image_after must be an int or None, got \[1, True\]"),
+        (dict(min_text_tokens="2"), "min_text_tokens must be an int, got '2'"),
+        (dict(max_images=1.0), "max_images must be an int or None, got 1.0"),
+    ]
+    for options, message in cases:
+        counter = CountCalls()
+        with pytest.raises(ValueError, match=message):
+            _generate(opt_model, PROMPTS[1:], max_new_tokens=r + 4, logits_processor=LogitsProcessorList([counter]),
+                      **options)
+        assert counter.calls == 0, options
+    # the limits themselves are met: min_text_tokens delays the forced image to the last position that fits
+    out = _generate(opt_model, PROMPTS[1:], max_new_tokens=r + 4, force_image_after=0, min_text_tokens=4)
+    assert [[s.position for s in row] for row in out.images] == [[4], [4]]
+    assert out.missing_forced_images == [False, False]
+    assert _generate(opt_model, PROMPTS[1:], max_new_tokens=r + 4, force_image_after=[None, None],
+                     max_images=0).images == [[], []]
+
+
+def test_forced_image_cut_short_by_stopping_is_flagged_and_warned(opt_model, caplog):
+    class AfterTwo(StoppingCriteria):
+        def __init__(self, width):
+            self.stop_at = width + 2
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.stop_at, dtype=torch.bool)
+
+    enc = _encode(opt_model, PROMPTS)
+    stop = StoppingCriteriaList([AfterTwo(enc["input_ids"].shape[1])])
+    forced = [3, None, 1]  # row 0: stopped before its image; row 2: its [IMG] block is cut after one token
+    with caplog.at_level("WARNING"):
+        out = opt_model.generate(**enc, max_new_tokens=20, force_image_after=forced, stopping_criteria=stop,
+                                 return_dict_in_generate=True, **NO_EOS)
+    assert out.new_tokens.shape[1] == 2 and out.new_tokens[2, 1] == opt_model.config.img_token_ids[0]
+    assert out.missing_forced_images == [True, False, True] and out.images == [[], [], []]
+    assert "force_image_after was not met in row(s) [0, 2]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the tensor output warns too
+        opt_model.generate(**enc, max_new_tokens=20, force_image_after=forced, stopping_criteria=stop, **NO_EOS)
+    assert "not met in row(s) [0, 2]" in caplog.text
+    caplog.clear()
+    # EOS before the forced position, with two returned rows per prompt (top_k=1 sampling is greedy)
+    first = int(_generate(opt_model, [PROMPTS[1]], max_new_tokens=2).new_tokens[0, 0])
+    with caplog.at_level("WARNING"):
+        out = _generate(opt_model, PROMPTS[:2], max_new_tokens=12, force_image_after=[None, 3], eos_token_id=first,
+                        do_sample=True, top_k=1, num_return_sequences=2)
+    assert out.new_tokens[2:, 0].tolist() == [first, first]
+    assert out.missing_forced_images == [False, False, True, True] and "row(s) [2, 3]" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        out = opt_model.generate(**enc, max_new_tokens=20, force_image_after=forced, return_dict_in_generate=True,
+                                 **NO_EOS)
+    assert out.missing_forced_images == [False, False, False] and "not met" not in caplog.text

@@ -15,6 +15,7 @@ streamers, stopping criteria...) with three additions made here:
 Shapes: B prompts, R = B x rows per prompt (beams / return sequences), T prompt length, r [IMG] tokens, f feature width.
 """
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,24 +61,28 @@ class GILLImageLogitsProcessor(LogitsProcessor):
             one per prompt (None entries: never forced).
         gen_scale_factor, ret_scale_factor: the original's boost ``logit = |logit| * factor`` of [IMG0] (> 1 only).
         rows_per_prompt: rows of ``input_ids`` per prompt (``num_beams`` or ``num_return_sequences``).
+
+    A forced image that cannot be met (``max_images=0``, or its text, ``min_text_tokens`` and its r tokens exceed
+    ``max_new_tokens``) is a ``ValueError`` here, before decoding.
     """
 
     def __init__(self, img_token_ids: Sequence[int], prompt_length: int, max_new_tokens: int,
                  min_text_tokens: int = 0, max_images: int | None = None,
                  force_image_after: int | Sequence[int | None] | None = None, gen_scale_factor: float = 1.0,
                  ret_scale_factor: float = 1.0, rows_per_prompt: int = 1, num_prompts: int = 1):
-        if min_text_tokens < 0:
-            raise ValueError(f"min_text_tokens must be >= 0, got {min_text_tokens}")
-        if max_images is not None and max_images < 0:
-            raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
+        _check_count("min_text_tokens", min_text_tokens)
+        _check_count("max_images", max_images, optional=True)
         if gen_scale_factor <= 0 or ret_scale_factor <= 0:
             raise ValueError("gen_scale_factor and ret_scale_factor must be > 0")
         forced = list(force_image_after) if isinstance(force_image_after, Sequence) else \
             [force_image_after] * num_prompts
         if len(forced) != num_prompts:
             raise ValueError(f"force_image_after has {len(forced)} values for {num_prompts} prompts")
-        if any(n is not None and n < 0 for n in forced):
-            raise ValueError(f"force_image_after must be >= 0 or None, got {force_image_after}")
+        for n in forced:
+            _check_count("force_image_after", n, optional=True, shown=force_image_after)
+        _check_forced_image_fits(force_image_after, [n for n in forced if n is not None], len(img_token_ids),
+                                 max_new_tokens, min_text_tokens, max_images)
+        self.forced_prompts = [n is not None for n in forced]  # prompts that must get an image
         self.img_ids = torch.tensor(list(img_token_ids), dtype=torch.long)
         self.r = len(self.img_ids)
         self.prompt_length, self.max_new_tokens = prompt_length, max_new_tokens
@@ -116,6 +121,31 @@ class GILLImageLogitsProcessor(LogitsProcessor):
         return scores
 
 
+def _check_count(name: str, value, optional: bool = False, shown=None):
+    """``value`` must be an int >= 0 (or None when ``optional``); errors show ``shown`` (default ``value``)."""
+    if value is None and optional:
+        return
+    shown = value if shown is None else shown
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int{' or None' if optional else ''}, got {shown!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0{' or None' if optional else ''}, got {shown}")
+
+
+def _check_forced_image_fits(force_image_after, forced: list[int], r: int, max_new_tokens: int,
+                             min_text_tokens: int, max_images: int | None):
+    """A forced [IMG] block must be possible: images allowed, and its text + r tokens within the budget."""
+    if not forced:
+        return
+    if max_images == 0:
+        raise ValueError(f"force_image_after={force_image_after} cannot be met with max_images=0")
+    text = max(max(forced), min_text_tokens)  # [IMG0] waits for min_text_tokens too
+    if text + r > max_new_tokens:
+        why = f"min_text_tokens={min_text_tokens}" if min_text_tokens > max(forced) else "its text"
+        raise ValueError(f"force_image_after={force_image_after} cannot be met: the image needs {text + r} new "
+                         f"tokens ({why} + the {r} [IMG] tokens) but the budget is {max_new_tokens}")
+
+
 class ImageTokenFilterStreamer(BaseStreamer):
     """Passes ids on to ``streamer`` without the [IMG] and placeholder ids (an all-[IMG] step is not passed on)."""
 
@@ -152,7 +182,8 @@ class GILLGenerateOutput(ModelOutput):
 
     ``sequences`` ``(R, T + n)`` as transformers returns them (prompt + new ids; new ids only for ``inputs_embeds``
     prompts); ``image_slots[b]``: the :class:`GeneratedImageSlot` of row b; ``parts[b]``: its text strings and slots in
-    reading order (empty strings dropped; None without a tokenizer); ``prompt_length``: T.
+    reading order (empty strings dropped; None without a tokenizer); ``prompt_length``: T;
+    ``missing_forced_images[b]``: True when row b was to get a forced image but stopped before it (also warned).
     """
 
     sequences: torch.LongTensor | None = None
@@ -166,6 +197,7 @@ class GILLGenerateOutput(ModelOutput):
     image_slots: list | None = None
     parts: list | None = None
     prompt_length: int | None = None
+    missing_forced_images: list | None = None
 
     @property
     def new_tokens(self) -> torch.LongTensor:
@@ -255,14 +287,6 @@ class GILLGenerationMixin(GenerationMixin):
         rows_per_prompt = num_beams if num_beams > 1 else (kwargs.get("num_return_sequences",
                                                                       base.num_return_sequences) or 1)
         budget, context_full = self._new_token_budget(prompt["length"], base, kwargs)
-        if gill["force_image_after"] is not None:
-            values = gill["force_image_after"] if isinstance(gill["force_image_after"], Sequence) else \
-                [gill["force_image_after"]]
-            need = max((v for v in values if v is not None), default=0) + self.config.num_img_tokens
-            if need > budget:
-                raise ValueError(f"force_image_after={gill['force_image_after']} cannot be met: the image needs "
-                                 f"{need} new tokens (its text + the {self.config.num_img_tokens} [IMG] tokens) but "
-                                 f"the budget is {budget}")
         rules = GILLImageLogitsProcessor(self.config.img_token_ids, prompt["ids_width"], budget,
                                          rows_per_prompt=rows_per_prompt, num_prompts=prompt["batch"], **gill)
         suppress = [] if self.config.mask_image_token_logit else [  # a generated placeholder has no image
@@ -276,11 +300,13 @@ class GILLGenerationMixin(GenerationMixin):
         if context_full is not None and sequences.shape[1] - prompt["ids_width"] >= budget:
             logger.warning(f"generation stopped at the LLM's context window ({context_full} positions): the prompt "
                            f"({prompt['length']}) + the answer filled it")
+        missing = self._missing_forced_images(sequences[:, prompt["ids_width"]:], rules.forced_prompts)
         if isinstance(out, torch.Tensor):
             return out
         slots = self._image_slots(sequences, prompt, prefix, sequences.shape[0] // prompt["batch"])
         return GILLGenerateOutput(**dict(out.items()), image_slots=slots, prompt_length=prompt["ids_width"],
-                                  parts=self._answer_parts(sequences[:, prompt["ids_width"]:], slots))
+                                  parts=self._answer_parts(sequences[:, prompt["ids_width"]:], slots),
+                                  missing_forced_images=missing)
 
     # ---- checks at the boundary ----
     def _check_prompt(self, input_ids, inputs_embeds, attention_mask, prefix) -> dict:
@@ -326,6 +352,18 @@ class GILLGenerationMixin(GenerationMixin):
         kwargs["max_new_tokens"] = window - prompt_length
         kwargs.pop("max_length", None)
         return window - prompt_length, window
+
+    def _missing_forced_images(self, new_tokens: torch.Tensor, forced_prompts: list[bool]) -> list[bool]:
+        """Rows of ``(R, n)`` new ids that were to get a forced image but hold no complete [IMG] block (they
+        stopped first: EOS, a stop string, a stopping criterion); a warning names them."""
+        rows_per_prompt = new_tokens.shape[0] // len(forced_prompts)
+        complete = (new_tokens == self.config.img_token_ids[-1]).any(1).tolist()  # [IMG{r-1}] ends a whole block
+        missing = [forced_prompts[row // rows_per_prompt] and not done for row, done in enumerate(complete)]
+        if any(missing):
+            rows = [row for row, flag in enumerate(missing) if flag]
+            logger.warning(f"force_image_after was not met in row(s) {rows}: generation stopped (EOS, a stop string "
+                           f"or a stopping criterion) before the image; see GILLGenerateOutput.missing_forced_images")
+        return missing
 
     # ---- [IMG] states ----
     def _image_slots(self, sequences: torch.Tensor, prompt: dict, prefix, rows_per_prompt: int
