@@ -108,21 +108,44 @@ class GILLTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's loss (Eq. 5, or stage 2's) plus ``ldm_loss_weight`` x the LDM loss; a per-batch mean."""
+        """The model's loss (Eq. 5, or stage 2's) plus ``ldm_loss_weight`` x the LDM loss; a per-batch mean, except
+        stage 2's text term: its share of the accumulated batch's token mean (:meth:`_text_loss_scale`)."""
         ldm_pixels = inputs.pop("ldm_pixel_values", None)
         outputs = model(**inputs, gill_objective=True)
-        loss = outputs.loss
+        text_scale = self._text_loss_scale(inputs, num_items_in_batch)
+        loss = outputs.loss + (text_scale - 1) * self.model.config.img_token_loss_weight * outputs.img_token_loss
         parts = self._loss_parts if model.training else self._eval_loss_parts
         for name in LOSS_FIELDS:
             value = getattr(outputs, name)
             if value is not None:
-                parts[name].append(value.detach().float())
+                parts[name].append(value.detach().float() * (text_scale if name == "img_token_loss" else 1))
         weight = self.model.config.ldm_loss_weight
         if self.ldm_loss is not None and weight > 0 and ldm_pixels is not None and outputs.gen_embeds is not None:
             ldm = self.ldm_loss(outputs.gen_embeds, ldm_pixels)
             loss = loss + weight * ldm
             parts["ldm_loss"].append(ldm.detach().float())
         return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Supervised tokens (shifted ``labels`` != -100) of the whole accumulated batch of stage-2 batches, as
+        transformers counts them for causal LMs (every rank's under ``average_tokens_across_devices``); None for
+        batches without ``labels``."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        count = sum((batch["labels"][..., 1:] != -100).sum() for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
+    def _text_loss_scale(self, inputs, num_items_in_batch) -> torch.Tensor | float:
+        """Factor that turns a micro-batch's token-mean text loss into its share of the accumulated batch's token
+        mean (``training_step`` divides every loss by the accumulation steps; DDP averages the ranks), so
+        accumulation and data parallelism weigh tokens like one large batch. 1 for batches without ``labels``."""
+        if num_items_in_batch is None or "labels" not in inputs:
+            return 1.0
+        local = (inputs["labels"][..., 1:] != -100).sum()
+        ranks = self.args.world_size if self.args.average_tokens_across_devices else 1
+        return local * self.current_gradient_accumulation_steps * ranks / num_items_in_batch.clamp(min=1)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the training objective's loss on the batch (GILL batches carry no ``labels`` the stock
