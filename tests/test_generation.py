@@ -513,3 +513,35 @@ def test_forced_image_cut_short_by_stopping_is_flagged_and_warned(opt_model, cap
         out = opt_model.generate(**enc, max_new_tokens=20, force_image_after=forced, return_dict_in_generate=True,
                                  **NO_EOS)
     assert out.missing_forced_images == [False, False, False] and "not met" not in caplog.text
+
+
+def test_pipeline_options_that_cannot_apply_raise_before_the_llm(opt_model, monkeypatch):
+    from gill_hf import GILLPipeline, RetrievalIndex
+
+    pipe = GILLPipeline.from_gill(opt_model)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the LLM or the UNet ran before the options were checked")
+
+    monkeypatch.setattr(opt_model, "generate", forbidden)
+    monkeypatch.setattr(pipe, "_diffuse", forbidden)
+    cfg = opt_model.config
+    embeds = torch.zeros(1, cfg.num_gen_queries, cfg.gen_emb_dim)
+    side = pipe.vae_scale_factor
+    cases = [
+        (dict(num_inference_steps=0), "num_inference_steps must be >= 1, got 0"),
+        (dict(height=side + 1), f"height must be a positive multiple of {side}, got {side + 1}"),
+        (dict(prompt=None, prompt_embeds=embeds, max_new_tokens=4, decision="generate"),
+         r"prompt_embeds skips the LLM and the decision: \['decision', 'max_new_tokens'\] do not apply"),
+        (dict(negative_prompt_embeds=embeds), "negative_prompt_embeds goes with prompt_embeds"),
+        (dict(num_candidates=0), "num_candidates must be >= 1, got 0"),
+        (dict(decision_threshold=1.5), r"decision_threshold must lie in \[0, 1\], got 1.5"),
+        (dict(decision_threshold=0.5), "applies to decision='auto' with a retrieval_index; here every image is "
+                                       "generated"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipe(**{"prompt": PROMPTS[1], **options})
+    pipe.retrieval_index = RetrievalIndex(torch.randn(3, cfg.ret_emb_dim), ["a.png", "b.png", "c.png"])
+    with pytest.raises(ValueError, match="here every image is retrieved"):
+        pipe(PROMPTS[1], decision="retrieve", decision_threshold=0.5)

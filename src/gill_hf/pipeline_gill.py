@@ -33,6 +33,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .decision import Decision, decide
 from .generation_gill import GeneratedImageSlot, GILLGenerateOutput, image_conditioning
+from .configuration_gill import GILLConfig
 from .modeling_gill import GILLForConditionalGeneration
 from .processing_gill import GILLProcessor, load_image
 from .retrieval import RetrievalIndex
@@ -82,6 +83,10 @@ def _has_text(sample) -> bool:
     return any(_is_text(part) for part in items)
 
 
+def _check_index_width(index: RetrievalIndex, config: GILLConfig):
+    index.check_width(config.ret_emb_dim, "the GILL model's retrieval width (config.ret_emb_dim, W_t2i's outputs)")
+
+
 class GILLPipeline(DiffusionPipeline):
     r"""GILL on a Stable-Diffusion-style UNet + VAE.
 
@@ -108,6 +113,19 @@ class GILLPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._empty_prompt_embeds = None  # (1, L, D), computed on first need
+
+    @property
+    def retrieval_index(self) -> RetrievalIndex | None:
+        """The candidate images; assigning one checks its width against the model's retrieval space."""
+        return self._retrieval_index
+
+    @retrieval_index.setter
+    def retrieval_index(self, index: RetrievalIndex | None):
+        if index is not None:
+            if not isinstance(index, RetrievalIndex):
+                raise TypeError(f"retrieval_index must be a RetrievalIndex or None, got {type(index).__name__}")
+            _check_index_width(index, self.gill_model.config)
+        self._retrieval_index = index
 
     # ------------------------------------------------------------------ construction and persistence
     @classmethod
@@ -148,12 +166,18 @@ class GILLPipeline(DiffusionPipeline):
 
             path = snapshot_download(path, **{k: kwargs[k] for k in hub_keys if k in kwargs})
         kwargs = {k: v for k, v in kwargs.items() if k not in hub_keys}
+        index_dir = os.path.join(path, RETRIEVAL_FOLDER)
+        if "retrieval_index" not in kwargs and os.path.isdir(index_dir):  # checked before any weights load
+            kwargs["retrieval_index"] = RetrievalIndex.load(index_dir)
+            config = kwargs["gill_model"].config if "gill_model" in kwargs else \
+                GILLConfig.from_pretrained(os.path.join(path, GILL_MODEL_FOLDER))
+            try:
+                _check_index_width(kwargs["retrieval_index"], config)
+            except ValueError as err:
+                raise ValueError(f"{index_dir}: {err}") from None
         if "gill_model" not in kwargs:
             kwargs["gill_model"] = GILLForConditionalGeneration.from_pretrained(
                 os.path.join(path, GILL_MODEL_FOLDER), dtype=kwargs.get("dtype"))
-        index_dir = os.path.join(path, RETRIEVAL_FOLDER)
-        if "retrieval_index" not in kwargs and os.path.isdir(index_dir):
-            kwargs["retrieval_index"] = RetrievalIndex.load(index_dir)
         return super().from_pretrained(path, **kwargs)
 
     @classmethod
@@ -259,9 +283,20 @@ class GILLPipeline(DiffusionPipeline):
                          width=width, generator=generator, latents=latents, output_type=output_type,
                          callback_on_step_end=callback_on_step_end,
                          callback_tensor_inputs=list(callback_on_step_end_tensor_inputs))
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        for name, side in (("height", height), ("width", width)):
+            if side is not None and (side < 1 or side % self.vae_scale_factor):
+                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor}, got {side}")
         if prompt_embeds is not None:
             if prompt is not None:
                 raise ValueError("pass either prompt or prompt_embeds, not both")
+            unused = [*generation_kwargs, *(name for name, value, default in (
+                ("decision", decision, "auto"), ("decision_threshold", decision_threshold, None),
+                ("num_candidates", num_candidates, 1), ("load_retrieved_images", load_retrieved_images, True))
+                if value != default)]
+            if unused:
+                raise ValueError(f"prompt_embeds skips the LLM and the decision: {sorted(unused)} do not apply")
             images = self._diffuse(prompt_embeds, negative_prompt_embeds, **diffusion)
             parts = [ImagePart("generated", image, Decision("gen", 0.0, 1.0, forced=True)) for image in images]
             images = [p.image for p in parts]
@@ -272,6 +307,7 @@ class GILLPipeline(DiffusionPipeline):
             raise ValueError(f"decision must be 'auto', 'generate' or 'retrieve', got {decision!r}")
         if decision == "retrieve" and self.retrieval_index is None:
             raise ValueError("decision='retrieve' needs a retrieval_index on the pipeline")
+        self._check_answer_options(negative_prompt_embeds, decision, decision_threshold, num_candidates)
 
         generation = self._generate(prompt, generator, generation_kwargs)
         slots = [s for row in generation.images for s in row]
@@ -285,6 +321,19 @@ class GILLPipeline(DiffusionPipeline):
         if not return_dict:
             return (parts, images)
         return GILLPipelineOutput(parts=parts, images=images, generation=generation)
+
+    def _check_answer_options(self, negative_prompt_embeds, decision, threshold, num_candidates):
+        """Options of an answer that its decision mode and retrieval index could not honour raise."""
+        if negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt_embeds goes with prompt_embeds; for a prompt the negative comes from "
+                             "the model (mapped null) or the text encoder's empty prompt")
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"decision_threshold must lie in [0, 1], got {threshold}")
+        if threshold is not None and (decision != "auto" or self.retrieval_index is None):
+            raise ValueError("decision_threshold applies to decision='auto' with a retrieval_index; here every image "
+                             f"is {'retrieved' if decision == 'retrieve' else 'generated'}")
 
     def _answer_images(self, slots, slot_rows, generation, decision_mode, threshold, num_candidates,
                        load_retrieved, diffusion) -> dict[int, ImagePart]:
