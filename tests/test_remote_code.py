@@ -96,6 +96,7 @@ def test_pushed_repos_load_without_gill_hf_and_match_the_library(pushed, fake_hu
                              json.dumps(TEXT_KWARGS), json.dumps(PIPE_KWARGS)], env=_child_env(tmp_path, fake_hub),
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Do you wish to run the custom code" not in result.stdout  # trust_remote_code was asked once, not again
     classes = json.loads(result.stdout.strip().splitlines()[-1])
     assert all(c.startswith("transformers_modules.alice.") for c in classes), classes  # the repo's code ran
     assert classes[1].endswith("modeling_gill.GILLForConditionalGeneration") and classes[3].endswith("GILLProcessor")
@@ -193,3 +194,14 @@ def test_backbone_remote_loading_cannot_rebuild_is_refused_at_push_time(pushed, 
         model.language_model.__class__ = llm_class
     assert "alice/gill-custom-llm" not in fake_hub.repos  # refused before the repo was created
     model.push_to_hub("alice/gill-custom-llm", remote_code=False)  # the library itself can still load it
+
+
+def test_lora_pipeline_remote_code_is_refused_at_push_time(pushed, fake_hub):
+    _, pipe = pushed
+    pipe.gill_model.config.use_lora = True  # diffusers would drop gill_model/lora/adapter_config.json
+    try:
+        with pytest.raises(ValueError, match="LoRA-tuned LLM is not supported"):
+            pipe.push_to_hub("alice/gill-lora-pipe")
+    finally:
+        pipe.gill_model.config.use_lora = False
+    assert "alice/gill-lora-pipe" not in fake_hub.repos
