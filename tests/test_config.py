@@ -3,7 +3,9 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig
 
 from gill_hf import GILLConfig, count_adapter_parameters
-from gill_hf.configuration_gill import gill_paper_config
+from gill_hf.configuration_gill import ORIGINAL_SEMANTICS, gill_paper_config
+from gill_hf.tiny import build_tiny_tokenizer
+from gill_hf.token_ids import add_gill_tokens, check_token_ids
 
 
 def test_defaults_are_the_released_gill_values():
@@ -62,3 +64,45 @@ def test_ablation_mappers_and_widths_from_configs():
         assert count_adapter_parameters(gill_paper_config(mapper_type=kind))["mapper"] > 0
     linear = count_adapter_parameters(gill_paper_config(mapper_type="linear"))["mapper"]
     assert linear == 4096 * 768 + 768 + 8 * 77 + 77  # per-token e->D, then the r->L token mix
+
+
+def test_cross_entropy_switches_default_to_gill_hf_and_round_trip(tmp_path):
+    cfg = GILLConfig()
+    assert cfg.mask_image_token_logit and not cfg.packed_lp_first_caption_only
+    assert ORIGINAL_SEMANTICS == {"mask_image_token_logit": False, "packed_lp_first_caption_only": True}
+    gill_paper_config(**ORIGINAL_SEMANTICS).save_pretrained(tmp_path)
+    again = GILLConfig.from_pretrained(tmp_path)
+    assert (again.mask_image_token_logit, again.packed_lp_first_caption_only) == (False, True)
+    with pytest.raises(StrictDataclassError, match="mask_image_token_logit"):
+        GILLConfig(mask_image_token_logit="no")
+
+
+def tokenizer_with_gill_tokens(extra: tuple[str, ...] = ()):
+    tokenizer = build_tiny_tokenizer()  # 512 tokens
+    tokenizer.add_tokens(list(extra))
+    image_id, img_ids = add_gill_tokens(tokenizer, 8)
+    return tokenizer, GILLConfig(img_token_ids=img_ids, image_token_id=image_id)
+
+
+def test_check_token_ids():
+    tokenizer, config = tokenizer_with_gill_tokens()
+    assert (config.image_token_id, config.img_token_ids) == (512, list(range(513, 521)))  # <|image|> first
+    check_token_ids(config, tokenizer, num_embeddings=512)  # GILL's 9 tokens right after the table: fine
+    check_token_ids(config, tokenizer, num_embeddings=521)  # or inside a resized one
+    with pytest.raises(ValueError, match=r"GILLConfig.img_token_ids are \[513, .*521\] but T gives \[IMG0..8\] "
+                                         r"the ids \[513, .*520, None\] \(None: no such token\)"):
+        check_token_ids(GILLConfig(num_img_tokens=9, img_token_ids=list(range(513, 522)), image_token_id=512),
+                        tokenizer, source="T")
+    with pytest.raises(ValueError, match=r"GILLConfig.image_token_id is 600 but the tokenizer gives <\|image\|> "
+                                         r"the id 512"):
+        check_token_ids(GILLConfig(img_token_ids=config.img_token_ids, image_token_id=600), tokenizer)
+    with pytest.raises(ValueError, match=r"reach id 50273 but the LLM's input embeddings have 512 rows: .*ids < 521"):
+        check_token_ids(gill_paper_config(), num_embeddings=512)
+    with pytest.raises(ValueError, match=r"mask_image_token_logit=False keeps the LLM's own logit for <\|image\|> "
+                                         r"\(id 512\) but the LLM's embeddings have 512 rows"):
+        check_token_ids(GILLConfig(img_token_ids=config.img_token_ids, image_token_id=512,
+                                   mask_image_token_logit=False), tokenizer, num_embeddings=512)
+    extra, config = tokenizer_with_gill_tokens(("<extra>",))  # an ordinary token without an LLM row
+    with pytest.raises(ValueError, match=r"the tokenizer has token '<extra>' with id 512 but the LLM's input "
+                                         r"embeddings have 512 rows"):
+        check_token_ids(config, extra, num_embeddings=512)

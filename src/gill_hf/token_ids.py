@@ -51,6 +51,12 @@ def check_token_ids(config, tokenizer=None, num_embeddings: int | None = None, s
                              f"{IMAGE_TOKEN} the id {image_id} (None: no such token)")
     if num_embeddings is None:
         return
+    if tokenizer is not None:
+        special = set(gill_ids)
+        top, token = max(((i, t) for t, i in tokenizer.get_vocab().items() if i not in special), default=(-1, None))
+        if top >= num_embeddings:
+            raise ValueError(f"{source} has token {token!r} with id {top} but the LLM's input embeddings have "
+                             f"{num_embeddings} rows: resize them (model.resize_token_embeddings(len(tokenizer)))")
     limit = num_embeddings + len(gill_ids)
     if max(gill_ids) >= limit:
         raise ValueError(f"GILLConfig.img_token_ids / image_token_id reach id {max(gill_ids)} but the LLM's input "
@@ -61,12 +67,6 @@ def check_token_ids(config, tokenizer=None, num_embeddings: int | None = None, s
                          f"{config.image_token_id}) but the LLM's embeddings have {num_embeddings} rows: resize them "
                          "(model.resize_token_embeddings(len(processor.tokenizer)), as the original does) or keep "
                          "mask_image_token_logit=True")
-    if tokenizer is not None:
-        special = set(gill_ids)
-        top, token = max(((i, t) for t, i in tokenizer.get_vocab().items() if i not in special), default=(-1, None))
-        if top >= num_embeddings:
-            raise ValueError(f"{source} has token {token!r} with id {top} but the LLM's input embeddings have "
-                             f"{num_embeddings} rows: resize them (model.resize_token_embeddings(len(tokenizer)))")
 
 
 def check_processor(config, processor, num_embeddings: int | None = None):
