@@ -158,3 +158,97 @@ def test_bad_inputs_raise(tmp_path):
         RetrievalIndex(torch.randn(5, 8), list("abcde"), dtype=torch.bfloat16)
     with pytest.raises(FileNotFoundError, match="not a saved RetrievalIndex"):
         RetrievalIndex.load(tmp_path)
+
+
+def _with_bad_rows(n: int = 12, p: int = 8) -> torch.Tensor:
+    rows = torch.randn(n, p, generator=torch.Generator().manual_seed(5))
+    rows[3, 1], rows[7, 0], rows[7, 5] = float("nan"), float("inf"), -float("inf")
+    return rows
+
+
+@pytest.mark.parametrize("scan_rows", [5, 1 << 16])  # rows 3 and 7 in two scan chunks, or in one
+def test_nonfinite_rows_are_refused_when_built(tmp_path, monkeypatch, scan_rows):
+    monkeypatch.setattr("gill_hf.retrieval._SCAN_ROWS", scan_rows)
+    rows = _with_bad_rows()
+    with pytest.raises(ValueError, match=r"embedding rows \[3, 7\] of 12 hold NaN or inf"):
+        RetrievalIndex(rows, [str(i) for i in range(12)])
+    many = torch.full((30, 4), float("nan"))
+    with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\. \(30 rows\)\]"):
+        RetrievalIndex(many, [str(i) for i in range(30)])
+    release = tmp_path / "cc3m_embeddings.npy"
+    release.write_bytes(pickle.dumps({"paths": [str(i) for i in range(12)], "embeddings": rows.numpy()}))
+    with pytest.raises(ValueError, match=r"cc3m_embeddings.npy: embedding rows \[3, 7\] of 12"):
+        RetrievalIndex.from_original_release(release, logit_scale=0.0)
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        RetrievalIndex(torch.randn(2, 4), ["a", "b"], logit_scale=float("inf"))
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_nonfinite_rows_are_refused_when_loaded(tmp_path, mmap):
+    import safetensors.torch
+
+    RetrievalIndex(torch.randn(12, 8), [str(i) for i in range(12)]).save(tmp_path)
+    file = tmp_path / EMBEDDINGS_FILE  # a file written elsewhere, "normalized" but with broken rows
+    safetensors.torch.save_file({"embeddings": _with_bad_rows().half()}, file, metadata={"normalized": "true"})
+    with pytest.raises(ValueError, match=rf"{EMBEDDINGS_FILE}: embedding rows \[3, 7\] of 12 hold NaN or inf"):
+        RetrievalIndex.load(tmp_path, mmap=mmap)
+
+
+def test_nonfinite_queries_are_refused():
+    index = RetrievalIndex(torch.randn(6, 8), list("abcdef"))
+    queries = torch.randn(4, 8)
+    queries[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"query rows \[2\] hold NaN or inf"):
+        index.search(queries)
+    with pytest.raises(ValueError, match=r"query rows \[0\]"):
+        index.search(torch.full((8,), float("inf")))
+
+
+def test_broken_index_folders_are_named(tmp_path):
+    RetrievalIndex(torch.randn(4, 8), list("abcd")).save(tmp_path)
+    (tmp_path / PATHS_FILE).write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=rf"{PATHS_FILE} must hold a JSON list of image paths"):
+        RetrievalIndex.load(tmp_path)
+    (tmp_path / PATHS_FILE).write_text('["a", "b", "c"]')
+    with pytest.raises(ValueError, match=rf"{EMBEDDINGS_FILE}: 4 embeddings but 3 paths"):
+        RetrievalIndex.load(tmp_path)
+    (tmp_path / PATHS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"no {PATHS_FILE} in"):
+        RetrievalIndex.load(tmp_path)
+    (tmp_path / PATHS_FILE).write_text('["a", "b", "c", "d"]')
+    file = tmp_path / EMBEDDINGS_FILE
+    file.write_bytes(file.read_bytes()[:-10])  # truncated data
+    with pytest.raises(ValueError, match=rf"{EMBEDDINGS_FILE}: "):
+        RetrievalIndex.load(tmp_path)
+
+
+def test_pipeline_refuses_an_index_of_another_width(make_model, tmp_path, monkeypatch):
+    from gill_hf import GILLForConditionalGeneration
+    from gill_hf.pipeline_gill import RETRIEVAL_FOLDER, GILLPipeline
+
+    pipe = GILLPipeline.from_gill(make_model("opt").eval())
+    p = pipe.gill_model.config.ret_emb_dim
+    wrong = RetrievalIndex(torch.randn(3, p // 2), ["a", "b", "c"])
+    message = rf"retrieval index is {p // 2} wide but the GILL model's retrieval width .* is {p}"
+    with pytest.raises(ValueError, match=message):
+        pipe.retrieval_index = wrong
+    with pytest.raises(TypeError, match="must be a RetrievalIndex or None, got Tensor"):
+        pipe.retrieval_index = torch.randn(3, p)
+    parts = {name: getattr(pipe, name) for name in ("gill_model", "processor", "unet", "vae", "scheduler")}
+    with pytest.raises(ValueError, match=message):
+        GILLPipeline(**parts, retrieval_index=wrong)
+    right = RetrievalIndex(torch.randn(3, p), ["a", "b", "c"])
+    pipe.retrieval_index = right
+    assert pipe.retrieval_index is right
+    pipe.save_pretrained(tmp_path)
+    assert GILLPipeline.from_pretrained(tmp_path).retrieval_index.paths == ["a", "b", "c"]
+    wrong.save(tmp_path / RETRIEVAL_FOLDER)  # a saved pipeline whose index came from another model
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the GILL model was loaded before the index was checked")
+
+    monkeypatch.setattr(GILLForConditionalGeneration, "from_pretrained", no_weights)
+    with pytest.raises(ValueError, match=rf"{RETRIEVAL_FOLDER}: the " + message):
+        GILLPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):  # a passed gill_model is checked the same way
+        GILLPipeline.from_pretrained(tmp_path, gill_model=pipe.gill_model)

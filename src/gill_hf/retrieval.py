@@ -3,6 +3,8 @@
 On disk a folder holds ``embeddings.safetensors`` (one ``(N, p)`` fp16/fp32 tensor, already normalised; the
 logit scale in its metadata) and ``paths.json`` (N image paths or URLs). Loading memory-maps the tensor, so a
 corpus larger than RAM is searched page by page. Scores reproduce the original's ``exp(logit_scale) * cosine``.
+Rows holding NaN / inf are refused when an index is built or loaded (one pass over the rows, chunk by chunk), and
+so are such queries: a NaN row would otherwise come back as the top-1 candidate.
 """
 
 import json
@@ -23,6 +25,8 @@ from tqdm.auto import tqdm
 EMBEDDINGS_FILE = "embeddings.safetensors"
 PATHS_FILE = "paths.json"
 _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32}
+_SCAN_ROWS = 1 << 16  # rows checked for NaN / inf at a time
+_LISTED = 10  # row numbers named in an error
 
 
 class RetrievalIndex:
@@ -46,6 +50,11 @@ class RetrievalIndex:
         dtype = dtype or (embeddings.dtype if embeddings.dtype in (torch.float16, torch.float32) else torch.float32)
         if dtype not in (torch.float16, torch.float32):
             raise ValueError(f"index dtype must be float16 or float32, got {dtype}")
+        if not math.isfinite(logit_scale):
+            raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+        bad = _nonfinite_rows(embeddings)
+        if bad:
+            raise ValueError(f"embedding rows {_rows(bad)} of {embeddings.shape[0]} hold NaN or inf values")
         if not normalized:
             embeddings = F.normalize(embeddings.float(), dim=-1)
         self.embeddings = embeddings.to(dtype)  # (N, p), unit rows
@@ -83,9 +92,12 @@ class RetrievalIndex:
         if not isinstance(data, dict) or not {"paths", "embeddings"} <= set(data):
             raise ValueError(f"{os.fspath(path)} is not a GILL embeddings file (expected keys 'paths', 'embeddings')")
         rows = data["embeddings"]
-        matrix = np.asarray(rows, dtype=np.float32) if isinstance(rows, np.ndarray) else \
-            np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in rows])
-        return cls(torch.from_numpy(matrix), [str(p) for p in data["paths"]], logit_scale, dtype=dtype)
+        try:
+            matrix = np.asarray(rows, dtype=np.float32) if isinstance(rows, np.ndarray) else \
+                np.stack([np.asarray(row, dtype=np.float32).reshape(-1) for row in rows])
+            return cls(torch.from_numpy(matrix), [str(p) for p in data["paths"]], logit_scale, dtype=dtype)
+        except ValueError as err:
+            raise ValueError(f"{os.fspath(path)}: {err}") from err
 
     # ---- persistence ----
     def save(self, directory: str | os.PathLike):
@@ -108,14 +120,17 @@ class RetrievalIndex:
     def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "RetrievalIndex":
         """Open a saved index; with ``mmap`` the embeddings stay on disk and are paged in while searching."""
         directory = os.fspath(directory)
-        file = os.path.join(directory, EMBEDDINGS_FILE)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"no {EMBEDDINGS_FILE} in {directory}: not a saved RetrievalIndex")
-        with open(os.path.join(directory, PATHS_FILE)) as handle:
-            paths = json.load(handle)
-        embeddings, metadata = _open_safetensors(file, "embeddings", mmap)
-        return cls(embeddings, paths, float(metadata.get("logit_scale", 0.0)),
-                   normalized=metadata.get("normalized") == "true")
+        file, paths_file = os.path.join(directory, EMBEDDINGS_FILE), os.path.join(directory, PATHS_FILE)
+        for name in (file, paths_file):
+            if not os.path.exists(name):
+                raise FileNotFoundError(f"no {os.path.basename(name)} in {directory}: not a saved RetrievalIndex")
+        paths = _read_paths(paths_file)
+        try:
+            embeddings, metadata = _open_safetensors(file, "embeddings", mmap)
+            return cls(embeddings, paths, float(metadata.get("logit_scale", 0.0)),
+                       normalized=metadata.get("normalized") == "true")
+        except (ValueError, struct.error, safetensors.SafetensorError) as err:
+            raise ValueError(f"{file}: {err}") from err
 
     # ---- search ----
     def __len__(self) -> int:
@@ -124,6 +139,12 @@ class RetrievalIndex:
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
+
+    def check_width(self, width: int, what: str):
+        """A ``ValueError`` naming both widths unless the index is ``width`` wide (``what`` says whose width)."""
+        if self.dim != width:
+            raise ValueError(f"the retrieval index is {self.dim} wide but {what} is {width}: build the index with "
+                             f"this model (RetrievalIndex.from_images)")
 
     def use_faiss(self, index=None):
         """Search through FAISS instead (``faiss.IndexFlatIP`` by default; pass any trained inner-product index,
@@ -152,6 +173,9 @@ class RetrievalIndex:
             raise ValueError(f"queries must be (Q, {self.dim}) to match the index, got shape {tuple(queries.shape)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        bad = _nonfinite_rows(queries)
+        if bad:
+            raise ValueError(f"query rows {_rows(bad)} hold NaN or inf values")
         k = min(k, len(self))
         unit = F.normalize(queries.float(), dim=-1)
         if self._faiss is not None and exclude is None:
@@ -183,6 +207,30 @@ class RetrievalIndex:
         return best_scores.cpu(), best_idx.cpu()
 
 
+def _nonfinite_rows(matrix: torch.Tensor) -> list[int]:
+    """Row numbers of a ``(N, p)`` tensor holding NaN or inf, scanned ``_SCAN_ROWS`` rows at a time."""
+    bad = []
+    for start in range(0, matrix.shape[0], _SCAN_ROWS):
+        finite = torch.isfinite(matrix[start:start + _SCAN_ROWS]).all(dim=1)
+        bad += (torch.nonzero(~finite).flatten() + start).tolist()
+    return bad
+
+
+def _rows(rows: list[int]) -> str:
+    return str(rows[:_LISTED])[:-1] + (f", ... ({len(rows)} rows)]" if len(rows) > _LISTED else "]")
+
+
+def _read_paths(file: str) -> list[str]:
+    try:
+        with open(file, encoding="utf-8") as handle:
+            paths = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not a JSON file: {err}") from err
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"{file} must hold a JSON list of image paths (strings)")
+    return paths
+
+
 def _open_safetensors(file: str, name: str, mmap: bool) -> tuple[torch.Tensor, dict]:
     """One tensor of a safetensors file, memory-mapped read-only through numpy when ``mmap`` (fp16/fp32 only)."""
     with open(file, "rb") as handle:
@@ -190,7 +238,7 @@ def _open_safetensors(file: str, name: str, mmap: bool) -> tuple[torch.Tensor, d
         header = json.loads(handle.read(header_len))
     metadata = header.pop("__metadata__", {}) or {}
     if name not in header:
-        raise ValueError(f"{file} holds no tensor named {name!r}")
+        raise ValueError(f"no tensor named {name!r}")
     entry = header[name]
     if not mmap or entry["dtype"] not in _NUMPY_DTYPES:
         return safetensors.torch.load_file(file)[name], metadata
@@ -198,7 +246,7 @@ def _open_safetensors(file: str, name: str, mmap: bool) -> tuple[torch.Tensor, d
     array = np.memmap(file, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r", offset=8 + header_len + begin,
                       shape=tuple(entry["shape"]))
     if array.nbytes != end - begin:
-        raise ValueError(f"{file}: tensor {name!r} has {end - begin} bytes, its shape and dtype say {array.nbytes}")
+        raise ValueError(f"tensor {name!r} has {end - begin} bytes, its shape and dtype say {array.nbytes}")
     with warnings.catch_warnings():  # torch warns that the read-only map is not writable; the index never writes
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array), metadata
