@@ -455,3 +455,16 @@ def test_index_dtype_refusals(tmp_path):
     with pytest.raises(ValueError, match="index_dtype sets the storage of the retrieval index: it needs embeddings"):
         convert_original_release(tmp_path / "c.pth.tar", MODEL_ARGS, tmp_path / "out", index_dtype="float32")
     assert not (tmp_path / "out").exists()
+
+
+def test_original_semantics_of_the_real_release_offline(tmp_path, caplog):
+    """OPT-6.7B already has a row for <|image|> (50265 < 50272): no resize, no tokenizer needed (offline, the ids of
+    model_args.json are kept, with a warning)."""
+    checkpoint = save_release(cheap_release(), tmp_path / "ckpt.pth.tar")
+    with caplog.at_level(logging.WARNING, logger="gill_hf.convert_original"):
+        summary = convert_original_release(checkpoint, MODEL_ARGS, tmp_path / "out", original_semantics=True)
+    assert "cannot load the tokenizer 'facebook/opt-6.7b'" in caplog.text
+    config = GILLConfig.from_pretrained(tmp_path / "out")
+    assert (config.mask_image_token_logit, config.packed_lp_first_caption_only) == (False, True)
+    assert config.text_config.vocab_size == 50272 and config.image_token_id == 50265
+    assert config.img_token_ids == IMG_IDS and summary["original_semantics"]
