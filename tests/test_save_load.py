@@ -22,8 +22,8 @@ def test_save_load_round_trip_is_exact_and_adapter_only(make_model, caption_batc
     before = _outputs(model, batch)
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-         "tokenizer_config.json"])
+        ["config.json", "generation_config.json", "gill_manifest.json", "model.safetensors", "processor_config.json",
+         "tokenizer.json", "tokenizer_config.json"])
     saved = safetensors.torch.load_file(tmp_path / "model.safetensors")
     assert set(saved) == set(model.adapter_state_dict()) and all(k.startswith("adapter.") for k in saved)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -58,7 +58,8 @@ def test_adapter_checkpoint_mismatches_are_listed(make_model, tmp_path):
     model.save_pretrained(tmp_path)
     good = safetensors.torch.load_file(tmp_path / "model.safetensors")
 
-    def load_with(state):
+    def load_with(state):  # a hand-edited folder: no manifest any more
+        (tmp_path / "gill_manifest.json").unlink(missing_ok=True)
         safetensors.torch.save_file(state, tmp_path / "model.safetensors")
         return GILLForConditionalGeneration.from_pretrained(tmp_path)
 

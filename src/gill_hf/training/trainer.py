@@ -5,12 +5,17 @@
 """
 
 import dataclasses
+import json
 import os
+import re
 from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+from transformers.utils import logging
 
+from ..atomic import folder_problem
 from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
 from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, SkippedExamplesCallback, VISTTaskDataset,
@@ -18,6 +23,8 @@ from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, Skipp
 from .distributed import gather_with_grad
 from .lora import load_lora_weights
 
+logger = logging.get_logger(__name__)
+TRAINER_STATE_NAME = "trainer_state.json"  # the last file transformers' Trainer writes into a checkpoint
 LOSS_FIELDS = ("caption_loss", "img_token_loss", "gen_loss", "ret_loss")
 NO_DECAY_KEYS = ("logit_scale", "queries", "img_embeddings", "img_output_embeddings")
 GILL_TRAINING_DEFAULTS = dict(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.01,
@@ -47,6 +54,51 @@ def parameter_groups(model, weight_decay: float, mapper_lr_mult: float = 1.0, le
             group["lr"] = learning_rate * mapper_lr_mult
         out.append(group)
     return out
+
+
+def checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None:
+    """Why ``checkpoint_dir`` cannot be resumed from, or None when it is complete.
+
+    Complete means: ``trainer_state.json`` (which the Trainer writes after the model, optimizer, scheduler and RNG
+    states) parses and records the folder's step, and the GILL save in it matches its manifest. A run killed while
+    writing a checkpoint leaves one that fails this."""
+    path = os.fspath(checkpoint_dir)
+    state_file = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_file):
+        return f"{TRAINER_STATE_NAME} is missing"
+    try:
+        with open(state_file, encoding="utf-8") as handle:
+            step = json.load(handle).get("global_step")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return f"{TRAINER_STATE_NAME} is truncated or not JSON"
+    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", os.path.basename(os.path.normpath(path)))
+    if match and step != int(match[1]):
+        return f"{TRAINER_STATE_NAME} records step {step}, not {match[1]}"
+    try:
+        problem = folder_problem(path)
+    except OSError as err:  # an unreadable manifest
+        return str(err)
+    return f"its model files do not match their manifest: {problem}" if problem else None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-<step>`` folder of ``output_dir`` that :func:`checkpoint_problem` accepts (newer
+    incomplete ones are skipped with a log line); None when there are no checkpoints. Raises ``ValueError``
+    listing the reasons when every checkpoint is incomplete."""
+    found = sort_checkpoints(os.fspath(output_dir)) if os.path.isdir(output_dir) else []
+    skipped = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in skipped:
+                logger.warning(f"not resuming from {bad} (incomplete: {why}); using {path}")
+            return path
+        skipped.append((path, problem))
+    if skipped:
+        reasons = "; ".join(f"{p}: {why}" for p, why in skipped)
+        raise ValueError(f"no complete checkpoint in {output_dir} to resume from (a run killed while saving leaves "
+                         f"incomplete ones): {reasons}")
+    return None
 
 
 def configure_trainable(model) -> list[str]:
@@ -212,6 +264,31 @@ class GILLTrainer(Trainer):
                 logs[name] = round(torch.stack(values).mean().item(), 6)
             self._loss_parts.clear()
         super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """``Trainer.train`` that never resumes from an incomplete checkpoint (a run killed mid-write):
+        ``resume_from_checkpoint=True`` takes the newest complete one in ``args.output_dir``; a path to an
+        incomplete one is a ``ValueError`` saying what is missing (see :func:`checkpoint_problem`)."""
+        return super().train(resume_from_checkpoint=self._complete_checkpoint(resume_from_checkpoint), trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def _complete_checkpoint(self, resume_from_checkpoint):
+        if resume_from_checkpoint is True:
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            return found
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            path = os.fspath(resume_from_checkpoint)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"resume_from_checkpoint={path!r}: no such folder")
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise ValueError(f"checkpoint {path} is incomplete ({problem}); it was probably being written when "
+                                 "its run was killed. Resume from an earlier checkpoint, or pass "
+                                 "resume_from_checkpoint=True for the newest complete one")
+            return path
+        return resume_from_checkpoint
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
