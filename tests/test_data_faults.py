@@ -256,3 +256,46 @@ def test_summary_is_logged_per_epoch_and_at_train_end(tmp_path, make_model, capl
                  and "skipping" not in r.getMessage()]
     assert summaries == ["epoch 1: skipped 1 of 4 examples", "epoch 2: skipped 1 of 4 examples",
                          "training: skipped 2 of 8 examples (each one logged when skipped)"]
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def test_evaluation_readers_name_faults(tmp_path, caplog):
+    from gill_hf.evaluation.contexts import load_caption_set, load_visdial, load_vist
+
+    names = _images(tmp_path, 2)
+    coco = tmp_path / "captions.json"
+    images = [{"id": 1, "file_name": names[0]}, {"id": 2, "file_name": "../escape.png"}]
+    annotations = [{"image_id": 1, "caption": " "}, {"image_id": 1, "caption": "a red square"}]
+    coco.write_text(json.dumps({"images": images[:1], "annotations": annotations}))
+    with caplog.at_level(logging.WARNING):
+        (example,) = load_caption_set(coco)
+    assert example.texts == ["a red square"] and "skipped 1 empty caption" in caplog.text  # the next one is taken
+    coco.write_text(json.dumps({"images": images, "annotations": [{"image_id": 2, "caption": "x"}]}))
+    with pytest.raises(ValueError, match=r"captions.json, caption 2: image path '../escape.png' leaves"):
+        load_caption_set(coco)
+    coco.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
+    with pytest.raises(ValueError, match=r"captions.json, images\[0\] lacks field\(s\) \['file_name'\]"):
+        load_caption_set(coco)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    Image.new("RGB", (4, 4)).save(outside)
+    os.symlink(outside, tmp_path / "images" / "link.png")
+    coco.write_text(json.dumps({"images": [{"id": 3, "file_name": "images/link.png"}],
+                                "annotations": [{"image_id": 3, "caption": "x"}]}))
+    with pytest.raises(ValueError, match=r"caption 3: image '.*link.png' resolves to .*outside the image folder"):
+        load_caption_set(coco)
+    sis = _sis(tmp_path, [_step("s", j, "../../x" if j == 4 else str(j % 2)) for j in range(5)])
+    with pytest.raises(ValueError, match=r"story 0: image path '../../x' leaves the image folder"):
+        load_vist(sis, tmp_path / "images")
+    visdial = tmp_path / "visdial.json"
+    dialog = {"image_id": 0, "dialog": [{"question": 0, "answer": 5}]}
+    visdial.write_text(json.dumps({"data": {"dialogs": [dialog], "questions": ["is it red"], "answers": ["yes"]}}))
+    with pytest.raises(ValueError, match=r"dialog of image 0, round 0: question 0 / answer 5 is not an index of the "
+                                         r"file's 1 questions / 1 answers"):
+        load_visdial(visdial, tmp_path / "images")
+    dialog["dialog"] = [{"answer": 0}]
+    visdial.write_text(json.dumps({"data": {"dialogs": [dialog], "questions": ["is it red"], "answers": ["yes"]}}))
+    with pytest.raises(ValueError, match=r"round 0 lacks field\(s\) \['question'\]"):
+        load_visdial(visdial, tmp_path / "images")
+    visdial.write_text(json.dumps({"data": {"dialogs": [{"dialog": []}], "questions": [], "answers": []}}))
+    with pytest.raises(ValueError, match=r"dialogs\[0\] lacks field\(s\) \['image_id'\]"):
+        load_visdial(visdial, tmp_path / "images")

@@ -9,6 +9,7 @@ evaluation did (the COCO caption is not part of the input). Caption sets (FID): 
 """
 
 import json
+import logging
 import os
 import random
 import re
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..processing_gill import load_image, to_rgb
-from ..training.data import CaptionImageDataset, read_vist_stories
+from ..training.data import CaptionImageDataset, check_image_name, check_inside, read_vist_stories
+
+logger = logging.getLogger(__name__)
 
 VIST_SETTINGS = ("1 caption", "5 captions", "5 captions, 4 images")
 VIST_SETTING_KEYS = {"1cap": "1 caption", "5cap": "5 captions", "5cap4img": "5 captions, 4 images"}  # CLI names
@@ -46,18 +49,28 @@ def _check_limit(examples: list, limit: int | None) -> list:
     return examples[:limit] if limit else examples
 
 
-def _existing(path: str, what: str) -> str:
+def _existing(image_dir: str, name: str, what: str) -> str:
+    """``image_dir/name``, which must exist and stay inside ``image_dir`` (symlinks followed)."""
+    path = os.path.join(image_dir, check_image_name(name, what))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: image file {path} does not exist")
-    return path
+    return _inside(image_dir, path, what)
+
+
+def _inside(image_dir: str, path: str, what: str) -> str:
+    try:
+        return check_inside(image_dir, path)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
 
 
 def _find_image(image_dir: str, name: str, what: str) -> str:
-    """``image_dir/name`` with any usual image suffix; a missing file raises naming the path tried."""
-    base = os.path.join(image_dir, name)
+    """``image_dir/name`` with any usual image suffix; a missing file, or a name or symlink leaving
+    ``image_dir``, raises naming the path."""
+    base = os.path.join(image_dir, check_image_name(name, what))
     for suffix in ("",) + _IMAGE_SUFFIXES:
         if os.path.isfile(base + suffix):
-            return base + suffix
+            return _inside(image_dir, base + suffix, what)
     raise FileNotFoundError(f"{what}: no image file {base}[.jpg|.png] in {image_dir}")
 
 
@@ -127,15 +140,36 @@ def load_visdial(annotations: str | os.PathLike, image_dir: str | os.PathLike, l
         raise ValueError(f"{os.fspath(annotations)}: 'data' lacks {sorted(missing)}")
     images = _visdial_images(os.fspath(image_dir))
     examples = []
-    for dialog in _check_limit(body["dialogs"], limit):
+    for i, dialog in enumerate(_check_limit(body["dialogs"], limit)):
+        _require(dialog, ("image_id", "dialog"), f"{os.fspath(annotations)}, dialogs[{i}]")
         image_id = int(dialog["image_id"])
         if image_id not in images:
             raise FileNotFoundError(f"dialog of image {image_id}: no image file {image_id}.jpg / "
                                     f"VisualDialog_<split>_{image_id:012d}.jpg in {os.fspath(image_dir)}")
-        rounds = [(body["questions"][turn["question"]], body["answers"][turn["answer"]]) for turn in dialog["dialog"]
-                  if "answer" in turn]
+        rounds = [_visdial_round(body, turn, f"{os.fspath(annotations)}, dialog of image {image_id}, round {j}")
+                  for j, turn in enumerate(dialog["dialog"]) if "answer" in turn]
         examples.append(ImageExample(str(image_id), images[image_id], [dialog.get("caption", "")], [], rounds))
     return examples
+
+
+def _visdial_round(body: dict, turn: dict, where: str) -> tuple[str, str]:
+    """(question, answer) texts of one answered round (indices into the file's question / answer lists)."""
+    _require(turn, ("question", "answer"), where)
+    try:
+        return body["questions"][turn["question"]], body["answers"][turn["answer"]]
+    except (IndexError, TypeError):
+        raise ValueError(f"{where}: question {turn['question']!r} / answer {turn['answer']!r} is not an index of "
+                         f"the file's {len(body['questions'])} questions / {len(body['answers'])} answers") from None
+
+
+def _require(entry, keys: tuple[str, ...], where: str) -> dict:
+    """``entry`` when it is an object holding ``keys``; else a ``ValueError`` naming ``where`` and what lacks."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: a {type(entry).__name__} instead of an object with {list(keys)}")
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise ValueError(f"{where} lacks field(s) {missing}; it has {sorted(entry)}")
+    return entry
 
 
 def visdial_context(example: ImageExample, rounds: int) -> list:
@@ -168,15 +202,25 @@ def load_caption_set(captions: str | os.PathLike, image_dir: str | os.PathLike |
             data = json.load(f)
         if not isinstance(data, dict) or not {"annotations", "images"} <= set(data):
             raise ValueError(f"{path}: not a COCO captions file (expected 'annotations' and 'images')")
-        files = {image["id"]: image["file_name"] for image in data["images"]}
-        pairs, seen = [], set()
-        for ann in data["annotations"]:
+        files = {_require(image, ("id", "file_name"), f"{path}, images[{i}]")["id"]: image["file_name"]
+                 for i, image in enumerate(data["images"])}
+        pairs, seen, blank = [], set(), 0
+        for i, ann in enumerate(data["annotations"]):
+            _require(ann, ("image_id", "caption"), f"{path}, annotations[{i}]")
             if ann["image_id"] in seen:
                 continue
             if ann["image_id"] not in files:
                 raise ValueError(f"{path}: caption of image {ann['image_id']} which 'images' does not list")
+            if not isinstance(ann["caption"], str):
+                raise ValueError(f"{path}, annotations[{i}]: 'caption' is a {type(ann['caption']).__name__}, "
+                                 f"expected a str")
+            if not ann["caption"].strip():  # skipped as in training data; the image's next caption is taken
+                blank += 1
+                continue
             seen.add(ann["image_id"])
             pairs.append((f"{ann['image_id']}", ann["caption"].strip(), files[ann["image_id"]]))
+        if blank:
+            logger.warning("%s: skipped %d empty caption(s)", path, blank)
     else:
         table = CaptionImageDataset.from_tsv(path, image_dir)
         pairs = [(f"{i:06d}", caption, image) for i, (caption, image) in enumerate(zip(table.captions, table.images))]
@@ -184,5 +228,5 @@ def load_caption_set(captions: str | os.PathLike, image_dir: str | os.PathLike |
         if not 1 <= sample <= len(pairs):
             raise ValueError(f"--sample must be in 1..{len(pairs)} (the captioned images of {path}), got {sample}")
         pairs = random.Random(sample_seed).sample(pairs, sample)
-    return [ImageExample(key, _existing(os.path.join(image_dir, image), f"caption {key}"), [caption], [])
+    return [ImageExample(key, _existing(image_dir, image, f"{path}, caption {key}"), [caption], [])
             for key, caption, image in _check_limit(pairs, limit)]

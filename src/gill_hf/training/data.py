@@ -75,6 +75,11 @@ def _resolve_image(image_dir: str | None, name: str) -> str:
     check_image_name(name, f"image folder {image_dir}")
     base = os.path.join(image_dir, name)
     path = next((base + ext for ext in IMAGE_EXTENSIONS if os.path.exists(base + ext)), base)  # missing: on load
+    return check_inside(image_dir, path)
+
+
+def check_inside(image_dir: str, path: str) -> str:
+    """``path`` when its real path (symlinks followed) lies inside ``image_dir``'s; else a ``ValueError``."""
     folder, real = os.path.realpath(image_dir), os.path.realpath(path)
     if os.path.commonpath([folder, real]) != folder:
         raise ValueError(f"image {path!r} resolves to {real!r}, outside the image folder {folder!r}")
