@@ -138,6 +138,23 @@ def test_the_saved_config_records_lora_only_when_lora_is_saved(make_model, tmp_p
     assert not hasattr(GILLForConditionalGeneration.from_pretrained(tmp_path).language_model, "peft_config")
 
 
+def test_save_manifests_stay_local_when_pushed(fake_hub, make_model, tiny_backbones, tmp_path):
+    from gill_hf import GILLPipeline
+
+    model = make_model("opt")
+    model.push_to_hub("alice/gill-no-manifest", model_card=False)
+    pipe = GILLPipeline.from_gill(model)
+    pipe.save_pretrained(tmp_path / "pipe")  # the pipeline save is atomic too: a manifest there and in gill_model/
+    assert (tmp_path / "pipe" / atomic.MANIFEST_NAME).is_file()
+    assert (tmp_path / "pipe" / "gill_model" / atomic.MANIFEST_NAME).is_file()
+    pipe.push_to_hub("alice/gill-pipe-no-manifest", model_card=False)
+    for repo in ("alice/gill-no-manifest", "alice/gill-pipe-no-manifest"):
+        files = fake_hub.repos[repo].files()
+        assert "config.json" in files or "model_index.json" in files
+        assert not [name for name in files if name.endswith(atomic.MANIFEST_NAME)], sorted(files)
+    assert GILLForConditionalGeneration.from_pretrained("alice/gill-no-manifest").processor is not None
+
+
 # ---------------------------------------------------------------------------------------------- concurrent saves
 WRITER = r"""
 import os, sys, time

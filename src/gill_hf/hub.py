@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers.utils import cached_file
 
+from .atomic import MANIFEST_NAME
 from .configuration_gill import GILLConfig
 from .loading import read_safetensors_header
 from .modeling_gill import ADAPTER_WEIGHTS_NAME, LORA_SUBFOLDER, adapter_mismatch_message
@@ -43,6 +44,9 @@ class HubPushError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- loading
 SAFETENSORS_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# local save manifests (gill_hf.atomic) stay local: a Hub commit is atomic anyway, and files edited on the Hub later
+# would no longer match them
+MANIFEST_PATTERNS = [MANIFEST_NAME, f"*/{MANIFEST_NAME}"]
 LORA_CONFIG_NAME = f"{LORA_SUBFOLDER}/adapter_config.json"
 LORA_WEIGHTS_NAME = f"{LORA_SUBFOLDER}/adapter_model.safetensors"
 
@@ -309,7 +313,8 @@ def push_to_hub(obj, repo_id: str, *, revision: str | None = None, commit_messag
                 card.save(os.path.join(staging, "README.md"))
             return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
                                      commit_message=commit_message or f"Upload {type(obj).__name__} with gill_hf",
-                                     commit_description=commit_description, delete_patterns=stale or None)
+                                     commit_description=commit_description, delete_patterns=stale or None,
+                                     ignore_patterns=MANIFEST_PATTERNS)
     except HfHubHTTPError as err:
         status = err.response.status_code if err.response is not None else "?"
         hint = " Check that the token (HF_TOKEN or `hf auth login`) has write access." if status in (401, 403) \
