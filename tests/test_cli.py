@@ -49,6 +49,8 @@ def test_argparse_usage_errors_exit_2(capsys, no_loading):
            "argument --limit: must be >= 1, got 0")
     _usage(capsys, ["generate", "p", "--text", "hi", "--top-p", "0"], "argument --top-p: must be > 0.0 and <= 1.0")
     _usage(capsys, ["generate", "p", "--text", "hi", "--max-new-tokens", "x"], "expected an integer, got 'x'")
+    _usage(capsys, ["precompute-targets", "t.tsv", "o", "--diffusion-model", "sd", "--device", "gpu0"],
+           "argument --device: not a torch device: 'gpu0'")
     assert main(["--help"]) == 0
 
 

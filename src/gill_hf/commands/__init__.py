@@ -54,6 +54,17 @@ def output_path(value: str, what: str, kind: str) -> str:
     return path
 
 
+def torch_device(text: str) -> str:
+    """An argparse ``type``: a torch device name (cpu, cuda, cuda:1, mps ...)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:1 ...)") from None
+    return text
+
+
 def bounded(kind: type, minimum=None, maximum=None, open_min: bool = False):
     """An argparse ``type``: ``kind(text)`` within ``[minimum, maximum]`` (either side optional; ``open_min``:
     above ``minimum``)."""

@@ -4,7 +4,7 @@ Generated images are kept under DIR/images and reused when the command is run ag
 
 import argparse
 
-from . import bounded, existing_path, model_source, output_path
+from . import bounded, existing_path, model_source, output_path, torch_device
 
 BENCHMARKS = ("vist", "visdial", "retrieval", "decision", "fid")
 
@@ -14,7 +14,8 @@ def _common(generation: bool, steps: int = 50, guidance: float = 7.5) -> argpars
     parser.add_argument("model", help="a saved GILL folder or Hub repo id")
     parser.add_argument("--out", required=True, help="output folder (results, images, samples.html)")
     parser.add_argument("--limit", type=bounded(int, 1), default=None, help="evaluate only the first N examples")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="backbone / diffusion dtype (default: as saved)")
     if generation:

@@ -1,6 +1,6 @@
 """``gill-hf precompute-targets``: encode every caption once with the diffusion text encoder into a target store."""
 
-from . import UsageError, bounded, existing_path, model_source, output_path
+from . import UsageError, bounded, existing_path, model_source, output_path, torch_device
 
 
 def check_args(args):
@@ -40,7 +40,7 @@ def register(subparsers):
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     parser.add_argument("--caption-column", default="caption")
     parser.add_argument("--image-column", default="image")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", type=torch_device, default=None)
     parser.add_argument("--process-index", type=bounded(int, 0), default=0, help="this process's share of the shards")
     parser.add_argument("--num-processes", type=bounded(int, 1), default=1)
     parser.set_defaults(func=run)
