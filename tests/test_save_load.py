@@ -107,3 +107,29 @@ def test_trainer_style_state_dict_is_filtered(make_model, tmp_path):
     assert set(safetensors.torch.load_file(tmp_path / "model.safetensors")) == set(model.adapter_state_dict())
     size_mb = os.path.getsize(tmp_path / "model.safetensors") / 2**20
     assert size_mb < 1.0, size_mb  # the adapter only, never the LLM
+
+
+def test_a_new_save_replaces_every_file_of_the_previous_one(make_model, tmp_path):
+    model = make_model("opt", seed=4)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    sharded = GILLForConditionalGeneration.from_pretrained(tmp_path)
+    for key, value in model.adapter_state_dict().items():
+        assert torch.equal(sharded.adapter_state_dict()[key], value), key
+    (tmp_path / "notes.txt").write_text("not part of any save")
+    other = make_model("opt", seed=5)
+    other.save_pretrained(tmp_path)  # one file now: the old shards and index go, files no save wrote stay
+    assert not list(tmp_path.glob("model-*.safetensors")) and not (tmp_path / "model.safetensors.index.json").exists()
+    assert (tmp_path / "notes.txt").read_text() == "not part of any save"
+    manifest = json.loads((tmp_path / "gill_manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in tmp_path.iterdir()
+                                               if p.name not in ("gill_manifest.json", "notes.txt"))
+    loaded = GILLForConditionalGeneration.from_pretrained(tmp_path)
+    for key, value in other.adapter_state_dict().items():
+        assert torch.equal(loaded.adapter_state_dict()[key], value), key
+
+
+def test_only_the_main_process_writes(make_model, tmp_path):
+    make_model("opt").save_pretrained(tmp_path / "rank1", is_main_process=False)  # as transformers' other ranks
+    assert not (tmp_path / "rank1").exists()
