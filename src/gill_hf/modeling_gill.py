@@ -291,7 +291,11 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             language_model / vision_model: backbones already in memory to reuse.
 
         Incompatible settings (a dtype a quantization method cannot run, an attention implementation a backbone
-        lacks) raise before any weights load.
+        lacks) raise before any weights load, and so do damaged files, each named: a truncated or corrupt adapter
+        file, adapter keys / shapes / dtypes that do not fit the config, a ``lora/`` folder the config records
+        (``use_lora``) but the folder lacks; a missing local folder is a ``FileNotFoundError``. A local folder
+        saved with a manifest (``save_pretrained``) is read as exactly one save; files that do not match it (a save
+        in progress in another process) are re-read briefly, then :class:`gill_hf.atomic.TornSaveError`.
         """
         from .hub import load_adapter_files
         from .loading import (check_quantization, normalize_quantization_config, open_saved_model, resolve_dtype,
@@ -318,7 +322,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         with open_saved_model(path) as root:  # a local folder: exactly one save's files (gill_hf.atomic)
             config = config or GILLConfig.from_pretrained(root, **hub_kwargs)
             check_pretrained_token_ids(config, path, **hub_kwargs)
-            weight_files, has_lora = cls._check_saved_files(root, path, config, hub_kwargs)
+            weight_files, source, has_lora = cls._check_saved_files(root, path, config, hub_kwargs)
             info = None
             if language_model is None or vision_model is None:
                 llm, vision, info = cls._load_backbones(
@@ -327,8 +331,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                 language_model, vision_model = language_model or llm, vision_model or vision
             model = cls(config, language_model=language_model, vision_model=vision_model)
             model._match_config_vocab()
-            adapter_weights = load_adapter_files(weight_files[0], path)
-            model.load_adapter_state_dict(adapter_weights, weight_files[1])
+            adapter_weights = load_adapter_files(weight_files, path)
+            model.load_adapter_state_dict(adapter_weights, source)
             model._sync_llm_img_rows()
             if has_lora:  # a LoRA-tuned LLM (MiniGPT-5 stage 2): re-apply the peft adapter
                 from peft import PeftModel
@@ -352,13 +356,13 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
     @staticmethod
     def _check_saved_files(root: str, path: str, config: GILLConfig, hub_kwargs: dict):
         """Before the backbones load: the adapter files' headers against ``config`` and the LoRA folder the config
-        records. Returns ``(({name: local file}, source shown in errors), has LoRA)``."""
+        records. Returns ``({name: local file}, the weights' source as errors name it, has LoRA)``."""
         from .hub import adapter_weight_files, check_adapter_files, check_lora_files
 
         files, listing = adapter_weight_files(root, **hub_kwargs)
         source = os.path.join(path, listing)
         check_adapter_files(files, path, expected_adapter_tensors(config), source)
-        return (files, source), check_lora_files(root, path, config.use_lora, **hub_kwargs)
+        return files, source, check_lora_files(root, path, config.use_lora, **hub_kwargs)
 
     def _load_saved_extras(self, root: str, path: str, hub_kwargs: dict):
         """The saved processor and generation config, when the folder has them; names point at ``path``."""
