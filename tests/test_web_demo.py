@@ -3,6 +3,7 @@ streamed chat turn, sources resolved and rejected before any weights load, the `
 gradio_client, and the page in a real headless Chromium (upload, send, streamed text, rendered image, errors)."""
 
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -170,6 +171,21 @@ def test_chat_turn_streams_then_shows_the_answer_and_keeps_it_as_context(pipe, f
     second = _direct(pipe, context, FAST)
     assert " ".join(_texts(history[3]["parts"])) == " ".join(_texts(second.parts))
     assert np.array_equal(np.asarray(history[3]["parts"][1].image), np.asarray(second.images[0]))
+
+
+def test_user_errors_name_the_problem_before_any_work(pipe, files, tmp_path):
+    session = DemoSession(pipe, str(tmp_path))
+    with pytest.raises(ValueError, match="Empty message"):
+        session.user_parts("  ", [])
+    with pytest.raises(ValueError, match="Could not read the image broken.png: could not decode"):
+        session.user_parts("What is it?", [files["dog"], {"path": files["broken"]}])
+    with pytest.raises(ValueError, match=r"may not contain <\|image\|>"):
+        session.user_parts("a <|image|> here", [])
+    with pytest.raises(ValueError, match="needs a retrieval index"):
+        session.check(DemoSettings(decision="retrieve"))
+    parts = session.user_parts(" Where? ", [files["dog"]])
+    assert parts[1] == "Where?" and np.array_equal(np.asarray(parts[0].image), np.asarray(Image.open(files["dog"])))
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(parts[0].file)]  # the failed ones left none
 
 
 def test_retrieved_images_show_their_probability_and_top_candidates(pipe, index, files, tmp_path):
@@ -345,6 +361,16 @@ def _bot_text(page) -> str:
     return " ".join(page.locator('#chat [data-testid="bot"]').all_inner_texts())
 
 
+def _wait_for_answer(page):
+    """Wait for the answer image to render; on a timeout, fail with what the page shows."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(BOT_IMAGES_READY, arg=1, timeout=60_000)
+    except PlaywrightTimeout:
+        pytest.fail(f"no rendered answer image after 60 s; the page shows {page.inner_text('body')[:3000]!r}")
+
+
 def _toast(page, text: str):
     page.get_by_text(text).first.wait_for(timeout=20_000)
 
@@ -352,7 +378,7 @@ def _toast(page, text: str):
 def test_browser_upload_send_streams_text_and_renders_the_image(page, pipe, files, tmp_path):
     page.evaluate(RECORD_BOT_TEXT)
     _send(page, PROMPT_TEXT, files["dog"])
-    page.wait_for_function(BOT_IMAGES_READY, arg=1, timeout=60_000)
+    _wait_for_answer(page)
     expected = _direct(pipe, ["Q: ", Image.open(files["dog"]).convert("RGB"), PROMPT_TEXT + "\nA:"], FAST)
     shown = _bot_text(page)
     for piece in [*_texts(expected.parts), "generated · P(retrieve) = 0.000, forced"]:
@@ -362,6 +388,7 @@ def test_browser_upload_send_streams_text_and_renders_the_image(page, pipe, file
     natural = page.evaluate("""() => [...document.querySelectorAll('#chat [data-testid="bot"] img')]
                                .map(i => [i.naturalWidth, i.naturalHeight])""")
     assert natural == [list(expected.images[0].size)]
+    assert np.array_equal(_shown_image(page), np.asarray(expected.images[0]))
     page.screenshot(path=str(tmp_path / "web_demo.png"), clip={"x": 0, "y": 0, "width": 1100, "height": 640})
     SCREENSHOT.parent.mkdir(exist_ok=True)
     staged = SCREENSHOT.with_name(".web_demo.png.tmp")
@@ -369,22 +396,41 @@ def test_browser_upload_send_streams_text_and_renders_the_image(page, pipe, file
     os.replace(staged, SCREENSHOT)  # the README's picture, refreshed by this run
 
 
-def test_browser_user_errors_show_a_message_and_the_next_one_works(page, pipe, index, files):
-    page.click("#clear")
+def _shown_image(page) -> np.ndarray:
+    """The pixels of the (last) answer image as the browser fetched them."""
+    src = page.locator('#chat [data-testid="bot"] img').last.get_attribute("src")
+    return np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+
+
+def _assert_shows(page, answer):
+    _wait_for_answer(page)
+    assert all(piece in _bot_text(page) for piece in _texts(answer.parts))
+    assert np.array_equal(_shown_image(page), np.asarray(answer.images[0]))
+
+
+def test_browser_user_errors_show_a_message_and_the_next_one_works(page, pipe, files):
+    single_turn = _direct(pipe, ["Q: ", PROMPT_TEXT + "\nA:"], FAST)
+    if not page.locator('#chat [data-testid="bot"] img').count():  # run alone: make a conversation first
+        _send(page, PROMPT_TEXT, files["dog"])
+        _wait_for_answer(page)
+    page.click('#chat button[aria-label="Clear"]')  # the chat's own trash button: the conversation is gone
     page.wait_for_function("() => !document.querySelector('#chat [data-testid=\"user\"]')")
     page.click("#message button.submit-button")  # nothing typed or uploaded
     _toast(page, "Empty message: type some text or upload an image.")
+    page.get_by_label("retrieve", exact=True).check()
+    _send(page, PROMPT_TEXT)
+    _toast(page, "Decision 'retrieve' needs a retrieval index")
+    page.get_by_label("generate", exact=True).check()
+    page.click("#message button.submit-button")  # the message stayed in its box
+    _assert_shows(page, single_turn)  # the first test's conversation is not in the context any more
+
+    page.click("#clear")
+    page.wait_for_function("() => !document.querySelector('#chat [data-testid=\"user\"]')")
     _send(page, "What is this?", files["broken"])
     _toast(page, "Could not read the image broken.png")
     assert page.locator('#chat [data-testid="user"]').count() == 0  # nothing half-added
     assert page.input_value("#message textarea") == "What is this?"  # the message stays, to be fixed
     page.click("#clear")
     page.wait_for_function("() => !document.querySelector('#message img')")
-    page.get_by_label("retrieve", exact=True).check()
     _send(page, PROMPT_TEXT)
-    _toast(page, "Decision 'retrieve' needs a retrieval index")
-    page.get_by_label("generate", exact=True).check()
-    _send(page, PROMPT_TEXT)
-    page.wait_for_function(BOT_IMAGES_READY, arg=1, timeout=60_000)
-    expected = _direct(pipe, ["Q: ", PROMPT_TEXT + "\nA:"], FAST)
-    assert all(piece in _bot_text(page) for piece in _texts(expected.parts))
+    _assert_shows(page, single_turn)

@@ -293,14 +293,14 @@ class DemoSession:
             raise ValueError("Empty message: type some text or upload an image.")
         if IMAGE_TOKEN in text:
             raise ValueError(f"The message may not contain {IMAGE_TOKEN}: upload images instead.")
-        parts = []
+        images = []
         for file in files:
             path = file.get("path") if isinstance(file, dict) else os.fspath(file)
             try:
-                parts.append(self.show(load_image(path)))
+                images.append(load_image(path))
             except (ValueError, OSError) as err:
                 raise ValueError(f"Could not read the image {os.path.basename(path)}: {err}") from None
-        return parts + ([text] if text else [])
+        return [self.show(image) for image in images] + ([text] if text else [])  # files once all decode
 
     def check(self, settings: DemoSettings):
         if settings.decision == "retrieve" and self.pipe.retrieval_index is None:
