@@ -134,6 +134,10 @@ def test_settings_are_checked_and_mapped_to_the_pipeline(pipe):
         DemoSettings(decision="both")
     with pytest.raises(ValueError, match="max_new_tokens must be an integer, got 2.5"):
         DemoSettings(max_new_tokens=2.5)
+    with pytest.raises(ValueError, match="guidance_scale must be a number, got 'high'"):
+        DemoSettings(guidance_scale="high")
+    with pytest.raises(ValueError, match="force_image must be True or False"):
+        DemoSettings(force_image="yes")
     greedy = FAST.pipeline_kwargs(pipe)
     assert greedy["do_sample"] is False and "temperature" not in greedy and "top_p" not in greedy
     assert (greedy["force_image_after"], greedy["max_images"], greedy["num_inference_steps"]) == (2, 1, 2)
@@ -275,7 +279,7 @@ def test_a_saved_pipeline_folder_and_an_index_folder(pipe, index, tmp_path, grad
     assert torch.equal(loaded.retrieval_index.embeddings, index.embeddings)
 
 
-def test_cli_passes_its_options_to_build_and_launch(monkeypatch, tmp_path):
+def test_cli_passes_its_options_to_build_and_launch(monkeypatch, tmp_path, capsys):
     seen = {}
 
     class FakeDemo:
@@ -290,13 +294,20 @@ def test_cli_passes_its_options_to_build_and_launch(monkeypatch, tmp_path):
         return FakeDemo()
 
     monkeypatch.setattr(web, "build_demo", fake_build)
-    assert cli_main(["demo", "user/gill", "--index", "idx", "--device", "cpu", "--share", "--server-name",
-                     "0.0.0.0", "--port", "7861"]) == 0
-    assert seen == {"build": ("user/gill", "idx", "cpu"),
+    (tmp_path / "idx").mkdir()
+    assert cli_main(["demo", "user/gill", "--index", str(tmp_path / "idx"), "--device", "cpu", "--share",
+                     "--server-name", "0.0.0.0", "--port", "7861"]) == 0
+    assert seen == {"build": ("user/gill", str(tmp_path / "idx"), "cpu"),
                     "launch": {"share": True, "server_name": "0.0.0.0", "server_port": 7861}}
-    cli_main(["demo"])
+    assert cli_main(["demo"]) == 0
     assert seen["build"] == (None, None, None)
     assert seen["launch"] == {"share": False, "server_name": None, "server_port": None}
+    seen.clear()
+    assert cli_main(["demo", "./no-such-pipeline"]) == 2
+    assert cli_main(["demo", "--index", str(tmp_path / "no-index")]) == 2
+    assert cli_main(["demo", "--port", "0"]) == 2
+    assert seen == {}  # nothing was built
+    assert "no such file or folder: ./no-such-pipeline" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- served

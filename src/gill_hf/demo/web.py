@@ -63,14 +63,25 @@ class DemoSettings:
     seed: int = 0
 
     def __post_init__(self):
+        self._check_types()
+        self._check_ranges()
+
+    def _check_types(self):
         for name in ("force_image_after", "max_new_tokens", "num_inference_steps", "seed"):
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
                 setattr(self, name, int(value))  # UI numbers arrive as floats
             elif not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "guidance_scale"):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if not isinstance(self.force_image, bool):
+            raise ValueError(f"force_image must be True or False, got {self.force_image!r}")
         if self.decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
+
+    def _check_ranges(self):
         checks = (("force_image_after", self.force_image_after >= 0, ">= 0"),
                   ("temperature", self.temperature >= 0, ">= 0"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
                   ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
@@ -112,8 +123,8 @@ def _source_kind(source: str) -> str:
             return "pipeline"
         if os.path.isdir(os.path.join(source, "gill-adapter")):
             if not _is_quickstart_folder(source):
-                raise ValueError(f"{source} is an incomplete quickstart folder (it needs {', '.join(QUICKSTART_FILES)});"
-                                 f" rerun `gill-hf quickstart --out {source}`")
+                raise ValueError(f"{source} is an incomplete quickstart folder (it needs "
+                                 f"{', '.join(QUICKSTART_FILES)}); rerun `gill-hf quickstart --out {source}`")
             return "quickstart"
         if os.path.isfile(os.path.join(source, "config.json")):
             return "model"
@@ -121,7 +132,7 @@ def _source_kind(source: str) -> str:
                          f"(no gill-adapter/) or a GILL model folder (no config.json)")
     if os.path.exists(source):
         raise ValueError(f"{source} is a file; expected a pipeline folder, a quickstart folder or a Hub id")
-    if _looks_local(os.path.expanduser(source)) or os.path.exists(os.path.dirname(source) or "\0"):
+    if _looks_local(source) or os.path.exists(os.path.dirname(source) or "\0"):
         raise FileNotFoundError(f"no such file or folder: {source}")
     return "hub"
 
@@ -132,7 +143,7 @@ def _check_index(index) -> RetrievalIndex | None:
         return index
     if not isinstance(index, (str, os.PathLike)):
         raise TypeError(f"index must be a RetrievalIndex or a folder path, got {type(index).__name__}")
-    path = os.fspath(index)
+    path = os.path.expanduser(os.fspath(index))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"index: no such folder: {path}")
     return RetrievalIndex.load(path)
@@ -177,7 +188,8 @@ def load_demo_pipeline(pipeline_or_path=None, index=None, device=None) -> tuple[
     if isinstance(pipeline_or_path, GILLPipeline):
         pipe = pipeline_or_path
     elif pipeline_or_path is None or isinstance(pipeline_or_path, (str, os.PathLike)):
-        source = os.fspath(pipeline_or_path) if pipeline_or_path is not None else DEFAULT_QUICKSTART_DIR
+        source = os.path.expanduser(os.fspath(pipeline_or_path)) if pipeline_or_path is not None \
+            else DEFAULT_QUICKSTART_DIR
         if pipeline_or_path is None and not _is_quickstart_folder(source):
             from .quickstart import run_quickstart
 
