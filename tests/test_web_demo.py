@@ -311,7 +311,7 @@ def test_cli_passes_its_options_to_build_and_launch(monkeypatch, tmp_path, capsy
 
 
 # ---------------------------------------------------------------------------------------------- served
-def test_api_endpoint_answers_with_text_and_image_files(server, pipe, files):
+def test_api_endpoint_answers_with_text_and_image_files(server, pipe, index, files):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -323,8 +323,18 @@ def test_api_endpoint_answers_with_text_and_image_files(server, pipe, files):
     assert text == " ".join(_texts(expected.parts))
     assert len(gallery) == 1 and gallery[0]["caption"].startswith("generated · P(retrieve)")
     assert np.array_equal(np.asarray(Image.open(gallery[0]["image"])), np.asarray(expected.images[0]))
-    assert details == [{"kind": "generated", "p_retrieve": 0.0, "decision": "gen", "forced": True, "path": None,
+    assert details == [{"kind": "generated", "p_retrieve": 0.0, "decision": "gen", "forced": True, "source": None,
                         "score": None, "candidates": []}]
+    pipe.retrieval_index = index
+    try:
+        retrieve = DemoSettings(decision="retrieve", force_image=True, max_new_tokens=10, num_inference_steps=2)
+        _, gallery, details = client.predict(PROMPT_TEXT, [], *_values(retrieve), api_name="/answer")
+        (part,) = [p for p in _direct(pipe, ["Q: ", PROMPT_TEXT + "\nA:"], retrieve).parts if isinstance(p, ImagePart)]
+    finally:
+        pipe.retrieval_index = None
+    assert details[0]["kind"] == "retrieved" and details[0]["source"] == part.path
+    assert details[0]["candidates"] == [{"source": path, "score": score} for path, score in part.candidates]
+    assert np.array_equal(np.asarray(Image.open(gallery[0]["image"])), np.asarray(Image.open(part.path)))
     with pytest.raises(AppError, match="needs a retrieval index"):
         client.predict(PROMPT_TEXT, [], "retrieve", *_values(FAST)[1:], api_name="/answer")
     with pytest.raises(AppError, match="Could not read the image broken.png"):

@@ -264,10 +264,11 @@ def image_caption(part: ImagePart) -> str:
 
 
 def image_details(part: ImagePart) -> dict:
-    """JSON-ready description of an answer image (the API endpoint's third output)."""
+    """JSON-ready description of an answer image (the API endpoint's third output). Retrieved paths are under
+    ``source``: gradio_client would take a ``path`` key for a file to download."""
     return {"kind": part.kind, "p_retrieve": part.decision.p_retrieve, "decision": part.decision.mode,
-            "forced": part.decision.forced, "path": part.path, "score": part.score,
-            "candidates": [{"path": path, "score": score} for path, score in part.candidates]}
+            "forced": part.decision.forced, "source": part.path, "score": part.score,
+            "candidates": [{"source": path, "score": score} for path, score in part.candidates]}
 
 
 class _QueueStreamer(TextStreamer):
