@@ -23,6 +23,7 @@ from eval_fixtures import (
     write_vist,
 )
 
+from gill_hf import GILLForConditionalGeneration, GILLProcessor
 from gill_hf.cli import build_parser
 from gill_hf.cli import main as cli_main
 from gill_hf.tiny import build_tiny_release
@@ -94,7 +95,12 @@ def test_first_block_is_what_ci_runs():
     assert args.func.__module__ == "gill_hf.commands.quickstart" and args.out == "gill-quickstart"
 
 
-def test_every_readme_block_runs(readme_folder, tiny_backbones, fake_hub, single_thread, capsys):
+def test_every_readme_block_runs(readme_folder, tiny_backbones, fake_hub, single_thread, capsys, monkeypatch):
+    import gradio
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry to the (fake) Hub
+    launched = []  # `gill-hf demo` builds the real Blocks; serving it is test_web_demo.py's job
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.append((self, kwargs)))
     names = {"facebook/opt-6.7b": tiny_backbones["opt"], "openai/clip-vit-large-patch14": tiny_backbones["clip"],
              "stable-diffusion-v1-5/stable-diffusion-v1-5": tiny_backbones["sd"]}
     namespace: dict = {}
@@ -127,3 +133,10 @@ def test_every_readme_block_runs(readme_folder, tiny_backbones, fake_hub, single
     pushed = fake_hub.repos["your-name/gill-opt-6.7b"].files()
     assert {"model.safetensors", "config.json", "README.md"} <= set(pushed)
     assert "5 retrieval candidates" in capsys.readouterr().out
+    [(blocks, kwargs)] = launched
+    assert isinstance(blocks, gradio.Blocks) and kwargs == {"share": False, "server_name": "127.0.0.1",
+                                                            "server_port": 7860}
+    assert namespace["scores"].shape == (3,), namespace["scores"]
+    # gill_hf installed: the Auto classes keep its own classes (test_remote_code.py loads the pushed code without it)
+    assert type(namespace["remote"]) is GILLForConditionalGeneration and isinstance(namespace["remote_processor"],
+                                                                                     GILLProcessor)

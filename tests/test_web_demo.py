@@ -411,10 +411,10 @@ def test_browser_upload_send_streams_text_and_renders_the_image(page, pipe, file
     assert natural == [list(expected.images[0].size)]
     assert np.array_equal(_shown_image(page), np.asarray(expected.images[0]))
     page.screenshot(path=str(tmp_path / "web_demo.png"), clip={"x": 0, "y": 0, "width": 1100, "height": 640})
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    staged = SCREENSHOT.with_name(".web_demo.png.tmp")
-    shutil.copyfile(tmp_path / "web_demo.png", staged)
-    os.replace(staged, SCREENSHOT)  # the README's picture, refreshed by this run
+    if os.environ.get("GILL_HF_UPDATE_SCREENSHOT") == "1":  # refresh the README's picture on request only
+        staged = SCREENSHOT.with_name(".web_demo.png.tmp")
+        shutil.copyfile(tmp_path / "web_demo.png", staged)
+        os.replace(staged, SCREENSHOT)
 
 
 def _shown_image(page) -> np.ndarray:

@@ -2,6 +2,8 @@
 and text with text and generated or retrieved images (``gill_hf.demo.build_demo``). With no argument it serves
 the quickstart's output folder (``gill-quickstart``), running the quickstart first if that folder is missing."""
 
+import asyncio
+
 from . import bounded, existing_path, model_source, torch_device
 
 
@@ -17,8 +19,11 @@ def run(args) -> int:
     from ..demo import web
 
     check_args(args)
-    demo = web.build_demo(args.model_or_pipeline, args.index, device=args.device)
-    demo.queue().launch(share=args.share, server_name=args.server_name, server_port=args.port)
+
+    async def build():  # gradio makes (and never closes) an event loop per lock when none is running
+        return web.build_demo(args.model_or_pipeline, args.index, device=args.device).queue()
+
+    asyncio.run(build()).launch(share=args.share, server_name=args.server_name, server_port=args.port)
     return 0
 
 
