@@ -12,7 +12,7 @@ from hub_server import FakeHub  # noqa: E402
 from huggingface_hub import constants, hf_api  # noqa: E402
 from transformers.utils import hub as transformers_hub  # noqa: E402
 
-from gill_hf import GILLForConditionalGeneration, build_tiny_backbones  # noqa: E402
+from gill_hf import GILLForConditionalGeneration, GILLPipeline, build_tiny_backbones  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -51,16 +51,17 @@ def make_model(tiny_backbones):
 
 @pytest.fixture
 def caption_batch():
-    """``batch(model, n)``: n toy image-caption pairs encoded by the model's processor, plus random targets."""
+    """``batch(model, n, seed, texts, max_length)``: n toy image-caption pairs (the fixture's captions unless
+    ``texts``) encoded by the model's processor, plus random targets."""
     from PIL import Image
 
     captions = ["a red circle on the left", "a blue square at the top", "a yellow star in the middle",
                 "a green triangle at the bottom", "a purple ring in the corner", "a white cross on the right"]
     colours = ["red", "blue", "yellow", "green", "purple", "white"]
 
-    def _batch(model, n: int = 4, seed: int = 0) -> dict:
+    def _batch(model, n: int = 4, seed: int = 0, texts: list[str] | None = None, max_length: int = 24) -> dict:
         proc = model.processor
-        enc = proc.encode_captions(captions[:n], max_length=24)
+        enc = proc.encode_captions((texts or captions)[:n], max_length=max_length)
         images = [Image.new("RGB", (40, 36), colour) for colour in colours[:n]]
         g = torch.Generator().manual_seed(seed)
         targets = torch.randn(n, model.config.num_gen_queries, model.config.gen_emb_dim, generator=g)
@@ -86,3 +87,11 @@ def fake_hub(tmp_path_factory):
         yield hub
         assert hub.server_errors == []
         assert hub.unknown_requests == [], f"client used endpoints the fake Hub does not know: {hub.unknown_requests}"
+
+
+@pytest.fixture(scope="module")
+def pipe(make_model):
+    """A GILLPipeline on the tiny OPT model (random adapter), progress bars off; one per test module."""
+    pipeline = GILLPipeline.from_gill(make_model("opt").eval())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

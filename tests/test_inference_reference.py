@@ -109,7 +109,7 @@ class _SpyIndex:
 
     def __init__(self, index):
         self.index, self.calls = index, 0
-        self.d = index.d
+        self.d, self.ntotal, self.metric_type = index.d, index.ntotal, index.metric_type
 
     def search(self, queries, k):
         self.calls += 1
@@ -136,13 +136,6 @@ def test_faiss_path_runs_and_matches_the_exact_top_k():
 
 
 # ---------------------------------------------------------------- pipeline: de-duplication, decision
-@pytest.fixture(scope="module")
-def pipe(make_model):
-    pipeline = GILLPipeline.from_gill(make_model("opt").eval())
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def _queries(pipe, generation):
     with torch.no_grad():
         return pipe.gill_model.text_retrieval_embeddings(generation.img0_hidden_states())

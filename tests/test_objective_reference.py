@@ -23,14 +23,9 @@ QUIET = dict(disable_tqdm=True, logging_steps=1, dataloader_num_workers=0, use_c
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _caption_batch(model, n=4, seed=0):
-    proc = model.processor
-    enc = proc.encode_captions(CAPTIONS[:n], max_length=32)
-    images = [Image.new("RGB", (40, 36), c) for c in COLOURS[:n]]
-    g = torch.Generator().manual_seed(seed)
-    targets = torch.randn(n, model.config.num_gen_queries, model.config.gen_emb_dim, generator=g)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "pixel_values": proc.preprocess_images(images), "gen_targets": targets}
+def _caption_batch(caption_batch, model, n=4):
+    """Captions of different lengths (so rows pad differently) through conftest's ``caption_batch``."""
+    return caption_batch(model, n, texts=CAPTIONS, max_length=32)
 
 
 def _unpadded(batch, i):
@@ -45,9 +40,9 @@ def _token_nll(model, embeds, targets):
 
 
 # ---------------------------------------------------------------- stage 1: l_c, l_p, packing, hidden_layer
-def test_captions_of_different_lengths_never_supervise_padding(make_model):
+def test_captions_of_different_lengths_never_supervise_padding(make_model, caption_batch):
     model = make_model("opt").eval()
-    batch = _caption_batch(model)
+    batch = _caption_batch(caption_batch, model)
     lengths = batch["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) == 4, lengths  # rows really are padded to different extents
     out = model(**batch, gill_objective=True, pack=False)
@@ -70,9 +65,9 @@ def test_captions_of_different_lengths_never_supervise_padding(make_model):
     torch.testing.assert_close(out.img_token_loss, torch.stack(lp_terms).mean(), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_rows_drop_the_second_bos(make_model):
+def test_packed_rows_drop_the_second_bos(make_model, caption_batch):
     model = make_model("opt").eval()
-    batch = _caption_batch(model, n=2)
+    batch = _caption_batch(caption_batch, model, n=2)
     out = model(**batch, gill_objective=True, pack=True)
     cfg, k, r = model.config, model.config.num_visual_tokens, model.config.num_img_tokens
     img, bos = set(cfg.img_token_ids), model.processor.tokenizer.bos_token_id
@@ -100,9 +95,9 @@ def test_packed_rows_drop_the_second_bos(make_model):
 
 
 @pytest.mark.parametrize("layer", [-2, 1])
-def test_hidden_layer_feeds_every_head(make_model, layer):
+def test_hidden_layer_feeds_every_head(make_model, caption_batch, layer):
     model = make_model("opt", hidden_layer=layer).eval()
-    batch = _caption_batch(model, n=2)
+    batch = _caption_batch(caption_batch, model, n=2)
     out = model(**batch, gill_objective=True, pack=False)
     r = model.config.num_img_tokens
     with torch.no_grad():

@@ -26,13 +26,6 @@ def _seed(n=0):
 
 
 @pytest.fixture(scope="module")
-def pipe(make_model):
-    pipeline = GILLPipeline.from_gill(make_model("opt").eval())
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
 def index(pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("candidates")
     paths = []

@@ -45,13 +45,6 @@ def _texts(parts) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pipe(make_model):
-    pipeline = GILLPipeline.from_gill(make_model("opt").eval())
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     """A dog photo stand-in, an undecodable "PNG" and a folder of retrieval candidates."""
     folder = tmp_path_factory.mktemp("demo_files")
