@@ -70,6 +70,7 @@ class GILLConfig(PreTrainedConfig):
     mapper_add_input_embeddings: bool = True  # GILL adds the [IMG] input embeddings to their hidden states
     num_gen_queries: int = 77  # L
     gen_emb_dim: int = 768  # diffusion text-encoder width
+    diffusion_layout: Literal["stable_diffusion"] = "stable_diffusion"  # target family (diffusion_layouts.py)
     voken_feature_position: Literal["at_token", "predicting"] = "at_token"  # MiniGPT-5: "predicting" (shift -1)
 
     # Decision head (retrieve vs generate) on the [IMG0] hidden state (+ max retrieval score, appendix variant).

@@ -209,7 +209,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                        quantization_config=None, output_loading_info: bool = False, **config_kwargs):
         """A fresh (untrained) GILL on backbones given by Hub id or local path; attaches its processor.
 
-        ``gen_emb_dim`` is read from the diffusion model's text encoder unless given; ``config_kwargs`` are
+        ``gen_emb_dim`` and ``diffusion_layout`` are read from the diffusion model's configs unless given; ``config_kwargs`` are
         :class:`GILLConfig` fields (a name that is none is an error). The loading switches (``dtype`` /
         ``torch_dtype``, ``attn_implementation``, ``device_map``, ``quantization_config``, ``output_loading_info``)
         are those of :meth:`from_pretrained`; the adapter is created in float32.
@@ -233,9 +233,12 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                                   num_visual_tokens=config_kwargs.get("num_visual_tokens", 4),
                                   num_img_tokens=config_kwargs.get("num_img_tokens", 8),
                                   context_length=getattr(text_config, "max_position_embeddings", None))
-        if diffusion_model is not None and "gen_emb_dim" not in config_kwargs:
-            config_kwargs["gen_emb_dim"] = AutoConfig.from_pretrained(diffusion_model,
-                                                                      subfolder="text_encoder").hidden_size
+        if diffusion_model is not None:
+            from .diffusion_layouts import layout_of_folder
+
+            layout = layout_of_folder(diffusion_model)
+            config_kwargs.setdefault("gen_emb_dim", layout.sequence_dim)
+            config_kwargs.setdefault("diffusion_layout", layout.family)
         config = GILLConfig(
             text_config=text_config.to_dict(),
             vision_config=CLIPVisionConfig.from_pretrained(vision_model).to_dict(),

@@ -32,6 +32,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .decision import Decision, decide
+from .diffusion_layouts import check_layout, layout_of_config, layout_of_configs
 from .generation_gill import GeneratedImageSlot, GILLGenerateOutput, image_conditioning
 from .configuration_gill import GILLConfig
 from .modeling_gill import GILLForConditionalGeneration
@@ -107,6 +108,8 @@ class GILLPipeline(DiffusionPipeline):
         gill_model.check_processor(processor)
         if gill_model.processor is None:
             gill_model.processor = processor
+        check_layout(layout_of_config(gill_model.config), layout_of_configs(type(unet).__name__, unet.config,
+                                                                             scheduler.config))
         self.register_modules(gill_model=gill_model, processor=processor, unet=unet, vae=vae, scheduler=scheduler,
                               text_encoder=text_encoder, tokenizer=tokenizer)
         self.retrieval_index = retrieval_index

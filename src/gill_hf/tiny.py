@@ -10,6 +10,7 @@
 Widths are small (LLM 64, CLIP 32, SD text 32) and all weights are seeded, so two calls give identical files.
 """
 
+import functools
 import json
 import os
 import tempfile
@@ -136,24 +137,26 @@ def _save_clip(out_dir: Path):
     tiny_image_processor().save_pretrained(out_dir)
 
 
-def _save_stable_diffusion(out_dir: Path):
+def _save_stable_diffusion(out_dir: Path, text_width: int = 32, prediction_type: str = "epsilon"):
+    """SD 1.x layout (defaults) or, with another ``text_width`` and ``"v_prediction"``, SD 2.x's."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _build_clip_text_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
         bos_token_id=512, eos_token_id=513, pad_token_id=513))
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4)
+        cross_attention_dim=text_width, norm_num_groups=8, attention_head_dim=4)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -184,6 +187,26 @@ def build_tiny_backbones(out_dir: str | os.PathLike, seed: int = 0) -> dict[str,
             _save_stable_diffusion(tmp)
         os.replace(tmp, path)  # a crash leaves no half-written backbone behind
     return {name: str(path) for name, path in paths.items()}
+
+
+TINY_DIFFUSION_FAMILIES = {  # name -> builder of a tiny diffusers folder of that layout
+    "sd2": functools.partial(_save_stable_diffusion, text_width=48, prediction_type="v_prediction"),
+}
+
+
+def build_tiny_diffusion(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> str:
+    """Write (or reuse) a tiny random diffusers folder of another layout than SD 1.x's ``sd`` backbone:
+    ``"sd2"`` (text width 48, v-prediction). Returns its path."""
+    if kind not in TINY_DIFFUSION_FAMILIES:
+        raise ValueError(f"unknown tiny diffusion kind {kind!r}; expected one of {sorted(TINY_DIFFUSION_FAMILIES)}")
+    path = Path(out_dir) / kind
+    if not (path / "model_index.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=path.parent))
+        TINY_DIFFUSION_FAMILIES[kind](tmp)
+        os.replace(tmp, path)  # a crash leaves no half-written model behind
+    return str(path)
 
 
 def build_tiny_release(out_dir: str | os.PathLike, backbones: dict[str, str], num_candidates: int = 5,

@@ -1,0 +1,95 @@
+"""Target layouts: which conditioning tensors each diffusers text-to-image family consumes, and their shapes.
+
+A *family* (:class:`DiffusionFamily`) is told by its denoiser and has one diffusers pipeline class: the tensors its ``encode_prompt``
+returns (in that order), the text encoders whose outputs GILL's mapper learns to predict and which hidden state of
+them is used. A *layout* (:class:`DiffusionLayout`) is a family at the widths of one checkpoint, plus the training
+objective of its scheduler. ``GILLConfig.diffusion_layout`` records the family a model was trained for (with
+``gen_emb_dim`` as the sequence width), and :func:`check_layout` refuses a diffusion model of another layout.
+
+| family | pipeline | conditioning (per image) | targets |
+|---|---|---|---|
+| ``stable_diffusion`` (SD 1.x, 2.x) | ``StableDiffusionPipeline`` | ``prompt_embeds`` (L, D) | ``last_hidden_state`` |
+"""
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DiffusionFamily:
+    """One diffusers pipeline family: ``conditioning`` = its ``encode_prompt`` outputs in order; ``text_encoders``
+    = the components (with their tokenizers, ``tokenizer`` for ``text_encoder``) whose states, concatenated on the
+    feature axis, are the sequence targets; ``hidden_state`` = which entry of ``hidden_states`` (None: the
+    ``last_hidden_state``)."""
+
+    name: str
+    pipeline_class: str
+    conditioning: tuple[str, ...]
+    text_encoders: tuple[str, ...]
+    hidden_state: int | None = None
+
+
+FAMILIES = {
+    "stable_diffusion": DiffusionFamily(
+        "stable_diffusion", "StableDiffusionPipeline", ("prompt_embeds", "negative_prompt_embeds"),
+        ("text_encoder",)),
+}
+
+
+@dataclass(frozen=True)
+class DiffusionLayout:
+    """A family at one checkpoint's widths: ``sequence_dim`` D of the per-token conditioning and the scheduler's
+    training ``objective`` ("epsilon" or "v_prediction")."""
+
+    family: str
+    sequence_dim: int
+    objective: str = "epsilon"
+
+    def __str__(self) -> str:
+        return f"{self.family} (L x {self.sequence_dim})"
+
+    def matches(self, other: "DiffusionLayout") -> bool:
+        """Same tensors at the same widths (the objective only matters to the latent-diffusion loss)."""
+        return (self.family, self.sequence_dim) == (other.family, other.sequence_dim)
+
+
+def family_of_denoiser(denoiser_class: str, denoiser_config) -> DiffusionFamily:
+    """The family whose denoiser (UNet / transformer) has this class and config; raise naming what is supported."""
+    if denoiser_class == "UNet2DConditionModel" and denoiser_config.get("addition_embed_type") is None:
+        return FAMILIES["stable_diffusion"]
+    raise ValueError(f"no GILL target layout for a {denoiser_class} denoiser (addition_embed_type="
+                     f"{denoiser_config.get('addition_embed_type')!r}); supported families: {sorted(FAMILIES)}")
+
+
+def layout_of_configs(denoiser_class: str, denoiser_config, scheduler_config) -> DiffusionLayout:
+    """The layout a denoiser of this class and config, trained with this scheduler, consumes."""
+    family = family_of_denoiser(denoiser_class, denoiser_config)
+    return DiffusionLayout(family.name, denoiser_config["cross_attention_dim"],
+                           scheduler_config.get("prediction_type", "epsilon"))
+
+
+def layout_of_pipeline(pipe) -> DiffusionLayout:
+    """The layout of a loaded diffusers pipeline (stock or GILL) from its ``unet`` and ``scheduler``."""
+    return layout_of_configs(type(pipe.unet).__name__, pipe.unet.config, pipe.scheduler.config)
+
+
+def layout_of_folder(path: str | os.PathLike, **hub_kwargs) -> DiffusionLayout:
+    """The layout of a diffusers folder or Hub id, from its configs alone (no weights load)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    path = os.fspath(path)
+    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", **hub_kwargs)
+    scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler", **hub_kwargs)  # any class's config
+    return layout_of_configs(unet_config["_class_name"], unet_config, scheduler_config)
+
+
+def layout_of_config(config) -> DiffusionLayout:
+    """The layout a :class:`~gill_hf.GILLConfig` was trained for."""
+    return DiffusionLayout(config.diffusion_layout, config.gen_emb_dim)
+
+
+def check_layout(model_layout: DiffusionLayout, diffusion_layout: DiffusionLayout):
+    """Raise ``ValueError`` naming both layouts unless the GILL model's targets are the diffusion model's inputs."""
+    if not model_layout.matches(diffusion_layout):
+        raise ValueError(f"the GILL model was trained for the {model_layout} target layout but the diffusion model "
+                         f"consumes {diffusion_layout}; wrap it with a diffusion model of its layout or retrain")
