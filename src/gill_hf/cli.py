@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "gill_hf.commands.convert_original",
     "gill_hf.commands.evaluate",
     "gill_hf.commands.demo",
+    "gill_hf.commands.build_index",
 )
 # The library's documented error classes; any other exception is reported with its type name.
 EXPECTED_ERRORS = (ValueError, TypeError, OSError)

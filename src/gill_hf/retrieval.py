@@ -5,6 +5,9 @@ logit scale in its metadata) and ``paths.json`` (N image paths or URLs). Loading
 corpus larger than RAM is searched page by page. Scores reproduce the original's ``exp(logit_scale) * cosine``.
 Rows holding NaN / inf are refused when an index is built or loaded (one pass over the rows, chunk by chunk), and
 so are such queries: a NaN row would otherwise come back as the top-1 candidate.
+
+An optional FAISS index over the same rows (exact ``IndexFlatIP`` or a trained IVF-PQ, see :meth:`use_faiss`) is
+saved beside them as ``faiss.index`` and loaded with them; ``faiss`` is imported only when one is used.
 """
 
 import json
@@ -24,9 +27,12 @@ from tqdm.auto import tqdm
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 PATHS_FILE = "paths.json"
+FAISS_FILE = "faiss.index"
+FAISS_KINDS = ("flat", "ivfpq")
 _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32}
 _SCAN_ROWS = 1 << 16  # rows checked for NaN / inf at a time
 _LISTED = 10  # row numbers named in an error
+_ADD_ROWS = 1 << 16  # rows handed to FAISS at a time (bounded memory over a memory-mapped index)
 
 
 class RetrievalIndex:
@@ -60,7 +66,7 @@ class RetrievalIndex:
         self.embeddings = embeddings.to(dtype)  # (N, p), unit rows
         self.paths = list(paths)
         self.logit_scale = float(logit_scale)
-        self._faiss = None
+        self._faiss, self._rerank = None, 1
 
     # ---- construction ----
     @classmethod
@@ -74,11 +80,8 @@ class RetrievalIndex:
             paths = [os.fspath(im) for im in images]
         if len(images) == 0:
             raise ValueError("a RetrievalIndex needs at least one image")
-        chunks = []
-        for start in tqdm(range(0, len(images), batch_size), desc="embedding images", unit="batch"):
-            pixels = model.processor.preprocess_images(images[start:start + batch_size])
-            features = model.encode_images(pixels.to(model.adapter.logit_scale.device))
-            chunks.append(F.normalize(model.image_retrieval_embeddings(features).float(), dim=-1).cpu())
+        chunks = [embed_images(model, images[start:start + batch_size])
+                  for start in tqdm(range(0, len(images), batch_size), desc="embedding images", unit="batch")]
         return cls(torch.cat(chunks), paths, model.adapter.logit_scale.item(), dtype=dtype, normalized=True)
 
     @classmethod
@@ -101,7 +104,8 @@ class RetrievalIndex:
 
     # ---- persistence ----
     def save(self, directory: str | os.PathLike):
-        """Write ``embeddings.safetensors`` + ``paths.json`` into ``directory`` via a temporary folder."""
+        """Write ``embeddings.safetensors`` + ``paths.json`` (+ ``faiss.index`` when FAISS is in use) into
+        ``directory`` via a temporary folder; a stale ``faiss.index`` of an earlier save is removed first."""
         target = os.fspath(directory)
         os.makedirs(target, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".index-", dir=target)
@@ -111,26 +115,46 @@ class RetrievalIndex:
                                         metadata={"logit_scale": repr(self.logit_scale), "normalized": "true"})
             with open(os.path.join(staging, PATHS_FILE), "w") as handle:
                 json.dump(self.paths, handle)
-            for name in (EMBEDDINGS_FILE, PATHS_FILE):
+            names = [EMBEDDINGS_FILE, PATHS_FILE]
+            if self._faiss is not None:
+                import faiss
+
+                faiss.write_index(self._faiss, os.path.join(staging, FAISS_FILE))
+                names.append(FAISS_FILE)
+            if os.path.exists(os.path.join(target, FAISS_FILE)):
+                os.remove(os.path.join(target, FAISS_FILE))
+            for name in names:
                 os.replace(os.path.join(staging, name), os.path.join(target, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> "RetrievalIndex":
-        """Open a saved index; with ``mmap`` the embeddings stay on disk and are paged in while searching."""
+    def load(cls, directory: str | os.PathLike, mmap: bool = True, faiss_index: bool | None = None
+             ) -> "RetrievalIndex":
+        """Open a saved index; with ``mmap`` the embeddings stay on disk and are paged in while searching.
+        ``faiss_index``: search through the saved ``faiss.index`` (default: when the folder holds one; ``True``
+        requires it, ``False`` searches exactly without importing faiss)."""
         directory = os.fspath(directory)
         file, paths_file = os.path.join(directory, EMBEDDINGS_FILE), os.path.join(directory, PATHS_FILE)
         for name in (file, paths_file):
             if not os.path.exists(name):
                 raise FileNotFoundError(f"no {os.path.basename(name)} in {directory}: not a saved RetrievalIndex")
+        faiss_file = os.path.join(directory, FAISS_FILE)
+        if faiss_index and not os.path.exists(faiss_file):
+            raise FileNotFoundError(f"no {FAISS_FILE} in {directory}: save the index after use_faiss()")
         paths = _read_paths(paths_file)
         try:
             embeddings, metadata = _open_safetensors(file, "embeddings", mmap)
-            return cls(embeddings, paths, float(metadata.get("logit_scale", 0.0)),
-                       normalized=metadata.get("normalized") == "true")
+            index = cls(embeddings, paths, float(metadata.get("logit_scale", 0.0)),
+                        normalized=metadata.get("normalized") == "true")
         except (ValueError, struct.error, safetensors.SafetensorError) as err:
             raise ValueError(f"{file}: {err}") from err
+        if faiss_index is not False and os.path.exists(faiss_file):
+            try:
+                index.use_faiss(_read_faiss(faiss_file))
+            except ValueError as err:
+                raise ValueError(f"{faiss_file}: {err}") from err
+        return index
 
     # ---- search ----
     def __len__(self) -> int:
@@ -146,19 +170,35 @@ class RetrievalIndex:
             raise ValueError(f"the retrieval index is {self.dim} wide but {what} is {width}: build the index with "
                              f"this model (RetrievalIndex.from_images)")
 
-    def use_faiss(self, index=None):
-        """Search through FAISS instead (``faiss.IndexFlatIP`` by default; pass any trained inner-product index,
-        e.g. IVF-PQ, for corpora of tens of millions). Needs ``pip install faiss-cpu``."""
-        try:
-            import faiss
-        except ImportError as err:
-            raise ImportError("RetrievalIndex.use_faiss needs the faiss package (pip install faiss-cpu)") from err
-        if index is None:
-            index = faiss.IndexFlatIP(self.dim)
-            index.add(self.embeddings.float().numpy())
+    def use_faiss(self, index="flat", rerank: int = 10, **options):
+        """Search through FAISS instead: ``"flat"`` builds the exact ``faiss.IndexFlatIP``, ``"ivfpq"`` a trained
+        IVF-PQ (``options`` of :func:`build_ivfpq`: ``nlist``, ``pq_m``, ``nprobe``, ``train_rows``, ``seed``), for
+        corpora of tens of millions; or pass any inner-product FAISS index holding these rows in order. Needs
+        ``pip install gill-hf[faiss]``.
+
+        An approximate index (anything but ``faiss.IndexFlat``) returns ``rerank * k`` candidates, re-scored exactly
+        over the stored rows (``rerank=1``: its own top-k and scores); queries it leaves short of k candidates fall
+        back to the exact scan."""
+        faiss = _import_faiss()
+        if rerank < 1:
+            raise ValueError(f"rerank must be >= 1, got {rerank}")
+        if isinstance(index, str):
+            if index not in FAISS_KINDS:
+                raise ValueError(f"unknown FAISS index kind {index!r}; expected one of {FAISS_KINDS}")
+            if index == "flat" and options:
+                raise TypeError(f"the exact FAISS index takes no options, got {sorted(options)}")
+            index = build_ivfpq(self.embeddings, **options) if index == "ivfpq" else _add_rows(
+                faiss.IndexFlatIP(self.dim), self.embeddings)
+        elif options:
+            raise TypeError(f"options {sorted(options)} apply to a FAISS index built here, not to one passed in")
         if index.d != self.dim:
             raise ValueError(f"the FAISS index is {index.d} wide but the embeddings are {self.dim} wide")
+        if index.ntotal != len(self):
+            raise ValueError(f"the FAISS index holds {index.ntotal} rows but the embeddings {len(self)}")
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError("the FAISS index must use the inner-product metric (scores are cosines of unit rows)")
         self._faiss = index
+        self._rerank = 1 if isinstance(index, faiss.IndexFlat) else rerank
         return self
 
     @torch.no_grad()
@@ -179,12 +219,25 @@ class RetrievalIndex:
         k = min(k, len(self))
         unit = F.normalize(queries.float(), dim=-1)
         if self._faiss is not None and exclude is None:
-            cos, idx = self._faiss.search(unit.cpu().numpy(), k)
-            scores, indices = torch.from_numpy(cos).float(), torch.from_numpy(idx).long()
+            scores, indices = self._faiss_topk(unit.cpu(), k)
+            short = (indices < 0).any(dim=1)  # an approximate index found fewer than k candidates
+            if short.any():
+                scores[short], indices[short] = self._exact_topk(unit[short], k, chunk_size, None)
         else:
             scores, indices = self._exact_topk(unit, k, chunk_size, exclude)
         scores = scores * math.exp(self.logit_scale)
         return (scores[0], indices[0]) if single else (scores, indices)
+
+    def _faiss_topk(self, unit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """FAISS's top-k cosines and rows (-1 where it found too few), re-ranked exactly when ``_rerank > 1``."""
+        cos, idx = self._faiss.search(unit.numpy(), min(k * self._rerank, len(self)))
+        scores, indices = torch.from_numpy(cos).float(), torch.from_numpy(idx).long()
+        if self._rerank == 1:
+            return scores, indices
+        rows = self.embeddings[indices.clamp(min=0).flatten()].float().view(*indices.shape, self.dim)  # (Q, k', p)
+        exact = torch.einsum("qcp,qp->qc", rows, unit).masked_fill(indices < 0, float("-inf"))
+        top = exact.topk(k, dim=1)
+        return top.values, indices.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
 
     def _exact_topk(self, unit: torch.Tensor, k: int, chunk_size: int, exclude):
         device = self.embeddings.device
@@ -205,6 +258,64 @@ class RetrievalIndex:
             keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
             best_scores, best_idx = keep.values, best_idx.gather(1, keep.indices)
         return best_scores.cpu(), best_idx.cpu()
+
+
+@torch.no_grad()
+def embed_images(model, images: Sequence) -> torch.Tensor:
+    """Images (PIL or paths) -> ``(n, p)`` unit-norm fp32 CPU rows W_i2t CLIP(x) of a GILL model, one batch."""
+    pixels = model.processor.preprocess_images(list(images))
+    features = model.encode_images(pixels.to(model.adapter.logit_scale.device))
+    return F.normalize(model.image_retrieval_embeddings(features).float(), dim=-1).cpu()
+
+
+def build_ivfpq(embeddings: torch.Tensor, nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16,
+                train_rows: int | None = None, seed: int = 0):
+    """A trained ``faiss`` IVF-PQ inner-product index over the ``(N, p)`` unit rows (added in row order).
+
+    ``nlist`` coarse cells (default ~4 sqrt(N)), ``pq_m`` sub-quantisers of 8 bits (default the largest divisor
+    of p up to p / 4: a quarter of the fp16 bytes per row), ``nprobe`` cells visited per query, k-means trained on
+    ``train_rows`` rows drawn with ``seed`` (default all rows up to 64 per cell and at least 256 x 39).
+    """
+    faiss = _import_faiss()
+    n, dim = embeddings.shape
+    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+    pq_m = pq_m or max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
+    if dim % pq_m:
+        raise ValueError(f"pq_m must divide the embedding width {dim}, got {pq_m}")
+    if not 1 <= nlist <= n or nprobe < 1:
+        raise ValueError(f"nlist must lie in [1, {n}] and nprobe be >= 1, got {nlist} and {nprobe}")
+    index = faiss.index_factory(dim, f"IVF{nlist},PQ{pq_m}", faiss.METRIC_INNER_PRODUCT)
+    index.do_polysemous_training = False  # Hamming-code reordering: unused here, and most of the training time
+    train_rows = min(n, train_rows or max(64 * nlist, 256 * 39))
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=train_rows, replace=False))
+    index.train(embeddings[torch.from_numpy(sample)].float().numpy())
+    index.nprobe = min(nprobe, nlist)
+    return _add_rows(index, embeddings)
+
+
+def _add_rows(index, embeddings: torch.Tensor):
+    """``index`` with every row of ``embeddings`` added in order, ``_ADD_ROWS`` at a time (fp32 copies)."""
+    for start in range(0, embeddings.shape[0], _ADD_ROWS):
+        index.add(np.ascontiguousarray(embeddings[start:start + _ADD_ROWS].float().numpy()))
+    return index
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as err:
+        raise ImportError("FAISS search needs the faiss package (pip install gill-hf[faiss], or faiss-cpu); "
+                          "RetrievalIndex.load(..., faiss_index=False) searches exactly without it") from err
+    return faiss
+
+
+def _read_faiss(file: str):
+    """A FAISS index read from ``file`` (FAISS's own format, no pickle); a ``ValueError`` naming it if unreadable."""
+    faiss = _import_faiss()
+    try:
+        return faiss.read_index(file)
+    except RuntimeError as err:
+        raise ValueError(f"{file} is not a readable FAISS index: {' '.join(str(err).split())[:300]}") from err
 
 
 def _nonfinite_rows(matrix: torch.Tensor) -> list[int]:
