@@ -4,10 +4,11 @@ diffusers pipeline to GILLPipeline's pixels, the latent-diffusion objective, and
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 
-from gill_hf import GILLForConditionalGeneration, GILLPipeline
+from gill_hf import GILLConfig, GILLForConditionalGeneration, GILLPipeline
 from gill_hf.diffusion_layouts import DiffusionLayout, layout_of_folder, layout_of_pipeline
 from gill_hf.tiny import build_tiny_diffusion
 from gill_hf.training import DiffusionTextEncoder, LatentDiffusionLoss
@@ -37,8 +38,8 @@ def sd2_model(tiny_backbones, sd2):
 
 
 def test_sd2_layout_is_read_from_the_folder_and_recorded(sd2, sd2_model, tiny_backbones):
-    assert layout_of_folder(sd2) == DiffusionLayout("stable_diffusion", 48, "v_prediction")
-    assert layout_of_folder(tiny_backbones["sd"]) == DiffusionLayout("stable_diffusion", 32, "epsilon")
+    assert layout_of_folder(sd2) == DiffusionLayout("stable_diffusion", 48, objective="v_prediction")
+    assert layout_of_folder(tiny_backbones["sd"]) == DiffusionLayout("stable_diffusion", 32)
     assert (sd2_model.config.diffusion_layout, sd2_model.config.gen_emb_dim) == ("stable_diffusion", 48)
     stock = StableDiffusionPipeline.from_pretrained(sd2, safety_checker=None)
     assert layout_of_pipeline(stock) == layout_of_folder(sd2)
@@ -89,3 +90,74 @@ def test_layout_mismatch_is_an_error_at_construction(make_model, sd2_model, sd2,
     with pytest.raises(ValueError, match=r"stable_diffusion \(L x 48\).*stable_diffusion \(L x 32\)"):
         GILLPipeline(gill_model=sd2_model, processor=sd2_model.processor, unet=sd1.unet, vae=sd1.vae,
                      scheduler=sd1.scheduler)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "sdxl")
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(tiny_backbones, sdxl):
+    torch.manual_seed(0)
+    return GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], sdxl,
+                                                       **SMALL_MAPPER).eval()
+
+
+def test_sdxl_layout_is_read_from_the_folder_and_recorded(sdxl, sdxl_model):
+    assert layout_of_folder(sdxl) == DiffusionLayout("sdxl", 64, 32)
+    config = sdxl_model.config
+    assert (config.diffusion_layout, config.gen_emb_dim, config.gen_pooled_dim) == ("sdxl", 64, 32)
+    assert layout_of_pipeline(StableDiffusionXLPipeline.from_pretrained(sdxl)) == layout_of_folder(sdxl)
+    with pytest.raises(StrictDataclassError, match="gen_pooled_dim must be a positive width for diffusion_layout="):
+        GILLConfig(diffusion_layout="sdxl", gen_emb_dim=64)
+    with pytest.raises(StrictDataclassError, match="got 32 for 'stable_diffusion'"):
+        GILLConfig(gen_pooled_dim=32)
+
+
+@pytest.mark.parametrize("cfg_dropout_prob", [0.0, 0.1])
+def test_sdxl_encode_prompt_drives_the_stock_pipeline_to_the_same_image(tiny_backbones, sdxl, cfg_dropout_prob):
+    torch.manual_seed(0)
+    model = GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], sdxl,
+                                                        cfg_dropout_prob=cfg_dropout_prob, **SMALL_MAPPER).eval()
+    pipe = GILLPipeline.from_gill(model, sdxl)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder is None  # SDXL's empty negative is zeros: no text encoder needed
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPT, **LLM)
+    assert embeds.shape == (1, 77, 64) and pooled.shape == (1, 32)
+    assert torch.equal(pooled, model.adapter.pooled_head.proj(embeds.mean(1)))
+    if cfg_dropout_prob:  # the mapped null, for both tensors (no_grad: the path inference takes)
+        with torch.no_grad():
+            null = model.mapped_null_embedding()
+            assert torch.equal(negative, null)
+            assert torch.equal(negative_pooled, model.adapter.pooled_head.proj(null.mean(1)))
+    else:
+        assert negative is None and negative_pooled is None
+    full = pipe(PROMPT, generator=_seed(0), num_inference_steps=2, **LLM)
+    stock = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    stock.set_progress_bar_config(disable=True)
+    kwargs = pipe.encode_prompt(PROMPT, return_dict=True, **LLM)
+    assert list(kwargs) == ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                            "negative_pooled_prompt_embeds"]
+    image = stock(**kwargs, num_inference_steps=2, generator=_seed(0)).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(full.images[0]))
+    direct = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                  negative_pooled_prompt_embeds=negative_pooled, generator=_seed(0), num_inference_steps=2)
+    assert np.array_equal(np.asarray(direct.images[0]), np.asarray(full.images[0]))
+
+
+def test_sdxl_pooled_inputs_are_checked(sdxl_model, sdxl, make_model):
+    pipe = GILLPipeline.from_gill(sdxl_model, sdxl)
+    embeds = torch.zeros(1, 77, 64)
+    with pytest.raises(ValueError, match=r"needs pooled_prompt_embeds \(N, 32\)"):
+        pipe(prompt_embeds=embeds, num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"pooled_prompt_embeds must be \(1, 32\).*got \(1, 31\)"):
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=torch.zeros(1, 31), num_inference_steps=1)
+    with pytest.raises(ValueError, match="go with prompt_embeds"):
+        pipe(PROMPT, pooled_prompt_embeds=torch.zeros(1, 32), **LLM)
+    sd1 = GILLPipeline.from_gill(make_model("opt"))
+    with pytest.raises(ValueError, match="takes no pooled_prompt_embeds"):
+        sd1(prompt_embeds=torch.zeros(1, 77, 32), pooled_prompt_embeds=torch.zeros(1, 32), num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"trained for the stable_diffusion \(L x 32\).*consumes "
+                                         r"sdxl \(L x 64 \+ pooled 32\)"):
+        GILLPipeline.from_gill(make_model("opt"), sdxl)

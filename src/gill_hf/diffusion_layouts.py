@@ -9,6 +9,10 @@ objective of its scheduler. ``GILLConfig.diffusion_layout`` records the family a
 | family | pipeline | conditioning (per image) | targets |
 |---|---|---|---|
 | ``stable_diffusion`` (SD 1.x, 2.x) | ``StableDiffusionPipeline`` | ``prompt_embeds`` (L, D) | ``last_hidden_state`` |
+| ``sdxl`` | ``StableDiffusionXLPipeline`` | ``prompt_embeds`` (L, D1 + D2), ``pooled_prompt_embeds`` (P) | both encoders' ``hidden_states[-2]`` concatenated; ``text_encoder_2``'s projected ``text_embeds`` |
+
+SDXL's size / crop ``time_ids`` are not text conditioning: the pipeline builds them from the image size, as diffusers'
+does, and its empty negative prompt is all zeros (``force_zeros_for_empty_prompt``).
 """
 
 import os
@@ -27,36 +31,51 @@ class DiffusionFamily:
     conditioning: tuple[str, ...]
     text_encoders: tuple[str, ...]
     hidden_state: int | None = None
+    pooled_encoder: str | None = None  # the text encoder whose projected ``text_embeds`` is the pooled target
+    zero_empty_prompt: bool = False  # the pipeline's empty negative prompt is zeros, not the encoding of ""
+    guidance_scale: float = 7.5  # the diffusers pipeline's default classifier-free guidance scale
 
 
 FAMILIES = {
     "stable_diffusion": DiffusionFamily(
         "stable_diffusion", "StableDiffusionPipeline", ("prompt_embeds", "negative_prompt_embeds"),
         ("text_encoder",)),
+    "sdxl": DiffusionFamily(
+        "sdxl", "StableDiffusionXLPipeline",
+        ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+        ("text_encoder", "text_encoder_2"), hidden_state=-2, pooled_encoder="text_encoder_2",
+        zero_empty_prompt=True, guidance_scale=5.0),
 }
+SDXL_TIME_IDS = 6  # original size (h, w), crop top-left (y, x), target size (h, w)
 
 
 @dataclass(frozen=True)
 class DiffusionLayout:
-    """A family at one checkpoint's widths: ``sequence_dim`` D of the per-token conditioning and the scheduler's
-    training ``objective`` ("epsilon" or "v_prediction")."""
+    """A family at one checkpoint's widths: ``sequence_dim`` D of the per-token conditioning, ``pooled_dim`` P of
+    the pooled vector (None: the family has none) and the scheduler's training ``objective`` ("epsilon" or
+    "v_prediction")."""
 
     family: str
     sequence_dim: int
+    pooled_dim: int | None = None
     objective: str = "epsilon"
 
     def __str__(self) -> str:
-        return f"{self.family} (L x {self.sequence_dim})"
+        pooled = f" + pooled {self.pooled_dim}" if self.pooled_dim else ""
+        return f"{self.family} (L x {self.sequence_dim}{pooled})"
 
     def matches(self, other: "DiffusionLayout") -> bool:
         """Same tensors at the same widths (the objective only matters to the latent-diffusion loss)."""
-        return (self.family, self.sequence_dim) == (other.family, other.sequence_dim)
+        return (self.family, self.sequence_dim, self.pooled_dim) == (other.family, other.sequence_dim,
+                                                                     other.pooled_dim)
 
 
 def family_of_denoiser(denoiser_class: str, denoiser_config) -> DiffusionFamily:
     """The family whose denoiser (UNet / transformer) has this class and config; raise naming what is supported."""
-    if denoiser_class == "UNet2DConditionModel" and denoiser_config.get("addition_embed_type") is None:
-        return FAMILIES["stable_diffusion"]
+    if denoiser_class == "UNet2DConditionModel":
+        kind = {None: "stable_diffusion", "text_time": "sdxl"}.get(denoiser_config.get("addition_embed_type"))
+        if kind is not None:
+            return FAMILIES[kind]
     raise ValueError(f"no GILL target layout for a {denoiser_class} denoiser (addition_embed_type="
                      f"{denoiser_config.get('addition_embed_type')!r}); supported families: {sorted(FAMILIES)}")
 
@@ -64,7 +83,11 @@ def family_of_denoiser(denoiser_class: str, denoiser_config) -> DiffusionFamily:
 def layout_of_configs(denoiser_class: str, denoiser_config, scheduler_config) -> DiffusionLayout:
     """The layout a denoiser of this class and config, trained with this scheduler, consumes."""
     family = family_of_denoiser(denoiser_class, denoiser_config)
-    return DiffusionLayout(family.name, denoiser_config["cross_attention_dim"],
+    pooled = None
+    if family.pooled_encoder is not None:  # the UNet's added embedding takes [pooled ; time-id embeddings]
+        pooled = denoiser_config["projection_class_embeddings_input_dim"] \
+            - SDXL_TIME_IDS * denoiser_config["addition_time_embed_dim"]
+    return DiffusionLayout(family.name, denoiser_config["cross_attention_dim"], pooled,
                            scheduler_config.get("prediction_type", "epsilon"))
 
 
@@ -85,7 +108,7 @@ def layout_of_folder(path: str | os.PathLike, **hub_kwargs) -> DiffusionLayout:
 
 def layout_of_config(config) -> DiffusionLayout:
     """The layout a :class:`~gill_hf.GILLConfig` was trained for."""
-    return DiffusionLayout(config.diffusion_layout, config.gen_emb_dim)
+    return DiffusionLayout(config.diffusion_layout, config.gen_emb_dim, config.gen_pooled_dim)
 
 
 def check_layout(model_layout: DiffusionLayout, diffusion_layout: DiffusionLayout):

@@ -78,6 +78,17 @@ class EncoderOnlyMapper(nn.Module):
         return self.out_proj(encoded[:, src.shape[1]:])
 
 
+class PooledHead(nn.Module):
+    """The pooled text vector of layouts that need one (SDXL): a linear map of the mean of the L mapper outputs."""
+
+    def __init__(self, config: GILLConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.gen_emb_dim, config.gen_pooled_dim)
+
+    def forward(self, gen_embeds: torch.Tensor) -> torch.Tensor:  # (N, L, D) -> (N, P)
+        return self.proj(gen_embeds.mean(dim=1))
+
+
 def build_mapper(config: GILLConfig, in_dim: int) -> nn.Module:
     """The mapper named by ``config.mapper_type``."""
     if config.mapper_type == "gill_mapper":

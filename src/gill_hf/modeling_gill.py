@@ -19,7 +19,7 @@ from .checkpointing import count_checkpointed_layers, set_frozen_layer_checkpoin
 from .configuration_gill import GILLConfig
 from .generation_gill import GILLGenerationMixin, gill_generation_config
 from .losses import contrastive_loss, generation_loss
-from .mapper import build_mapper
+from .mapper import PooledHead, build_mapper
 from .packing import pack_pairs
 from .token_ids import check_pretrained_token_ids
 
@@ -46,6 +46,7 @@ class GILLAdapter(nn.Module):
         self.w_i2t = nn.Linear(d, p)  # pooled image -> retrieval space (Eq. 4)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))  # 1 / tau
         self.mapper = build_mapper(config, f)  # f_omega (Eq. 3)
+        self.pooled_head = PooledHead(config) if config.gen_pooled_dim else None  # layouts with a pooled vector
         self.decision_head = nn.Sequential(  # retrieve-vs-generate classifier, label 0 = gen, 1 = ret (Sec. 3.3)
             nn.Dropout(config.decision_dropout), nn.Linear(f + int(config.decision_use_retrieval_score), 2))
 
@@ -209,7 +210,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                        quantization_config=None, output_loading_info: bool = False, **config_kwargs):
         """A fresh (untrained) GILL on backbones given by Hub id or local path; attaches its processor.
 
-        ``gen_emb_dim`` and ``diffusion_layout`` are read from the diffusion model's configs unless given; ``config_kwargs`` are
+        ``gen_emb_dim``, ``gen_pooled_dim`` and ``diffusion_layout`` are read from the diffusion model's configs unless given; ``config_kwargs`` are
         :class:`GILLConfig` fields (a name that is none is an error). The loading switches (``dtype`` /
         ``torch_dtype``, ``attn_implementation``, ``device_map``, ``quantization_config``, ``output_loading_info``)
         are those of :meth:`from_pretrained`; the adapter is created in float32.
@@ -239,6 +240,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             layout = layout_of_folder(diffusion_model)
             config_kwargs.setdefault("gen_emb_dim", layout.sequence_dim)
             config_kwargs.setdefault("diffusion_layout", layout.family)
+            config_kwargs.setdefault("gen_pooled_dim", layout.pooled_dim)
         config = GILLConfig(
             text_config=text_config.to_dict(),
             vision_config=CLIPVisionConfig.from_pretrained(vision_model).to_dict(),
@@ -676,6 +678,12 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
     def gen_embeddings(self, voken_states: torch.Tensor) -> torch.Tensor:
         """``(N, r, f)`` voken states -> ``(N, L, D)`` diffusion conditioning (Eq. 3's f_omega)."""
         return self.adapter.mapper(self.mapper_inputs(voken_states))
+
+    def gen_pooled_embeddings(self, gen_embeds: torch.Tensor) -> torch.Tensor:
+        """``(N, L, D)`` mapper outputs -> ``(N, P)`` pooled conditioning, for layouts that take one (SDXL)."""
+        if self.adapter.pooled_head is None:
+            raise ValueError(f"the {self.config.diffusion_layout} target layout has no pooled vector")
+        return self.adapter.pooled_head(gen_embeds)
 
     def mapped_null_embedding(self) -> torch.Tensor:
         """MiniGPT-5's unconditional embedding: the mapper applied to all-zero voken features, ``(1, L, D)``."""

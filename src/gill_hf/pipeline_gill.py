@@ -32,7 +32,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .decision import Decision, decide
-from .diffusion_layouts import check_layout, layout_of_config, layout_of_configs
+from .diffusion_layouts import FAMILIES, DiffusionLayout, check_layout, layout_of_config, layout_of_configs, \
+    layout_of_pipeline
 from .generation_gill import GeneratedImageSlot, GILLGenerateOutput, image_conditioning
 from .configuration_gill import GILLConfig
 from .modeling_gill import GILLForConditionalGeneration
@@ -89,7 +90,8 @@ def _check_index_width(index: RetrievalIndex, config: GILLConfig):
 
 
 class GILLPipeline(DiffusionPipeline):
-    r"""GILL on a Stable-Diffusion-style UNet + VAE.
+    r"""GILL on a Stable-Diffusion-style UNet + VAE, of any layout in :mod:`gill_hf.diffusion_layouts` (SD 1.x / 2.x,
+    SDXL); the GILL model must have been trained for the UNet's layout.
 
     Components: ``gill_model`` (:class:`GILLForConditionalGeneration`), ``processor`` (:class:`GILLProcessor`),
     ``unet``, ``vae``, ``scheduler``; optional ``text_encoder`` + ``tokenizer`` (only to embed the empty negative
@@ -138,10 +140,19 @@ class GILLPipeline(DiffusionPipeline):
         source = diffusion_model or gill_model.config.diffusion_model_name_or_path
         if not source:
             raise ValueError("no diffusion model: pass diffusion_model= or set config.diffusion_model_name_or_path")
-        sd = DiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None, **hub_kwargs)
+        components = DiffusionPipeline.load_config(source, **hub_kwargs)
+        no_checker = {"safety_checker": None} if "safety_checker" in components else {}
+        sd = DiffusionPipeline.from_pretrained(source, dtype=dtype, **no_checker, **hub_kwargs)
+        check_layout(layout_of_config(gill_model.config), layout_of_pipeline(sd))
+        text = {} if FAMILIES[layout_of_pipeline(sd).family].zero_empty_prompt else \
+            {"text_encoder": getattr(sd, "text_encoder", None), "tokenizer": getattr(sd, "tokenizer", None)}
         return cls(gill_model=gill_model, processor=gill_model.processor, unet=sd.unet, vae=sd.vae,
-                   scheduler=sd.scheduler, text_encoder=getattr(sd, "text_encoder", None),
-                   tokenizer=getattr(sd, "tokenizer", None), retrieval_index=retrieval_index)
+                   scheduler=sd.scheduler, retrieval_index=retrieval_index, **text)
+
+    @property
+    def diffusion_layout(self) -> DiffusionLayout:
+        """The target layout the UNet consumes (:mod:`gill_hf.diffusion_layouts`)."""
+        return layout_of_configs(type(self.unet).__name__, self.unet.config, self.scheduler.config)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """diffusers' save (the GILL component writes only its adapter) + the retrieval index, if any, as one atomic
@@ -217,14 +228,33 @@ class GILLPipeline(DiffusionPipeline):
             self._empty_prompt_embeds = self.text_encoder(ids.to(self.text_encoder.device))[0]
         return self._empty_prompt_embeds
 
-    def encode_prompt(self, prompt, generator: torch.Generator | None = None, **generation_kwargs):
-        """Run GILL on interleaved prompt(s) -> ``(prompt_embeds, negative_prompt_embeds)`` ``(N_images, L, D)``
-        for every [IMG] block produced, ready for any Stable Diffusion pipeline (negative is None for models
-        without a mapped-null embedding). Use ``force_image_after=0`` to ask for an image outright."""
+    def encode_prompt(self, prompt, generator: torch.Generator | None = None, return_dict: bool = False,
+                      **generation_kwargs):
+        """Run GILL on interleaved prompt(s) -> the conditioning of every [IMG] block produced, as the tuple the
+        layout's diffusers ``encode_prompt`` returns: ``(prompt_embeds, negative_prompt_embeds)`` ``(N_images, L,
+        D)`` for Stable Diffusion, plus ``pooled_prompt_embeds, negative_pooled_prompt_embeds`` ``(N_images, P)``
+        for SDXL; ``return_dict=True`` gives them by name, as keyword arguments of that diffusers pipeline.
+        Negatives are None for models without a mapped-null embedding (the diffusers pipeline then embeds ``""``,
+        or uses zeros for SDXL). Use ``force_image_after=0`` to ask for an image outright."""
         generation = self._generate(prompt, generator, generation_kwargs)
         if not any(generation.images):
             raise ValueError("the model produced no [IMG] block: pass force_image_after=N or gen_scale_factor>1")
-        return image_conditioning(self.gill_model, generation.voken_states())
+        conditioning = self._conditioning(generation.voken_states())
+        if return_dict:
+            return conditioning
+        return tuple(conditioning[name] for name in FAMILIES[self.diffusion_layout.family].conditioning)
+
+    def _conditioning(self, voken_states: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """``(N, r, f)`` voken states -> the layout's conditioning tensors by diffusers keyword name."""
+        model = self.gill_model
+        prompt_embeds, negative = image_conditioning(model, voken_states)
+        conditioning = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
+        if model.config.gen_pooled_dim:
+            with torch.no_grad():
+                conditioning["pooled_prompt_embeds"] = model.gen_pooled_embeddings(prompt_embeds)
+                conditioning["negative_pooled_prompt_embeds"] = \
+                    None if negative is None else model.gen_pooled_embeddings(negative)
+        return conditioning
 
     # ------------------------------------------------------------------ call
     def _generate(self, prompt, generator, generation_kwargs) -> GILLGenerateOutput:
@@ -254,9 +284,11 @@ class GILLPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt=None, *, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
+                 pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None,
                  decision: Literal["auto", "generate", "retrieve"] = "auto", decision_threshold: float | None = None,
                  num_candidates: int = 1, load_retrieved_images: bool = True,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float | None = None, height: int | None = None,
                  width: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: list[str] = ("latents",), return_dict: bool = True,
@@ -266,12 +298,15 @@ class GILLPipeline(DiffusionPipeline):
         Args:
             prompt_embeds / negative_prompt_embeds: precomputed GILL conditioning ``(N, L, D)``; skips the LLM
                 and generates N images (``prompt`` must then be None).
+            pooled_prompt_embeds / negative_pooled_prompt_embeds: ``(N, P)``, with ``prompt_embeds`` for layouts
+                with a pooled vector (SDXL; the negative defaults to zeros as diffusers'), else None.
             decision: "auto" asks the decision head (needs a retrieval index; without one every image is
                 generated), "generate" / "retrieve" force the mode.
             decision_threshold: P(retrieve) above which to retrieve (default ``config.decision_threshold``).
             num_candidates: top-k candidates returned per retrieved image.
             num_inference_steps, guidance_scale, height, width, generator, latents, output_type,
-                callback_on_step_end, callback_on_step_end_tensor_inputs: as in Stable Diffusion. ``generator``
+                callback_on_step_end, callback_on_step_end_tensor_inputs: as in Stable Diffusion; ``guidance_scale``
+                defaults to the layout's diffusers pipeline default (7.5 for Stable Diffusion, 5.0 for SDXL). ``generator``
                 also drives LLM sampling.
             generation_kwargs: ``gill_model.generate`` options: every transformers one (``max_new_tokens``,
                 ``do_sample``, ``temperature``, ``top_p``, ``num_beams``, ``stop_strings``, ``streamer``...) and
@@ -282,6 +317,8 @@ class GILLPipeline(DiffusionPipeline):
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
+        if guidance_scale is None:
+            guidance_scale = FAMILIES[self.diffusion_layout.family].guidance_scale
         diffusion = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                          width=width, generator=generator, latents=latents, output_type=output_type,
                          callback_on_step_end=callback_on_step_end,
@@ -300,7 +337,8 @@ class GILLPipeline(DiffusionPipeline):
                 if value != default)]
             if unused:
                 raise ValueError(f"prompt_embeds skips the LLM and the decision: {sorted(unused)} do not apply")
-            images = self._diffuse(prompt_embeds, negative_prompt_embeds, **diffusion)
+            images = self._diffuse(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                                   negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, **diffusion)
             parts = [ImagePart("generated", image, Decision("gen", 0.0, 1.0, forced=True)) for image in images]
             images = [p.image for p in parts]
             return GILLPipelineOutput(parts=parts, images=images) if return_dict else (parts, images)
@@ -310,6 +348,9 @@ class GILLPipeline(DiffusionPipeline):
             raise ValueError(f"decision must be 'auto', 'generate' or 'retrieve', got {decision!r}")
         if decision == "retrieve" and self.retrieval_index is None:
             raise ValueError("decision='retrieve' needs a retrieval_index on the pipeline")
+        if pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None:
+            raise ValueError("pooled_prompt_embeds and negative_pooled_prompt_embeds go with prompt_embeds; for a "
+                             "prompt they come from the model")
         self._check_answer_options(negative_prompt_embeds, decision, decision_threshold, num_candidates)
 
         generation = self._generate(prompt, generator, generation_kwargs)
@@ -362,8 +403,7 @@ class GILLPipeline(DiffusionPipeline):
         gen_rows = [i for i, d in enumerate(decisions) if d.mode == "gen"]
         if gen_rows:
             voken = torch.stack([slots[i].voken_states for i in gen_rows])  # (G, r, f)
-            prompt_embeds, negative = image_conditioning(model, voken)
-            images = self._diffuse(prompt_embeds, negative, **diffusion)
+            images = self._diffuse(**self._conditioning(voken), **diffusion)
             for i, image in zip(gen_rows, images):
                 out[id(slots[i])] = ImagePart("generated", image, decisions[i])
         shown = {b: set() for b in slot_rows}  # candidate rows already retrieved in each answer
@@ -380,20 +420,55 @@ class GILLPipeline(DiffusionPipeline):
         return out
 
     # ------------------------------------------------------------------ diffusion
-    def _diffuse(self, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale, height, width,
-                 generator, latents, output_type, callback_on_step_end, callback_tensor_inputs) -> list:
-        """The denoising loop over ``(G, L, D)`` embeddings; returns G images (PIL / np / pt rows, or latents)."""
+    @staticmethod
+    def _check_pooled(layout, prompt_embeds, pooled, negative_pooled):
+        """Pooled vectors are given exactly for layouts that take one, ``(N, P)`` as ``prompt_embeds``' N."""
+        if layout.pooled_dim is None:
+            if pooled is not None or negative_pooled is not None:
+                raise ValueError(f"the {layout} layout takes no pooled_prompt_embeds / negative_pooled_prompt_embeds")
+            return
+        if pooled is None:
+            raise ValueError(f"the {layout} layout needs pooled_prompt_embeds (N, {layout.pooled_dim}) with "
+                             f"prompt_embeds")
+        expected = (prompt_embeds.shape[0], layout.pooled_dim)
+        for name, tensor in (("pooled_prompt_embeds", pooled), ("negative_pooled_prompt_embeds", negative_pooled)):
+            if tensor is not None and tuple(tensor.shape) != expected:
+                raise ValueError(f"{name} must be {expected} for the {layout} layout, got {tuple(tensor.shape)}")
+
+    @staticmethod
+    def _added_conditioning(pooled, negative_pooled, height, width, do_cfg, device, dtype) -> dict | None:
+        """SDXL's ``added_cond_kwargs``: pooled text vectors and the size / crop ``time_ids`` (original = target
+        size ``(height, width)``, no crop, as diffusers' defaults); None for layouts without a pooled vector."""
+        if pooled is None:
+            return None
+        pooled = pooled.to(device=device, dtype=dtype)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+        time_ids = time_ids.repeat(pooled.shape[0], 1)  # (N, 6)
+        if do_cfg:
+            negative = torch.zeros_like(pooled) if negative_pooled is None else negative_pooled.to(pooled)
+            pooled, time_ids = torch.cat([negative, pooled]), torch.cat([time_ids, time_ids])
+        return {"text_embeds": pooled, "time_ids": time_ids}
+
+    def _diffuse(self, prompt_embeds, negative_prompt_embeds, *, num_inference_steps, guidance_scale, height, width,
+                 generator, latents, output_type, callback_on_step_end, callback_tensor_inputs,
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> list:
+        """The denoising loop over ``(G, L, D)`` embeddings (+ ``(G, P)`` pooled for SDXL); returns G images (PIL /
+        np / pt rows, or latents)."""
         cross_dim = self.unet.config.cross_attention_dim
         if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != cross_dim:
             raise ValueError(f"prompt_embeds must be (N, L, {cross_dim}) for this UNet, got "
                              f"{tuple(prompt_embeds.shape)}")
+        layout = self.diffusion_layout
+        self._check_pooled(layout, prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         device, dtype = self.unet.device, self.unet.dtype
         do_cfg = guidance_scale > 1.0
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         if do_cfg:
-            if negative_prompt_embeds is None:
+            if negative_prompt_embeds is None and FAMILIES[layout.family].zero_empty_prompt:
+                negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+            elif negative_prompt_embeds is None:
                 negative_prompt_embeds = self.empty_prompt_embeds().expand_as(prompt_embeds)
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must match "
@@ -413,6 +488,8 @@ class GILLPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        added_cond = self._added_conditioning(pooled_prompt_embeds, negative_pooled_prompt_embeds, height, width,
+                                              do_cfg, device, dtype)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
             else {}
 
@@ -421,7 +498,8 @@ class GILLPipeline(DiffusionPipeline):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 context = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=context, return_dict=False)[0]
+                noise_pred = self.unet(model_input, t, encoder_hidden_states=context, added_cond_kwargs=added_cond,
+                                       return_dict=False)[0]
                 if do_cfg:
                     noise_uncond, noise_cond = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)

@@ -189,14 +189,42 @@ def build_tiny_backbones(out_dir: str | os.PathLike, seed: int = 0) -> dict[str,
     return {name: str(path) for name, path in paths.items()}
 
 
+def _save_stable_diffusion_xl(out_dir: Path):
+    """SDXL layout: two text encoders (widths 32 + 32 -> sequence 64, pooled 32), a ``text_time`` UNet."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _build_clip_text_tokenizer()
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                       bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, norm_num_groups=8, attention_head_dim=4, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+    pipe.save_pretrained(out_dir)
+
+
 TINY_DIFFUSION_FAMILIES = {  # name -> builder of a tiny diffusers folder of that layout
     "sd2": functools.partial(_save_stable_diffusion, text_width=48, prediction_type="v_prediction"),
+    "sdxl": _save_stable_diffusion_xl,
 }
 
 
 def build_tiny_diffusion(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> str:
     """Write (or reuse) a tiny random diffusers folder of another layout than SD 1.x's ``sd`` backbone:
-    ``"sd2"`` (text width 48, v-prediction). Returns its path."""
+    ``"sd2"`` (text width 48, v-prediction) or ``"sdxl"`` (sequence 64, pooled 32). Returns its path."""
     if kind not in TINY_DIFFUSION_FAMILIES:
         raise ValueError(f"unknown tiny diffusion kind {kind!r}; expected one of {sorted(TINY_DIFFUSION_FAMILIES)}")
     path = Path(out_dir) / kind
