@@ -93,6 +93,7 @@ def test_killed_build_resumes_and_equals_an_uninterrupted_one(model, folder, sha
     assert sorted(os.listdir(tmp_path / "resumed" / BUILD_FOLDER)) == ["build.json", "part-000000.safetensors"]
     resumed_embed = _KilledAfter(embed)
     resumed = build_index(resumed_embed, source, tmp_path / "resumed", **settings)
+    assert (resumed.num_records, resumed.num_skipped) == (10, 1)  # counts of the saved part included
     assert resumed_embed.calls == 5 - 2  # 5 batches in all; the saved part's 2 are not redone
     assert not os.path.exists(tmp_path / "resumed" / BUILD_FOLDER)
 
@@ -259,3 +260,12 @@ def test_cli_builds_with_faiss_and_checks_before_loading(model, folder, tmp_path
     for extra, message in cases:
         assert cli.main(["build-index", str(not_a_model), str(tmp_path / "o"), *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_fp16_exact_scan_scores_are_fp32_over_the_stored_rows():
+    rows, queries = _clustered(3000, 64, seed=4)
+    index = RetrievalIndex(rows, [str(i) for i in range(3000)], logit_scale=0.0, dtype=torch.float16)
+    scores, idx = index.search(queries, k=5, chunk_size=1000)
+    reference = F.normalize(queries, dim=-1) @ index.embeddings.float().t()  # fp32 over the fp16-stored rows
+    torch.testing.assert_close(scores, reference.gather(1, idx), atol=1e-6, rtol=0)  # no fp16 output rounding
+    assert torch.equal(idx, reference.topk(5, dim=1).indices)

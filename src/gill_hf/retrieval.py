@@ -240,25 +240,32 @@ class RetrievalIndex:
         return top.values, indices.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
 
     def _exact_topk(self, unit: torch.Tensor, k: int, chunk_size: int, exclude):
+        """Top-k of ``(Q, p)`` unit queries over the rows, ``chunk_size`` rows per matmul in the storage dtype.
+
+        A matmul per chunk (fp16 inputs, fp32 accumulation) shortlists ``2k`` rows per query; fp16 shortlists are
+        re-scored in fp32, so returned scores do not carry fp16 output rounding and near-ties are ordered right.
+        """
         device = self.embeddings.device
-        q = unit.to(device=device, dtype=self.embeddings.dtype)  # (Q, p)
+        q32 = unit.to(device)  # (Q, p) fp32
+        q = q32.to(self.embeddings.dtype)
+        shortlist = k if self.embeddings.dtype == torch.float32 else 2 * k
         best_scores = torch.full((q.shape[0], 0), float("-inf"), device=device)
         best_idx = torch.zeros((q.shape[0], 0), dtype=torch.long, device=device)
         for start in range(0, len(self), chunk_size):
             chunk = self.embeddings[start:start + chunk_size]  # (C, p)
-            if device.type == "cpu" and q.shape[0] <= 8:  # CPU GEMV streams the chunk once per query, fastest here
-                cos = torch.stack([torch.mv(chunk, query) for query in q]).float()  # (Q, C)
-            else:
-                cos = (q @ chunk.t()).float()
+            cos = q @ chunk.t()  # (Q, C) storage dtype
             if exclude is not None:
                 cos = cos.masked_fill(exclude[:, start:start + chunk.shape[0]].to(device), float("-inf"))
-            top = cos.topk(min(k, cos.shape[1]), dim=1)
-            best_scores = torch.cat([best_scores, top.values], dim=1)
+            top = cos.topk(min(shortlist, cos.shape[1]), dim=1)
+            scores = top.values.float()
+            if shortlist > k:  # fp32 scores of the shortlisted rows (excluded ones stay -inf)
+                exact = torch.einsum("qcp,qp->qc", chunk[top.indices].float(), q32)
+                scores = exact.masked_fill(scores == float("-inf"), float("-inf"))
+            best_scores = torch.cat([best_scores, scores], dim=1)
             best_idx = torch.cat([best_idx, top.indices + start], dim=1)
             keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
             best_scores, best_idx = keep.values, best_idx.gather(1, keep.indices)
         return best_scores.cpu(), best_idx.cpu()
-
 
 @torch.no_grad()
 def embed_images(model, images: Sequence) -> torch.Tensor:
