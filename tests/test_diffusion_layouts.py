@@ -11,7 +11,8 @@ from PIL import Image
 from gill_hf import GILLConfig, GILLForConditionalGeneration, GILLPipeline
 from gill_hf.diffusion_layouts import DiffusionLayout, layout_of_folder, layout_of_pipeline
 from gill_hf.tiny import build_tiny_diffusion
-from gill_hf.training import DiffusionTextEncoder, LatentDiffusionLoss
+from gill_hf.training import (DiffusionTextEncoder, GILLDataCollator, LatentDiffusionLoss, TargetStore,
+                              precompute_targets)
 
 from conftest import SMALL_MAPPER
 
@@ -161,3 +162,65 @@ def test_sdxl_pooled_inputs_are_checked(sdxl_model, sdxl, make_model):
     with pytest.raises(ValueError, match=r"trained for the stable_diffusion \(L x 32\).*consumes "
                                          r"sdxl \(L x 64 \+ pooled 32\)"):
         GILLPipeline.from_gill(make_model("opt"), sdxl)
+
+
+def test_sdxl_targets_are_the_stock_pipelines_embeds_and_round_trip(sdxl, tmp_path):
+    captions = ["a red circle", "a blue square at the top", "a star"]
+    stock = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    embeds, _, pooled, _ = stock.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+    encoder = DiffusionTextEncoder(sdxl)
+    got_embeds, got_pooled = encoder(captions)
+    assert torch.equal(got_embeds, embeds) and torch.equal(got_pooled, pooled)
+    store = TargetStore(precompute_targets(captions, tmp_path / "t", encoder, shard_size=2, dtype="float32",
+                                           progress=False))
+    assert store.pooled_dim == 32 and sorted(p.name for p in (tmp_path / "t").iterdir()) == [
+        "index.json", "null-pooled.npy", "null.npy", "pooled-00000.npy", "pooled-00001.npy", "shard-00000.npy",
+        "shard-00001.npy"]
+    shards = [encoder(captions[:2]), encoder(captions[2:])]  # as written: one batch per shard
+    for i in range(3):
+        shard_embeds, shard_pooled = shards[i // 2]
+        assert torch.equal(store[i], shard_embeds[i % 2]) and torch.equal(store.pooled(i), shard_pooled[i % 2])
+    null_embeds, null_pooled = encoder([""])
+    assert torch.equal(store.null, null_embeds[0]) and torch.equal(store.null_pooled, null_pooled[0])
+    (tmp_path / "t" / "pooled-00001.npy").unlink()
+    with pytest.raises(ValueError, match=r"incomplete: 1 file\(s\) missing, e.g. \['pooled-00001.npy'\]"):
+        TargetStore(tmp_path / "t")
+
+
+def test_sdxl_generation_loss_counts_the_pooled_vector(sdxl_model, tmp_path):
+    captions = ["a red circle on the left", "a blue square at the top"]
+    store = TargetStore(precompute_targets(captions, tmp_path / "t", lambda c: (
+        torch.randn(len(c), 77, 64), torch.randn(len(c), 32)), dtype="float32", progress=False))
+    collator = GILLDataCollator(sdxl_model.processor, max_length=24, targets=store)
+    batch = collator([{"caption": c, "image": Image.new("RGB", (40, 36), "red"), "index": i}
+                      for i, c in enumerate(captions)])
+    assert batch["gen_pooled_targets"].shape == (2, 32) and torch.equal(batch["null_gen_pooled_target"],
+                                                                       store.null_pooled)
+    out = sdxl_model(**batch, gill_objective=True, pack=False)
+    with torch.no_grad():
+        pooled = sdxl_model.adapter.pooled_head.proj(out.gen_embeds.mean(1))
+    by_hand = (out.gen_embeds - batch["gen_targets"]).norm(dim=-1).mean() \
+        + (pooled - batch["gen_pooled_targets"]).norm(dim=-1).mean()
+    assert out.gen_loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    del batch["gen_pooled_targets"], batch["null_gen_pooled_target"]
+    with pytest.raises(ValueError, match=r"the sdxl layout needs gen_pooled_targets \(N, 32\)"):
+        sdxl_model(**batch, gill_objective=True, pack=False)
+
+
+def test_sdxl_latent_diffusion_loss_takes_the_pooled_vector_and_time_ids(sdxl):
+    ldm = LatentDiffusionLoss.from_pretrained(sdxl)
+    cond, pooled = torch.randn(2, 77, 64), torch.randn(2, 32)
+    pixels = torch.rand(2, 3, ldm.image_size, ldm.image_size) * 2 - 1
+    with pytest.raises(ValueError, match="needs the pooled vector"):
+        ldm(cond, pixels)
+    torch.manual_seed(3)
+    loss = ldm(cond, pixels, pooled)
+    torch.manual_seed(3)  # the same draws, by hand
+    x0 = ldm.vae.encode(pixels).latent_dist.sample() * ldm.vae.config.scaling_factor
+    noise = torch.randn_like(x0)
+    steps = torch.randint(0, ldm.scheduler.config.num_train_timesteps, (2,))
+    time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2)
+    with torch.no_grad():
+        pred = ldm.unet(ldm.scheduler.add_noise(x0, noise, steps), steps, encoder_hidden_states=cond,
+                        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    assert loss.item() == pytest.approx(((pred - noise) ** 2).mean().item(), rel=1e-5)

@@ -1,15 +1,16 @@
 """Target layouts: which conditioning tensors each diffusers text-to-image family consumes, and their shapes.
 
-A *family* (:class:`DiffusionFamily`) is told by its denoiser and has one diffusers pipeline class: the tensors its ``encode_prompt``
-returns (in that order), the text encoders whose outputs GILL's mapper learns to predict and which hidden state of
-them is used. A *layout* (:class:`DiffusionLayout`) is a family at the widths of one checkpoint, plus the training
-objective of its scheduler. ``GILLConfig.diffusion_layout`` records the family a model was trained for (with
-``gen_emb_dim`` as the sequence width), and :func:`check_layout` refuses a diffusion model of another layout.
+A *family* (:class:`DiffusionFamily`) is told by its denoiser and has one diffusers pipeline class: the tensors its
+``encode_prompt`` returns (in that order), the text encoders whose outputs GILL's mapper learns to predict and which
+hidden state of them is used. A *layout* (:class:`DiffusionLayout`) is a family at the widths of one checkpoint,
+plus the training objective of its scheduler. ``GILLConfig.diffusion_layout`` records the family a model was trained
+for (``gen_emb_dim`` the sequence width, ``gen_pooled_dim`` the pooled one), and :func:`check_layout` refuses a diffusion model of another layout.
 
 | family | pipeline | conditioning (per image) | targets |
 |---|---|---|---|
 | ``stable_diffusion`` (SD 1.x, 2.x) | ``StableDiffusionPipeline`` | ``prompt_embeds`` (L, D) | ``last_hidden_state`` |
-| ``sdxl`` | ``StableDiffusionXLPipeline`` | ``prompt_embeds`` (L, D1 + D2), ``pooled_prompt_embeds`` (P) | both encoders' ``hidden_states[-2]`` concatenated; ``text_encoder_2``'s projected ``text_embeds`` |
+| ``sdxl`` | ``StableDiffusionXLPipeline`` | ``prompt_embeds`` (L, D1 + D2), ``pooled_prompt_embeds`` (P) | \
+``hidden_states[-2]`` of both, concatenated; ``text_encoder_2``'s ``text_embeds`` |
 
 SDXL's size / crop ``time_ids`` are not text conditioning: the pipeline builds them from the image size, as diffusers'
 does, and its empty negative prompt is all zeros (``force_zeros_for_empty_prompt``).

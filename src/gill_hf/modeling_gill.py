@@ -722,7 +722,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                 mm_encoder_outputs: dict | None = None, output_attentions: bool | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
                 gill_objective: bool = False, gen_targets: torch.Tensor | None = None,
-                null_gen_target: torch.Tensor | None = None, pack: bool | None = None):
+                null_gen_target: torch.Tensor | None = None, pack: bool | None = None,
+                gen_pooled_targets: torch.Tensor | None = None, null_gen_pooled_target: torch.Tensor | None = None):
         """The standard inference forward, or (``gill_objective=True``) GILL's training objective.
 
         Inference: ``input_ids`` ``(B, T)`` with ``<|image|>`` placeholders and ``pixel_values`` ``(N, 3, H, W)``
@@ -731,7 +732,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         the mean next-token cross-entropy over ``labels`` (-100 ignored; shifted here) when given.
 
         ``gill_objective=True``: Eq. 5 on a caption batch (:meth:`gill_objective`; ``gen_targets``,
-        ``null_gen_target``, ``pack`` only apply there), as the Trainer recipe calls it.
+        ``null_gen_target``, ``pack`` and, for layouts with a pooled vector, ``gen_pooled_targets`` /
+        ``null_gen_pooled_target`` only apply there), as the Trainer recipe calls it.
         """
         if gill_objective:
             unused = {"position_ids": position_ids is not None, "cache": cache is not None,
@@ -742,10 +744,13 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             given = sorted(k for k, v in unused.items() if v)
             if given:
                 raise ValueError(f"{given} do not apply to the training objective (gill_objective=True)")
+            pooled = {k: v for k, v in (("gen_pooled_targets", gen_pooled_targets),
+                                        ("null_gen_pooled_target", null_gen_pooled_target)) if v is not None}
             return self.gill_objective(input_ids, attention_mask, pixel_values, labels=labels,
-                                       gen_targets=gen_targets, null_gen_target=null_gen_target, pack=pack)
+                                       gen_targets=gen_targets, null_gen_target=null_gen_target, pack=pack, **pooled)
         training_only = sorted(k for k, v in (("gen_targets", gen_targets), ("null_gen_target", null_gen_target),
-                                              ("pack", pack)) if v is not None)
+                                              ("pack", pack), ("gen_pooled_targets", gen_pooled_targets),
+                                              ("null_gen_pooled_target", null_gen_pooled_target)) if v is not None)
         if training_only:
             raise ValueError(f"{training_only} are inputs of the training objective: pass gill_objective=True")
         if (input_ids is None) == (inputs_embeds is None):
@@ -774,7 +779,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
     def gill_objective(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                        gen_targets: torch.Tensor | None = None, null_gen_target: torch.Tensor | None = None,
-                       pack: bool | None = None) -> GILLOutput:
+                       pack: bool | None = None, gen_pooled_targets: torch.Tensor | None = None,
+                       null_gen_pooled_target: torch.Tensor | None = None) -> GILLOutput:
         """All four losses of Eq. 5 on a batch of N image-caption pairs.
 
         Args:
@@ -784,6 +790,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             labels: not used by this stage-1 objective (stage 2: ``GILLForInterleavedTraining``); must be None.
             gen_targets: ``(N, L, D)`` precomputed diffusion text-encoder outputs for the captions; enables l_g.
             null_gen_target: ``(L, D)`` text-encoder output of ``""``, the target of CFG-dropped examples.
+            gen_pooled_targets / null_gen_pooled_target: ``(N, P)`` / ``(P,)`` pooled text vectors, with
+                ``gen_targets`` for layouts that take one (SDXL): l_g counts the pooled vector as one more token.
             pack: force (True) or forbid (False) packing pairs of examples; None samples it with ``pack_prob``
                 in training mode, independently for the two passes, as the paper does.
         """
@@ -813,8 +821,12 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         if gen_targets is not None:
             voken_states = out["img_hidden_states"] if cfg.voken_feature_position == "at_token" \
                 else features[rows, cols - 1]  # MiniGPT-5: the states that predict [IMG0..r-1]
-            out["gen_embeds"], gen_targets = self._generation_inputs(voken_states, gen_targets, null_gen_target)
+            out["gen_embeds"], gen_targets, pooled_targets = self._generation_inputs(
+                voken_states, gen_targets, null_gen_target, gen_pooled_targets, null_gen_pooled_target)
             out["gen_loss"] = generation_loss(out["gen_embeds"], gen_targets, cfg.gen_loss_type)
+            if pooled_targets is not None:
+                pooled = self.gen_pooled_embeddings(out["gen_embeds"])[:, None]  # (N, 1, P)
+                out["gen_loss"] = out["gen_loss"] + generation_loss(pooled, pooled_targets[:, None], cfg.gen_loss_type)
             terms.append(cfg.gen_loss_weight * out["gen_loss"])
 
         if pixel_values is not None:
@@ -867,13 +879,16 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         labels = ids.masked_fill(~mask.bool() | (ids == self.config.image_token_id), IGNORE_INDEX)
         return self._lm_loss(logits, labels)
 
-    def _generation_inputs(self, voken_states, gen_targets, null_gen_target):
-        """Mapper outputs for the N examples, with MiniGPT-5's CFG dropout applied to inputs and targets."""
+    def _generation_inputs(self, voken_states, gen_targets, null_gen_target, pooled_targets=None,
+                           null_pooled_target=None):
+        """Mapper outputs for the N examples, the sequence targets and the pooled targets (None for layouts without
+        one), with MiniGPT-5's CFG dropout applied to inputs and targets."""
         cfg = self.config
         expected = (voken_states.shape[0], cfg.num_gen_queries, cfg.gen_emb_dim)
         if tuple(gen_targets.shape) != expected:
             raise ValueError(f"gen_targets have shape {tuple(gen_targets.shape)}, expected {expected} "
                              f"(N, num_gen_queries, gen_emb_dim)")
+        self._check_pooled_targets(voken_states.shape[0], pooled_targets)
         states = self.mapper_inputs(voken_states)
         gen_targets = gen_targets.to(states.dtype)
         if self.training and cfg.cfg_dropout_prob > 0:
@@ -882,7 +897,26 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             drop = torch.rand(states.shape[0], device=states.device) < cfg.cfg_dropout_prob  # (N,)
             states = states.masked_fill(drop[:, None, None], 0.0)
             gen_targets = torch.where(drop[:, None, None], null_gen_target.to(gen_targets), gen_targets)
-        return self.adapter.mapper(states), gen_targets
+            if pooled_targets is not None:
+                if null_pooled_target is None:
+                    raise ValueError("cfg_dropout_prob > 0 needs null_gen_pooled_target (the pooled vector of \"\")")
+                pooled_targets = torch.where(drop[:, None], null_pooled_target.to(pooled_targets), pooled_targets)
+        return self.adapter.mapper(states), gen_targets, pooled_targets
+
+    def _check_pooled_targets(self, n: int, pooled_targets):
+        """Pooled targets come exactly with layouts that take a pooled vector, ``(N, gen_pooled_dim)``."""
+        cfg = self.config
+        if cfg.gen_pooled_dim is None:
+            if pooled_targets is not None:
+                raise ValueError(f"gen_pooled_targets given, but the {cfg.diffusion_layout} layout has no pooled "
+                                 f"vector")
+            return
+        if pooled_targets is None:
+            raise ValueError(f"the {cfg.diffusion_layout} layout needs gen_pooled_targets (N, {cfg.gen_pooled_dim}) "
+                             f"with gen_targets (a target store precomputed for this diffusion model)")
+        if tuple(pooled_targets.shape) != (n, cfg.gen_pooled_dim):
+            raise ValueError(f"gen_pooled_targets have shape {tuple(pooled_targets.shape)}, expected "
+                             f"{(n, cfg.gen_pooled_dim)} (N, gen_pooled_dim)")
 
     @staticmethod
     def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -306,8 +306,8 @@ class GILLPipeline(DiffusionPipeline):
             num_candidates: top-k candidates returned per retrieved image.
             num_inference_steps, guidance_scale, height, width, generator, latents, output_type,
                 callback_on_step_end, callback_on_step_end_tensor_inputs: as in Stable Diffusion; ``guidance_scale``
-                defaults to the layout's diffusers pipeline default (7.5 for Stable Diffusion, 5.0 for SDXL). ``generator``
-                also drives LLM sampling.
+                defaults to the layout's diffusers pipeline default (7.5 for Stable Diffusion, 5.0 for SDXL).
+                ``generator`` also drives LLM sampling.
             generation_kwargs: ``gill_model.generate`` options: every transformers one (``max_new_tokens``,
                 ``do_sample``, ``temperature``, ``top_p``, ``num_beams``, ``stop_strings``, ``streamer``...) and
                 GILL's (``force_image_after``, ``min_text_tokens``, ``max_images``, ``gen_scale_factor``, ...).

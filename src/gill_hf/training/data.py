@@ -372,6 +372,9 @@ class GILLDataCollator(SkipCounter):
         if self.targets is not None:
             batch["gen_targets"] = torch.stack([self.targets[ex["index"]] for ex in examples])  # (N, L, D)
             batch["null_gen_target"] = self.targets.null  # (L, D)
+            if self.targets.pooled_dim is not None:  # layouts with a pooled vector (SDXL)
+                batch["gen_pooled_targets"] = torch.stack([self.targets.pooled(ex["index"]) for ex in examples])
+                batch["null_gen_pooled_target"] = self.targets.null_pooled  # (P,)
         if self.ldm_image_size:
             batch["ldm_pixel_values"] = torch.stack([ldm_pixel_values(im, self.ldm_image_size) for im in images])
         return batch

@@ -8,8 +8,9 @@ class LatentDiffusionLoss:
     """Denoising loss of the frozen UNet conditioned on GILL's mapper output.
 
     Uniform timesteps in ``[0, num_train_timesteps)``, target = the noise (or the velocity for v-prediction
-    schedulers), optional Min-SNR-gamma weighting. Deliberately not an ``nn.Module``: attaching it to a model
-    never adds UNet/VAE weights to its state dict or optimizer.
+    schedulers), optional Min-SNR-gamma weighting. SDXL UNets (``text_time`` added embedding) also take the pooled
+    vector and the size / crop time ids (original = target = the image size, no crop). Deliberately not an
+    ``nn.Module``: attaching it to a model never adds UNet/VAE weights to its state dict or optimizer.
     """
 
     def __init__(self, unet, vae, scheduler, snr_gamma: float | None = None):
@@ -37,10 +38,16 @@ class LatentDiffusionLoss:
         self.vae.to(device)
         return self
 
-    def __call__(self, cond: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``cond`` ``(N, L, D)`` mapper outputs, ``pixel_values`` ``(N, 3, S, S)`` in [-1, 1] -> scalar loss."""
+    def __call__(self, cond: torch.Tensor, pixel_values: torch.Tensor, pooled: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """``cond`` ``(N, L, D)`` mapper outputs, ``pixel_values`` ``(N, 3, S, S)`` in [-1, 1], ``pooled`` ``(N, P)``
+        (SDXL UNets only) -> scalar loss."""
         if cond.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"{cond.shape[0]} generation embeddings but {pixel_values.shape[0]} target images")
+        takes_pooled = self.unet.config.addition_embed_type == "text_time"
+        if takes_pooled != (pooled is not None):
+            raise ValueError("this UNet needs the pooled vector (N, P) as well" if takes_pooled else
+                             "pooled given, but this UNet takes no pooled vector")
         device, dtype = cond.device, self.unet.dtype
         with torch.no_grad():
             latents = self.vae.encode(pixel_values.to(device, self.vae.dtype)).latent_dist.sample()
@@ -48,7 +55,12 @@ class LatentDiffusionLoss:
         noise = torch.randn_like(latents)
         steps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = self.scheduler.add_noise(latents, noise, steps)
-        pred = self.unet(noisy.to(dtype), steps, encoder_hidden_states=cond.to(dtype)).sample
+        added = None
+        if pooled is not None:
+            side = pixel_values.shape[-2:]
+            time_ids = torch.tensor([[*side, 0, 0, *side]], device=device, dtype=dtype).repeat(cond.shape[0], 1)
+            added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+        pred = self.unet(noisy.to(dtype), steps, encoder_hidden_states=cond.to(dtype), added_cond_kwargs=added).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, steps)
         else:

@@ -3,8 +3,10 @@
 On disk a store is a folder::
 
     index.json          {"num_items", "shard_size", "shape": [L, D], "dtype", "captions_sha256", "shards": [...]}
+                        (+ "pooled_dim": P for layouts with a pooled vector, SDXL)
     null.npy            (L, D) encoding of "" (the CFG target)
     shard-00000.npy     (shard_size, L, D) rows 0..shard_size-1, one file per shard
+    null-pooled.npy, pooled-00000.npy   (P,) and (shard_size, P): the pooled vectors, for such layouts
 
 Shards are written to a temporary name and renamed, so an interrupted run resumes at the first missing shard, and
 ``process_index`` / ``num_processes`` split the shards between processes. Reading memory-maps the shards
@@ -23,10 +25,15 @@ from ..atomic import atomic_path, write_text_atomic
 
 INDEX_NAME = "index.json"
 NULL_NAME = "null.npy"
+NULL_POOLED_NAME = "null-pooled.npy"
 
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
+
+
+def pooled_shard_name(i: int) -> str:
+    return f"pooled-{i:05d}.npy"
 
 
 def captions_digest(captions) -> str:
@@ -44,25 +51,53 @@ def _atomic_save(path: str, array: np.ndarray):
 
 
 class DiffusionTextEncoder:
-    """The diffusion model's tokenizer + text encoder: captions -> ``(N, L, D)`` ``last_hidden_state``."""
+    """The diffusion model's tokenizers + text encoders, as its layout's family uses them
+    (:mod:`gill_hf.diffusion_layouts`): captions -> ``(N, L, D)`` sequence targets, or ``((N, L, D), (N, P))``
+    with the pooled vectors for layouts that take one (SDXL)."""
 
     def __init__(self, diffusion_model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        from transformers import AutoTokenizer, CLIPTextModel
+        import transformers
+        from diffusers import DiffusionPipeline
 
-        self.tokenizer = AutoTokenizer.from_pretrained(diffusion_model, subfolder="tokenizer")
-        self.model = CLIPTextModel.from_pretrained(diffusion_model, subfolder="text_encoder", dtype=dtype)
-        self.model.to(device).eval().requires_grad_(False)
+        from ..diffusion_layouts import FAMILIES, layout_of_folder
+
+        self.layout = layout_of_folder(diffusion_model)
+        self.family = FAMILIES[self.layout.family]
+        components = DiffusionPipeline.load_config(diffusion_model)
+        self.encoders = {}  # component name -> (tokenizer, model)
+        for name in self.family.text_encoders:
+            tokenizer_name = name.replace("text_encoder", "tokenizer")
+            model_class = getattr(transformers, components[name][1])
+            model = model_class.from_pretrained(diffusion_model, subfolder=name, dtype=dtype)
+            self.encoders[name] = (transformers.AutoTokenizer.from_pretrained(diffusion_model,
+                                                                              subfolder=tokenizer_name),
+                                   model.to(device).eval().requires_grad_(False))
         self.device = torch.device(device)
 
     @property
     def max_length(self) -> int:  # L
-        return self.tokenizer.model_max_length
+        return self.encoders[self.family.text_encoders[0]][0].model_max_length
 
     @torch.no_grad()
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt")
-        return self.model(input_ids=tokens.input_ids.to(self.device)).last_hidden_state.float().cpu()
+    def __call__(self, captions: list[str]):
+        states, pooled = [], None
+        for name, (tokenizer, model) in self.encoders.items():
+            tokens = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+            out = model(input_ids=tokens.input_ids.to(self.device), output_hidden_states=True)
+            hidden = out.last_hidden_state if self.family.hidden_state is None \
+                else out.hidden_states[self.family.hidden_state]
+            states.append(hidden.float().cpu())
+            if name == self.family.pooled_encoder:
+                pooled = out.text_embeds.float().cpu()  # (N, P)
+        sequence = torch.cat(states, dim=-1)  # (N, L, D)
+        return sequence if pooled is None else (sequence, pooled)
+
+
+def _split(encoded):
+    """An encoder's output -> ``(sequence (n, L, D), pooled (n, P) or None)`` numpy arrays."""
+    sequence, pooled = encoded if isinstance(encoded, tuple) else (encoded, None)
+    return sequence.numpy(), None if pooled is None else pooled.numpy()
 
 
 def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder, *, batch_size: int = 64,
@@ -70,7 +105,8 @@ def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder,
                        progress: bool = True) -> str:
     """Encode ``captions`` into a target store at ``out_dir``; returns the folder. Finished shards are skipped.
 
-    ``encoder``: any callable ``list[str] -> (n, L, D)`` tensor (e.g. :class:`DiffusionTextEncoder`). Shard ``s``
+    ``encoder``: any callable ``list[str] -> (n, L, D)`` tensor, or ``((n, L, D), (n, P))`` with pooled vectors
+    (e.g. :class:`DiffusionTextEncoder`). Shard ``s``
     is done by process ``s % num_processes``; every process can run the same command with its own index.
     """
     if not 0 <= process_index < num_processes:
@@ -81,10 +117,13 @@ def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder,
         raise ValueError("no captions to encode")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    null = encoder([""])[0].numpy()  # (L, D)
+    null, null_pooled = _split(encoder([""]))  # (1, L, D), (1, P) or None
+    null = null[0]
     index = {"num_items": len(captions), "shard_size": shard_size, "shape": list(null.shape), "dtype": dtype,
              "captions_sha256": captions_digest(captions),
              "shards": [shard_name(i) for i in range(-(-len(captions) // shard_size))]}
+    if null_pooled is not None:
+        index["pooled_dim"] = null_pooled.shape[-1]
     index_path = os.path.join(out_dir, INDEX_NAME)
     if os.path.exists(index_path):
         with open(index_path) as f:
@@ -94,6 +133,8 @@ def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder,
     elif process_index == 0:
         write_text_atomic(index_path, json.dumps(index, indent=1))
     if process_index == 0 and not os.path.exists(os.path.join(out_dir, NULL_NAME)):
+        if null_pooled is not None:  # written first: null.npy marks the null targets as complete
+            _atomic_save(os.path.join(out_dir, NULL_POOLED_NAME), null_pooled[0].astype(dtype))
         _atomic_save(os.path.join(out_dir, NULL_NAME), null.astype(dtype))
     mine = [s for s in range(len(index["shards"])) if s % num_processes == process_index]
     todo = [s for s in mine if not os.path.exists(os.path.join(out_dir, shard_name(s)))]
@@ -101,17 +142,23 @@ def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder,
                desc=f"targets [{process_index}/{num_processes}]", disable=not progress)
     for s in todo:
         chunk = captions[s * shard_size:(s + 1) * shard_size]
-        rows = []
+        rows, pooled_rows = [], []
         for start in range(0, len(chunk), batch_size):
-            rows.append(encoder(chunk[start:start + batch_size]).numpy().astype(dtype))  # (b, L, D)
+            sequence, pooled = _split(encoder(chunk[start:start + batch_size]))
+            rows.append(sequence.astype(dtype))  # (b, L, D)
+            if pooled is not None:
+                pooled_rows.append(pooled.astype(dtype))  # (b, P)
             bar.update(len(rows[-1]))
+        if pooled_rows:  # written first: the sequence shard marks the shard as done
+            _atomic_save(os.path.join(out_dir, pooled_shard_name(s)), np.concatenate(pooled_rows))
         _atomic_save(os.path.join(out_dir, shard_name(s)), np.concatenate(rows))
     bar.close()
     return out_dir
 
 
 class TargetStore:
-    """Read-only view of a finished store: ``store[i]`` -> ``(L, D)`` float32 tensor; ``store.null`` likewise."""
+    """Read-only view of a finished store: ``store[i]`` -> ``(L, D)`` float32 tensor; ``store.null`` likewise;
+    for layouts with a pooled vector ``store.pooled(i)`` -> ``(P,)`` and ``store.null_pooled`` (else None)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -121,12 +168,23 @@ class TargetStore:
                                     f"`gill-hf precompute-targets` first")
         with open(index_path) as f:
             self.index = json.load(f)
-        missing = [s for s in self.index["shards"] + [NULL_NAME] if not os.path.exists(os.path.join(self.path, s))]
+        files = self.index["shards"] + [NULL_NAME]
+        if self.pooled_dim is not None:
+            files += [pooled_shard_name(s) for s in range(len(self.index["shards"]))] + [NULL_POOLED_NAME]
+        missing = [s for s in files if not os.path.exists(os.path.join(self.path, s))]
         if missing:
             raise ValueError(f"target store {self.path} is incomplete: {len(missing)} file(s) missing, e.g. "
                              f"{missing[:3]}; re-run precompute-targets to finish it")
-        self._shards = [None] * len(self.index["shards"])
-        self.null = torch.from_numpy(np.load(os.path.join(self.path, NULL_NAME), allow_pickle=False).astype(np.float32))
+        self._shards = {}
+        self.null = self._load(NULL_NAME)
+        self.null_pooled = self._load(NULL_POOLED_NAME) if self.pooled_dim is not None else None
+
+    def _load(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(np.load(os.path.join(self.path, name), allow_pickle=False).astype(np.float32))
+
+    @property
+    def pooled_dim(self) -> int | None:  # P, for layouts with a pooled vector
+        return self.index.get("pooled_dim")
 
     def __len__(self) -> int:
         return self.index["num_items"]
@@ -141,14 +199,21 @@ class TargetStore:
             raise ValueError(f"target store {self.path} does not match this dataset's {len(captions)} captions "
                              f"(store holds {len(self)}); recompute it for this dataset")
 
-    def _shard(self, s: int) -> np.ndarray:
-        if self._shards[s] is None:
-            self._shards[s] = np.load(os.path.join(self.path, self.index["shards"][s]), mmap_mode="r",
-                                      allow_pickle=False)
-        return self._shards[s]
+    def _shard(self, name: str) -> np.ndarray:
+        if name not in self._shards:
+            self._shards[name] = np.load(os.path.join(self.path, name), mmap_mode="r", allow_pickle=False)
+        return self._shards[name]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def _row(self, i: int, shard_names) -> torch.Tensor:
         if not 0 <= i < len(self):
             raise IndexError(f"target index {i} out of range for a store of {len(self)}")
         s, row = divmod(int(i), self.index["shard_size"])
-        return torch.from_numpy(np.array(self._shard(s)[row], dtype=np.float32))
+        return torch.from_numpy(np.array(self._shard(shard_names(s))[row], dtype=np.float32))
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # (L, D)
+        return self._row(i, lambda s: self.index["shards"][s])
+
+    def pooled(self, i: int) -> torch.Tensor:  # (P,)
+        if self.pooled_dim is None:
+            raise ValueError(f"target store {self.path} holds no pooled vectors (its layout takes none)")
+        return self._row(i, pooled_shard_name)

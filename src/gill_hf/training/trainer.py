@@ -173,7 +173,9 @@ class GILLTrainer(Trainer):
                 parts[name].append(value.detach().float() * (text_scale if name == "img_token_loss" else 1))
         weight = self.model.config.ldm_loss_weight
         if self.ldm_loss is not None and weight > 0 and ldm_pixels is not None and outputs.gen_embeds is not None:
-            ldm = self.ldm_loss(outputs.gen_embeds, ldm_pixels)
+            pooled = self.model.gen_pooled_embeddings(outputs.gen_embeds) if self.model.config.gen_pooled_dim \
+                else None  # layouts with a pooled vector (SDXL)
+            ldm = self.ldm_loss(outputs.gen_embeds, ldm_pixels, pooled)
             loss = loss + weight * ldm
             parts["ldm_loss"].append(ldm.detach().float())
         return (loss, outputs) if return_outputs else loss
