@@ -124,6 +124,9 @@ def test_resume_with_other_settings_or_into_a_finished_index_is_refused(model, f
         build_index(embed, ImageFolderSource(folder), tmp_path / "done", batch_size=3, part_size=3, progress=False)
     with pytest.raises(ValueError, match="part_size a multiple"):
         build_index(embed, ImageFolderSource(folder), tmp_path / "x", batch_size=2, part_size=3)
+    with pytest.raises(ValueError, match=r"unknown faiss_options \['nprobes'\]"):
+        build_index(embed, ImageFolderSource(folder), tmp_path / "x", faiss="ivfpq", faiss_options={"nprobes": 2})
+    assert not os.path.exists(tmp_path / "x")  # refused before anything is written
 
 
 def test_tsv_source_resolves_names_and_skips_missing_files(model, folder, tmp_path):

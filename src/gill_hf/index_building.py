@@ -12,6 +12,8 @@ sample without an image are skipped, logged and counted (``IndexBuild.num_skippe
 """
 
 import hashlib
+import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
 from .image_io import load_image, to_rgb
-from .retrieval import EMBEDDINGS_FILE, FAISS_KINDS, RetrievalIndex
+from .retrieval import EMBEDDINGS_FILE, FAISS_KINDS, RetrievalIndex, build_ivfpq, import_faiss
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # img2dataset writes jpg by default
 BUILD_FOLDER = ".build"
 STATE_FILE = "build.json"
+IVFPQ_OPTIONS = set(inspect.signature(build_ivfpq).parameters) - {"embeddings"} | {"rerank"}  # use_faiss's
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,8 @@ class WebDatasetSource:
     ``shard#key``. Needs ``pip install gill-hf[webdataset]``."""
 
     def __init__(self, shards: Sequence[str | os.PathLike]):
+        if importlib.util.find_spec("webdataset") is None:  # an ImportError before the model loads
+            raise ImportError("reading webdataset shards needs pip install gill-hf[webdataset]")
         self.shards = [os.fspath(shard) for shard in shards]
         if not self.shards:
             raise ValueError("no webdataset shards given")
@@ -223,6 +228,11 @@ def _check_settings(batch_size, part_size, dtype, faiss, faiss_options, out_dir)
         raise ValueError(f"faiss must be None or one of {FAISS_KINDS}, got {faiss!r}")
     if faiss_options and faiss != "ivfpq":
         raise ValueError(f"faiss_options apply to faiss='ivfpq' only, got faiss={faiss!r}")
+    unknown = sorted(set(faiss_options or ()) - IVFPQ_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown faiss_options {unknown}; expected some of {sorted(IVFPQ_OPTIONS)}")
+    if faiss:
+        import_faiss()  # an ImportError now, not after every image is embedded
     if os.path.exists(os.path.join(out_dir, EMBEDDINGS_FILE)) and not os.path.isdir(
             os.path.join(out_dir, BUILD_FOLDER)):
         raise ValueError(f"{out_dir} already holds a finished retrieval index; build into a new folder")

@@ -179,7 +179,7 @@ class RetrievalIndex:
         An approximate index (anything but ``faiss.IndexFlat``) returns ``rerank * k`` candidates, re-scored exactly
         over the stored rows (``rerank=1``: its own top-k and scores); queries it leaves short of k candidates fall
         back to the exact scan."""
-        faiss = _import_faiss()
+        faiss = import_faiss()
         if rerank < 1:
             raise ValueError(f"rerank must be >= 1, got {rerank}")
         if isinstance(index, str):
@@ -234,8 +234,9 @@ class RetrievalIndex:
         scores, indices = torch.from_numpy(cos).float(), torch.from_numpy(idx).long()
         if self._rerank == 1:
             return scores, indices
-        rows = self.embeddings[indices.clamp(min=0).flatten()].float().view(*indices.shape, self.dim)  # (Q, k', p)
-        exact = torch.einsum("qcp,qp->qc", rows, unit).masked_fill(indices < 0, float("-inf"))
+        device = self.embeddings.device
+        rows = self.embeddings[indices.clamp(min=0).flatten().to(device)].float().view(*indices.shape, self.dim)
+        exact = torch.einsum("qcp,qp->qc", rows, unit.to(device)).cpu().masked_fill(indices < 0, float("-inf"))
         top = exact.topk(k, dim=1)
         return top.values, indices.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
 
@@ -283,7 +284,7 @@ def build_ivfpq(embeddings: torch.Tensor, nlist: int | None = None, pq_m: int | 
     of p up to p / 4: a quarter of the fp16 bytes per row), ``nprobe`` cells visited per query, k-means trained on
     ``train_rows`` rows drawn with ``seed`` (default all rows up to 64 per cell and at least 256 x 39).
     """
-    faiss = _import_faiss()
+    faiss = import_faiss()
     n, dim = embeddings.shape
     nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
     pq_m = pq_m or max(m for m in range(1, max(1, dim // 4) + 1) if dim % m == 0)
@@ -307,7 +308,8 @@ def _add_rows(index, embeddings: torch.Tensor):
     return index
 
 
-def _import_faiss():
+def import_faiss():
+    """The ``faiss`` module, or an ``ImportError`` saying how to install it (or search without it)."""
     try:
         import faiss
     except ImportError as err:
@@ -318,7 +320,7 @@ def _import_faiss():
 
 def _read_faiss(file: str):
     """A FAISS index read from ``file`` (FAISS's own format, no pickle); a ``ValueError`` naming it if unreadable."""
-    faiss = _import_faiss()
+    faiss = import_faiss()
     try:
         return faiss.read_index(file)
     except RuntimeError as err:
