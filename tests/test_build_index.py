@@ -255,13 +255,16 @@ def test_cli_builds_with_faiss_and_checks_before_loading(model, folder, tmp_path
     not_a_model = tmp_path / "not_a_model"  # an empty folder: the checks below fail before anything loads
     not_a_model.mkdir()
     (tmp_path / "none").mkdir()
-    cases = [(["--images", str(tmp_path / "none")], "holds no images"),
-             (["--images", str(folder), "--nlist", "4"], "--nlist apply to --faiss ivfpq only"),
-             (["--images", str(folder), "--batch-size", "3"], "--part-size must be a multiple of --batch-size"),
-             (["--images", str(folder), "--image-dir", str(folder)], "--image-dir applies to --tsv only"),
-             (["--shards", str(tmp_path / "missing.tar")], "no such file or folder")]
-    for extra, message in cases:
-        assert cli.main(["build-index", str(not_a_model), str(tmp_path / "o"), *extra]) == 2
+    other = str(tmp_path / "o")
+    cases = [(other, ["--images", str(tmp_path / "none")], "holds no images"),
+             (other, ["--images", str(folder), "--nlist", "4"], "--nlist apply to --faiss ivfpq only"),
+             (other, ["--images", str(folder), "--batch-size", "3"], "--part-size must be a multiple of --batch-size"),
+             (other, ["--images", str(folder), "--image-dir", str(folder)], "--image-dir applies to --tsv only"),
+             (other, ["--images", str(folder), "--image-column", "x"], "--image-column applies to --tsv only"),
+             (other, ["--shards", str(tmp_path / "missing.tar")], "no such file or folder"),
+             (str(out), ["--images", str(folder)], "already holds a finished retrieval index")]
+    for target, extra, message in cases:
+        assert cli.main(["build-index", str(not_a_model), target, *extra]) == 2
         assert message in capsys.readouterr().err
 
 

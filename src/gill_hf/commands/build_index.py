@@ -1,13 +1,16 @@
 """``gill-hf build-index MODEL OUT_DIR --images DIR | --tsv FILE | --shards TAR ...``: embed a corpus into a
 retrieval index (memory-mapped exact search, optionally FAISS beside it); a killed run resumes where it stopped."""
 
+import os
+
 from . import UsageError, bounded, existing_path, model_source, output_path, torch_device
 
 
 def check_args(args):
     """Paths, option combinations and the source itself (its files listed, the TSV header read) before the model
     loads; returns the opened source."""
-    from ..index_building import open_source
+    from ..index_building import BUILD_FOLDER, open_source
+    from ..retrieval import EMBEDDINGS_FILE
 
     args.model = model_source(args.model, "model")
     args.out_dir = output_path(args.out_dir, "out_dir", "folder")
@@ -17,10 +20,14 @@ def check_args(args):
         args.tsv = existing_path(args.tsv, "--tsv", "file")
     if args.shards:
         args.shards = [existing_path(shard, "--shards", "file") for shard in args.shards]
+    for option, value in (("--image-dir", args.image_dir), ("--image-column", args.image_column)):
+        if value is not None and not args.tsv:
+            raise UsageError(f"{option} applies to --tsv only")
     if args.image_dir:
-        if not args.tsv:
-            raise UsageError("--image-dir applies to --tsv only")
         args.image_dir = existing_path(args.image_dir, "--image-dir", "folder")
+    if os.path.exists(os.path.join(args.out_dir, EMBEDDINGS_FILE)) and not os.path.isdir(
+            os.path.join(args.out_dir, BUILD_FOLDER)):
+        raise UsageError(f"out_dir {args.out_dir} already holds a finished retrieval index; build into a new folder")
     if args.part_size % args.batch_size:
         raise UsageError(f"--part-size must be a multiple of --batch-size ({args.batch_size}), got {args.part_size}")
     ivfpq_options = {"nlist": args.nlist, "pq_m": args.pq_m, "nprobe": args.nprobe}
@@ -29,7 +36,7 @@ def check_args(args):
         raise UsageError(f"{', '.join(given)} apply to --faiss ivfpq only")
     args.faiss_options = {name: value for name, value in ivfpq_options.items() if value is not None}
     try:
-        return open_source(args.images, args.tsv, args.shards, image_column=args.image_column,
+        return open_source(args.images, args.tsv, args.shards, image_column=args.image_column or "image",
                            image_dir=args.image_dir)
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -64,7 +71,7 @@ def register(subparsers):
     source.add_argument("--images", help="folder of images (sub-folders too), indexed by their paths")
     source.add_argument("--tsv", help="TSV with a header; its --image-column names files under --image-dir")
     source.add_argument("--shards", nargs="+", help="webdataset tar shards (img2dataset's jpg/txt/json)")
-    parser.add_argument("--image-column", default="image", help="the TSV's image column (default: image)")
+    parser.add_argument("--image-column", default=None, help="the TSV's image column (default: image)")
     parser.add_argument("--image-dir", default=None, help="folder of the TSV's images (default: the TSV's folder)")
     parser.add_argument("--batch-size", type=bounded(int, 1), default=64)
     parser.add_argument("--part-size", type=bounded(int, 1), default=4096,
