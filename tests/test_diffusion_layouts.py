@@ -1,6 +1,8 @@
 """Target layouts of diffusers families other than SD 1.x: detection, targets, conditioning that drives the stock
 diffusers pipeline to GILLPipeline's pixels, the latent-diffusion objective, and the layout-mismatch error."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -224,3 +226,37 @@ def test_sdxl_latent_diffusion_loss_takes_the_pooled_vector_and_time_ids(sdxl):
         pred = ldm.unet(ldm.scheduler.add_noise(x0, noise, steps), steps, encoder_hidden_states=cond,
                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     assert loss.item() == pytest.approx(((pred - noise) ** 2).mean().item(), rel=1e-5)
+
+
+def test_sdxl_pipeline_round_trips_and_the_cli_precomputes_its_targets(sdxl_model, sdxl, tmp_path):
+    from gill_hf.cli import main
+
+    pipe = GILLPipeline.from_gill(sdxl_model, sdxl)
+    pipe.set_progress_bar_config(disable=True)
+    cond = dict(prompt_embeds=torch.randn(1, 77, 64), pooled_prompt_embeds=torch.randn(1, 32), num_inference_steps=2,
+                output_type="np")
+    before = pipe(**cond, generator=_seed(0)).images[0]
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = GILLPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert (loaded.gill_model.config.diffusion_layout, loaded.gill_model.config.gen_pooled_dim) == ("sdxl", 32)
+    assert np.array_equal(loaded(**cond, generator=_seed(0)).images[0], before)
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("caption\timage\na red circle\tx.png\na star\ty.png\n")
+    assert main(["precompute-targets", str(tsv), str(tmp_path / "t"), "--diffusion-model", sdxl,
+                 "--dtype", "float32"]) == 0
+    store = TargetStore(tmp_path / "t")
+    embeds, pooled = DiffusionTextEncoder(sdxl)(["a red circle", "a star"])
+    assert torch.equal(store[1], embeds[1]) and torch.equal(store.pooled(1), pooled[1])
+
+
+def test_an_unsupported_family_is_named_before_any_backbone_loads(tiny_backbones, tmp_path):
+    folder = tmp_path / "sd3"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    with pytest.raises(ValueError, match=r"no GILL target layout for a SD3Transformer2DModel denoiser.*"
+                                         r"supported families: \['sdxl', 'stable_diffusion'\]"):
+        GILLForConditionalGeneration.from_backbones("no/such-llm", tiny_backbones["clip"], str(folder))

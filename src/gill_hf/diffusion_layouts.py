@@ -1,10 +1,11 @@
 """Target layouts: which conditioning tensors each diffusers text-to-image family consumes, and their shapes.
 
-A *family* (:class:`DiffusionFamily`) is told by its denoiser and has one diffusers pipeline class: the tensors its
-``encode_prompt`` returns (in that order), the text encoders whose outputs GILL's mapper learns to predict and which
-hidden state of them is used. A *layout* (:class:`DiffusionLayout`) is a family at the widths of one checkpoint,
-plus the training objective of its scheduler. ``GILLConfig.diffusion_layout`` records the family a model was trained
-for (``gen_emb_dim`` the sequence width, ``gen_pooled_dim`` the pooled one), and :func:`check_layout` refuses a diffusion model of another layout.
+A *family* (:class:`DiffusionFamily`) is told by its denoiser and has one diffusers pipeline class: the
+tensors its ``encode_prompt`` returns (in that order), the text encoders whose outputs GILL's mapper learns to
+predict and which hidden state of them is used. A *layout* (:class:`DiffusionLayout`) is a family at the widths of
+one checkpoint, plus the training objective of its scheduler. ``GILLConfig.diffusion_layout`` records the family a
+model was trained for (``gen_emb_dim`` the sequence width, ``gen_pooled_dim`` the pooled one), and
+:func:`check_layout` refuses a diffusion model of another layout.
 
 | family | pipeline | conditioning (per image) | targets |
 |---|---|---|---|
@@ -99,12 +100,20 @@ def layout_of_pipeline(pipe) -> DiffusionLayout:
 
 def layout_of_folder(path: str | os.PathLike, **hub_kwargs) -> DiffusionLayout:
     """The layout of a diffusers folder or Hub id, from its configs alone (no weights load)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 
     path = os.fspath(path)
-    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", **hub_kwargs)
+    components = DiffusionPipeline.load_config(path, **hub_kwargs)
+    denoiser = next((name for name in ("unet", "transformer") if name in components), None)
+    if denoiser is None:
+        raise ValueError(f"{path}: model_index.json names no unet or transformer; expected a diffusers text-to-image "
+                         f"pipeline (families: {sorted(FAMILIES)})")
+    denoiser_class = components[denoiser][1]
+    if denoiser != "unet":  # checked before any other file is read
+        family_of_denoiser(denoiser_class, {})
+    denoiser_config = UNet2DConditionModel.load_config(path, subfolder=denoiser, **hub_kwargs)  # any config.json
     scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler", **hub_kwargs)  # any class's config
-    return layout_of_configs(unet_config["_class_name"], unet_config, scheduler_config)
+    return layout_of_configs(denoiser_class, denoiser_config, scheduler_config)
 
 
 def layout_of_config(config) -> DiffusionLayout:

@@ -227,6 +227,13 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             raise unknown_kwargs_error(f"{cls.__name__}.from_backbones", unknown,
                                        fields | {"dtype", "torch_dtype", "device_map", "attn_implementation",
                                                  "quantization_config", "output_loading_info"})
+        if diffusion_model is not None:  # its layout first: an unsupported family fails before anything loads
+            from .diffusion_layouts import layout_of_folder
+
+            layout = layout_of_folder(diffusion_model)
+            config_kwargs.setdefault("gen_emb_dim", layout.sequence_dim)
+            config_kwargs.setdefault("diffusion_layout", layout.family)
+            config_kwargs.setdefault("gen_pooled_dim", layout.pooled_dim)
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         image_processor = AutoImageProcessor.from_pretrained(vision_model, backend="pil")
         text_config = AutoConfig.from_pretrained(text_model)
@@ -234,13 +241,6 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                                   num_visual_tokens=config_kwargs.get("num_visual_tokens", 4),
                                   num_img_tokens=config_kwargs.get("num_img_tokens", 8),
                                   context_length=getattr(text_config, "max_position_embeddings", None))
-        if diffusion_model is not None:
-            from .diffusion_layouts import layout_of_folder
-
-            layout = layout_of_folder(diffusion_model)
-            config_kwargs.setdefault("gen_emb_dim", layout.sequence_dim)
-            config_kwargs.setdefault("diffusion_layout", layout.family)
-            config_kwargs.setdefault("gen_pooled_dim", layout.pooled_dim)
         config = GILLConfig(
             text_config=text_config.to_dict(),
             vision_config=CLIPVisionConfig.from_pretrained(vision_model).to_dict(),

@@ -1,4 +1,4 @@
-"""``gill-hf precompute-targets``: encode every caption once with the diffusion text encoder into a target store."""
+"""``gill-hf precompute-targets``: encode every caption once with the diffusion text encoder(s) into a target store."""
 
 from . import UsageError, bounded, existing_path, model_source, output_path, torch_device
 
@@ -34,7 +34,9 @@ def register(subparsers):
     parser = subparsers.add_parser("precompute-targets", help=__doc__)
     parser.add_argument("tsv", help="caption<TAB>image TSV (CC3M format)")
     parser.add_argument("out_dir", help="folder of the target store (resumes if it exists)")
-    parser.add_argument("--diffusion-model", required=True, help="Stable Diffusion id or folder (text_encoder/)")
+    parser.add_argument("--diffusion-model", required=True,
+                        help="diffusers text-to-image model id or folder: SD 1.x / 2.x or SDXL (its text encoders "
+                             "give the targets)")
     parser.add_argument("--batch-size", type=bounded(int, 1), default=64)
     parser.add_argument("--shard-size", type=bounded(int, 1), default=4096)
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
