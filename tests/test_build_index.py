@@ -1,4 +1,4 @@
-"""gill-hf build-index: sources, skip-and-count, resume after a kill (bit for bit), FAISS exact / IVF-PQ saved beside."""
+"""gill-hf build-index: sources, skip-and-count, resume after a kill (bit for bit), FAISS exact / IVF-PQ beside."""
 
 import io
 import json
@@ -275,3 +275,18 @@ def test_fp16_exact_scan_scores_are_fp32_over_the_stored_rows():
     reference = F.normalize(queries, dim=-1) @ index.embeddings.float().t()  # fp32 over the fp16-stored rows
     torch.testing.assert_close(scores, reference.gather(1, idx), atol=1e-6, rtol=0)  # no fp16 output rounding
     assert torch.equal(idx, reference.topk(5, dim=1).indices)
+
+
+def test_faiss_fp16_is_exact_over_the_fp16_rows(tmp_path):
+    faiss = pytest.importorskip("faiss")
+    rows, queries = _clustered(3000, 32, seed=5)
+    index = RetrievalIndex(rows, [str(i) for i in range(3000)], dtype=torch.float16)
+    exact_scores, exact_idx = index.search(queries, k=5)
+    index.use_faiss("fp16").save(tmp_path)
+    loaded = RetrievalIndex.load(tmp_path)
+    assert isinstance(loaded._faiss, faiss.IndexScalarQuantizer) and loaded._rerank == 1  # exact: no re-rank
+    scores, idx = loaded.search(queries, k=5)
+    assert torch.equal(idx, exact_idx)
+    torch.testing.assert_close(scores, exact_scores, atol=1e-6, rtol=0)  # both fp32 over the same fp16 rows
+    with pytest.raises(TypeError, match="the exact FAISS indexes take no options"):
+        index.use_faiss("fp16", nlist=4)

@@ -77,8 +77,9 @@ def register(subparsers):
     parser.add_argument("--part-size", type=bounded(int, 1), default=4096,
                         help="records per resumable part (a multiple of --batch-size)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
-    parser.add_argument("--faiss", default=None, choices=["flat", "ivfpq"],
-                        help="also save a FAISS index (exact IndexFlatIP or IVF-PQ), loaded with the index")
+    parser.add_argument("--faiss", default=None, choices=["flat", "fp16", "ivfpq"],
+                        help="also save a FAISS index (exact IndexFlatIP, exact fp16 codes, or IVF-PQ with an "
+                             "exact re-rank), loaded with the index")
     parser.add_argument("--nlist", type=bounded(int, 1), default=None, help="IVF-PQ cells (default ~4 sqrt(N))")
     parser.add_argument("--pq-m", type=bounded(int, 1), default=None, help="IVF-PQ sub-quantisers (divide p)")
     parser.add_argument("--nprobe", type=bounded(int, 1), default=None, help="IVF-PQ cells searched (default 16)")
