@@ -74,6 +74,8 @@ def main():
     if trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f, indent=1)
+    if torch.distributed.is_initialized():  # tear gloo / NCCL down before exit on every rank
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

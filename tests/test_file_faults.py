@@ -217,10 +217,10 @@ def _load(folder, backbones):
                   model.generation_config.max_new_tokens)
 
 
-def _wait_for(path, process, seconds=300):
+def _wait_for(path, process, log, seconds=300):
     deadline = time.monotonic() + seconds
     while not path.exists():
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert process.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, f"{path.name} never appeared"
         time.sleep(0.05)
 
@@ -233,11 +233,13 @@ def test_loads_during_concurrent_saves_see_one_save_and_a_killed_save_leaves_the
     target, control = tmp_path / "target", tmp_path / "control"
     control.mkdir()
     model_a.save_pretrained(target)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "a"), str(tmp_path / "b"), str(target),
-                               str(control)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "writer.log"  # a file, not a pipe: an undrained pipe fills with progress bars and blocks it
+    with open(log, "w") as stderr:
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "a"), str(tmp_path / "b"),
+                                   str(target), str(control)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        _wait_for(control / "ready", writer)
+        _wait_for(control / "ready", writer, log)
         seen = []
         for _ in range(200):  # the files of the snapshot from_pretrained reads, parsed directly: fast
             with atomic.verified_snapshot(target) as root:
@@ -245,16 +247,16 @@ def test_loads_during_concurrent_saves_see_one_save_and_a_killed_save_leaves_the
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # whole loads through from_pretrained (backbones reused in memory)
             seen.append(_load(target, model_a))
-        assert writer.poll() is None, writer.communicate()[1][-3000:]
+        assert writer.poll() is None, log.read_text()[-3000:]
         switches = sum(x != y for x, y in zip(seen, seen[1:]))
         assert {"A", "B"} <= set(seen) and switches >= 4, (switches, len(seen))  # saves really ran meanwhile
 
         (control / "hang").touch()
-        _wait_for(control / "hanging", writer)
+        _wait_for(control / "hanging", writer, log)
         os.kill(writer.pid, signal.SIGKILL)
     finally:
         writer.kill()
-        writer.communicate()
+        writer.wait()
     staging = [p for p in target.iterdir() if p.name.startswith(f"{atomic.STAGING_PREFIX}{atomic._host()}-"
                                                                 f"{writer.pid}-")]
     assert len(staging) == 1 and (staging[0] / "tokenizer.json").read_text() == "{half"

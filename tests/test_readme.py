@@ -23,7 +23,7 @@ from eval_fixtures import (
     write_vist,
 )
 
-from gill_hf import GILLForConditionalGeneration, GILLProcessor
+from gill_hf import GILLForConditionalGeneration, GILLProcessor, RetrievalIndex
 from gill_hf.cli import build_parser
 from gill_hf.cli import main as cli_main
 from gill_hf.tiny import build_tiny_release
@@ -137,6 +137,9 @@ def test_every_readme_block_runs(readme_folder, tiny_backbones, fake_hub, single
     assert isinstance(blocks, gradio.Blocks) and kwargs == {"share": False, "server_name": "127.0.0.1",
                                                             "server_port": 7860}
     assert namespace["scores"].shape == (3,), namespace["scores"]
+    built = RetrievalIndex.load(readme_folder / "my-image-index")
+    assert len(built) == len(list((readme_folder / "val2014").iterdir()))
+    assert (readme_folder / "my-image-index" / "faiss.index").is_file()
     # gill_hf installed: the Auto classes keep its own classes (test_remote_code.py loads the pushed code without it)
     assert type(namespace["remote"]) is GILLForConditionalGeneration and isinstance(namespace["remote_processor"],
                                                                                      GILLProcessor)

@@ -86,10 +86,10 @@ class TSVSource:
     TSV's folder; names without a suffix try the usual ones, as the training data do)."""
 
     def __init__(self, path: str | os.PathLike, image_column: str = "image", image_dir: str | None = None):
-        from .training.data import _read_tsv, check_image_name
+        from .training.data import read_tsv, check_image_name
 
         self.path = os.fspath(path)
-        header, rows = _read_tsv(self.path)
+        header, rows = read_tsv(self.path)
         if image_column not in header:
             raise ValueError(f"{self.path}: header {header} lacks the image column {image_column!r}")
         if not rows:
@@ -107,11 +107,11 @@ class TSVSource:
         return {"kind": "tsv", "tsv_sha256": sha.hexdigest(), "image_dir": os.path.abspath(self.image_dir)}
 
     def records(self, start: int) -> Iterator[Record]:
-        from .training.data import _resolve_image
+        from .training.data import resolve_image
 
         for name in self.names[start:]:
             try:
-                path = _resolve_image(self.image_dir, name)
+                path = resolve_image(self.image_dir, name)
             except ValueError as err:
                 yield Record(os.path.join(self.image_dir, name), None, str(err))
                 continue

@@ -24,11 +24,11 @@ def run(args) -> int:
 
 
 def register(subparsers):
-    from ..demo.quickstart import QuickstartSettings
+    from ..demo.quickstart import DEFAULT_OUT_DIR, QuickstartSettings
 
     defaults = QuickstartSettings()
     parser = subparsers.add_parser("quickstart", help=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="gill-quickstart", help="output folder")
+    parser.add_argument("--out", default=DEFAULT_OUT_DIR, help="output folder")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="adapter optimizer steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--train-size", type=int, default=defaults.train_size, help="training pairs")

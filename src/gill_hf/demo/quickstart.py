@@ -32,6 +32,8 @@ from ..pipeline_gill import GILLPipeline
 from ..retrieval import RetrievalIndex
 from ..tiny import build_tiny_backbones
 from ..toy_data import all_scenes, draw_shape, novel_prompts, scene_caption, shape_stories
+
+DEFAULT_OUT_DIR = "gill-quickstart"  # where `gill-hf quickstart` writes and `gill-hf demo` looks by default
 from ..training import CaptionImageDataset, DiffusionTextEncoder, TargetStore, precompute_targets, train_gill
 from ..training.decision_training import prompt_features, train_decision_head
 from . import measures

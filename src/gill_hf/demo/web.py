@@ -33,12 +33,12 @@ from ..image_io import load_image, to_rgb
 from ..modeling_gill import GILLForConditionalGeneration
 from ..pipeline_gill import GILLPipeline, ImagePart
 from ..retrieval import RetrievalIndex
+from .quickstart import DEFAULT_OUT_DIR as DEFAULT_QUICKSTART_DIR
 
 __all__ = ["DEFAULT_QUICKSTART_DIR", "DemoSettings", "build_demo", "conversation_prompt", "load_demo_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUICKSTART_DIR = "gill-quickstart"  # where ``gill-hf quickstart`` writes by default
 QUICKSTART_FILES = ("report.json", os.path.join("gill-adapter", "config.json"), "retrieval_index")
 DECISIONS = ("auto", "generate", "retrieve")
 MAX_SEED = 2 ** 31 - 1

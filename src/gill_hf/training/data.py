@@ -48,9 +48,9 @@ def _try_load(source) -> tuple[Image.Image | None, str | None]:
 
 
 def _try_load_file(image_dir: str | None, name: str) -> tuple[Image.Image | None, str | None]:
-    """:func:`_try_load` of the file ``name`` names under ``image_dir`` (see :func:`_resolve_image`)."""
+    """:func:`_try_load` of the file ``name`` names under ``image_dir`` (see :func:`resolve_image`)."""
     try:
-        path = _resolve_image(image_dir, name)
+        path = resolve_image(image_dir, name)
     except ValueError as err:
         return None, str(err)
     return _try_load(path)
@@ -67,7 +67,7 @@ def check_image_name(name, where: str) -> str:
     return name
 
 
-def _resolve_image(image_dir: str | None, name: str) -> str:
+def resolve_image(image_dir: str | None, name: str) -> str:
     """``image_dir/name``, trying the usual extensions when ``name`` has none (VIST ids, CC3M keys). With an
     ``image_dir`` the name must stay inside it, and so must the file's real path (symlinks followed)."""
     if image_dir is None:
@@ -144,7 +144,7 @@ class CaptionImageDataset(Dataset):
         """Read a TSV with a header naming ``caption_column`` and ``image_column`` (file names under ``image_dir``,
         default the TSV's folder). Structural faults raise naming the line; empty captions are skipped."""
         path = os.fspath(path)
-        header, rows = _read_tsv(path)
+        header, rows = read_tsv(path)
         missing = {caption_column, image_column} - set(header)
         if missing:
             raise ValueError(f"{path}: header {header} lacks column(s) {sorted(missing)}")
@@ -181,7 +181,7 @@ class CaptionImageDataset(Dataset):
         return {"index": i, "caption": self.captions[i], "image": image, "error": error}
 
 
-def _read_tsv(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def read_tsv(path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and ``(line number, fields)`` rows of a TAB-separated file (no quoting); blank lines are ignored and a
     row whose field count differs from the header's is an error naming its line."""
     try:
