@@ -21,24 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench_retrieval import timed_interleaved  # bench/ is the script's folder, first on sys.path
+
 from gill_hf import RetrievalIndex
-
-
-def _best_times(fns: dict, device: str, repeats: int) -> dict[str, list[float]]:
-    """Each function timed ``repeats`` times, interleaved, after one warm-up call each."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def exact_vs_floor(rows: int, dim: int, k: int, device: str, repeats: int):
@@ -53,7 +38,7 @@ def exact_vs_floor(rows: int, dim: int, k: int, device: str, repeats: int):
     if device == "cpu" and importlib.util.find_spec("faiss"):
         fp16 = RetrievalIndex(index.embeddings, index.paths, normalized=True).use_faiss("fp16")
         fns["faiss fp16"] = lambda: fp16.search(query, k=k)
-    times = _best_times(fns, device, repeats)
+    times = timed_interleaved(fns, device, repeats)
     floor = min(times.pop("read floor"))
     print(f"(1) exact top-{k} over {rows:,} x {dim} fp16 ({nbytes / 2**20:.0f} MiB) on {device}, {repeats} runs")
     print(f"    memory read bandwidth {nbytes / floor / 1e9:.1f} GB/s -> fp16 read floor {floor * 1e3:.2f} ms")
