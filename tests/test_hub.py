@@ -80,6 +80,10 @@ def test_paper_card_lists_the_three_backbones():
     assert data["library_name"] == "gill_hf" and data["base_model_relation"] == "adapter"
     assert "Not recorded for this upload." in card.text and "No evaluation results" in card.text
     assert ModelCard(str(card)).data.to_dict() == data  # the YAML block round-trips
+    assert "| generation conditioning (L x D) | 77 x 768 (stable_diffusion layout) |" in card.text
+    sdxl = gill_paper_config()
+    sdxl.diffusion_layout, sdxl.gen_emb_dim, sdxl.gen_pooled_dim = "sdxl", 2048, 1280
+    assert "| 77 x 2048 + pooled 1280 (sdxl layout) |" in build_model_card(sdxl, "bob/gill-sdxl").text
 
 
 def test_branch_revision_and_shards(fake_hub, trained_model, make_model):

@@ -167,7 +167,9 @@ def _architecture_rows(config: GILLConfig) -> list[tuple[str, str]]:
             ("retrieval embedding width (p)", config.ret_emb_dim),
             ("mapper", f"{config.mapper_type}, width {config.mapper_hidden_dim}, "
                        f"{config.mapper_encoder_layers}+{config.mapper_decoder_layers} layers"),
-            ("generation conditioning (L x D)", f"{config.num_gen_queries} x {config.gen_emb_dim}"),
+            ("generation conditioning (L x D)", f"{config.num_gen_queries} x {config.gen_emb_dim}"
+                                                + (f" + pooled {config.gen_pooled_dim}" if config.gen_pooled_dim else "")
+                                                + f" ({config.diffusion_layout} layout)"),
             ("LLM hidden state used", config.hidden_layer),
             ("[IMG] input-embedding residual", config.mapper_add_input_embeddings),
             ("decision head input", "[IMG0] state + retrieval score" if config.decision_use_retrieval_score
