@@ -1,8 +1,8 @@
 """Training GILL / MiniGPT-5 adapters with the Hugging Face ``Trainer`` (single or multi-process)."""
 
 from .callbacks import RenormalizeImgEmbeddingsCallback, StopAtStepCallback
-from .data import (CaptionImageDataset, GILLDataCollator, InterleavedDataCollator, VISTTaskDataset, ldm_pixel_values,
-                   read_vist_stories)
+from .data import (CaptionImageDataset, GILLDataCollator, InterleavedDataCollator, SkippedExamplesCallback,
+                   VISTTaskDataset, ldm_pixel_values, read_vist_stories)
 from .distributed import gather_with_grad
 from .interleaved import GILLForInterleavedTraining
 from .ldm_loss import LatentDiffusionLoss
@@ -13,7 +13,8 @@ from .trainer import (GILLTrainer, configure_trainable, minigpt5_overrides, para
 
 __all__ = [
     "CaptionImageDataset", "DiffusionTextEncoder", "GILLDataCollator", "GILLForInterleavedTraining", "GILLTrainer",
-    "InterleavedDataCollator", "LatentDiffusionLoss", "RenormalizeImgEmbeddingsCallback", "StopAtStepCallback",
+    "InterleavedDataCollator", "LatentDiffusionLoss", "RenormalizeImgEmbeddingsCallback", "SkippedExamplesCallback",
+    "StopAtStepCallback",
     "TargetStore", "VISTTaskDataset", "apply_lora", "configure_trainable",
     "gather_with_grad", "ldm_pixel_values", "load_lora_weights", "minigpt5_overrides", "parameter_groups", "precompute_targets",
     "read_vist_stories", "set_training_fields", "train_gill",
