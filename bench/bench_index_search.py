@@ -13,7 +13,6 @@ rows and with FAISS's own PQ scores (``rerank=1``). Training and adding 1M rows 
     python bench/bench_index_search.py --skip-ivfpq --device cuda
 """
 
-import argparse
 import importlib.util
 import statistics
 import time
@@ -21,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench_retrieval import timed_interleaved  # bench/ is the script's folder, first on sys.path
+from bench_retrieval import search_parser, timed_interleaved  # bench/ is the script's folder, first on sys.path
 
 from gill_hf import RetrievalIndex
 
@@ -81,12 +80,7 @@ def ivfpq_recall(rows: int, dim: int, k: int, queries: int, nlist: int, nprobe: 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = search_parser(__doc__)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", type=int, default=16)

@@ -34,14 +34,19 @@ def timed_interleaved(fns: dict, device: str, repeats: int) -> dict[str, list[fl
     return times
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def search_parser(description: str) -> argparse.ArgumentParser:
+    """The options every search benchmark takes: index size (rows x dim), k, device and timing repeats."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = search_parser(__doc__).parse_args()
 
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn(args.rows, args.dim, generator=generator, dtype=torch.float32).half()

@@ -28,6 +28,13 @@ def _seed(n=0):
     return torch.Generator().manual_seed(n)
 
 
+def _gill_on(tiny_backbones, diffusion: str):
+    """A seeded GILL model on the tiny OPT + CLIP and the diffusion folder (its layout recorded), in eval mode."""
+    torch.manual_seed(0)
+    return GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], diffusion,
+                                                       **SMALL_MAPPER).eval()
+
+
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
     return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "sd2")
@@ -35,9 +42,7 @@ def sd2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd2_model(tiny_backbones, sd2):
-    torch.manual_seed(0)
-    return GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], sd2,
-                                                       **SMALL_MAPPER).eval()
+    return _gill_on(tiny_backbones, sd2)
 
 
 def test_sd2_layout_is_read_from_the_folder_and_recorded(sd2, sd2_model, tiny_backbones):
@@ -102,9 +107,7 @@ def sdxl(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_model(tiny_backbones, sdxl):
-    torch.manual_seed(0)
-    return GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], sdxl,
-                                                       **SMALL_MAPPER).eval()
+    return _gill_on(tiny_backbones, sdxl)
 
 
 def test_sdxl_layout_is_read_from_the_folder_and_recorded(sdxl, sdxl_model):
