@@ -42,6 +42,9 @@ def test_fp16_index_is_exact_over_its_stored_rows():
     ref = (F.normalize(queries, dim=-1).half().float() @ index.embeddings.float().t()).topk(3, dim=1)
     torch.testing.assert_close(scores, ref.values, atol=2e-3, rtol=1e-3)
     assert (indices == ref.indices).float().mean() > 0.95  # fp16 accumulation may swap near-ties only
+    exact = (F.normalize(queries, dim=-1) @ index.embeddings.float().t()).topk(3, dim=1)  # fp32 re-scoring
+    assert torch.equal(indices, exact.indices)
+    torch.testing.assert_close(scores, exact.values, atol=1e-6, rtol=1e-6)
 
 
 def test_exclude_skips_candidates():

@@ -195,8 +195,8 @@ def build_index(embed: Callable[[list], torch.Tensor], source, out_dir: str | os
 
     ``embed``: RGB PIL images -> ``(n, p)`` unit-norm rows (e.g. ``partial(embed_images, model)``);
     ``logit_scale`` the model's (scores = exp(it) * cosine); ``part_size`` records per resumable part, a multiple
-    of ``batch_size``; ``faiss``: also save a FAISS index (``"flat"`` or ``"ivfpq"``, ``faiss_options`` for the
-    latter, see :func:`~gill_hf.retrieval.build_ivfpq`).
+    of ``batch_size``; ``faiss``: also save a FAISS index (``"flat"``, ``"fp16"`` or ``"ivfpq"``, ``faiss_options``
+    for the latter, see :func:`~gill_hf.retrieval.build_ivfpq`).
     """
     out_dir = os.fspath(out_dir)
     _check_settings(batch_size, part_size, dtype, faiss, faiss_options, out_dir)
@@ -233,6 +233,11 @@ def _check_settings(batch_size, part_size, dtype, faiss, faiss_options, out_dir)
         raise ValueError(f"unknown faiss_options {unknown}; expected some of {sorted(IVFPQ_OPTIONS)}")
     if faiss:
         import_faiss()  # an ImportError now, not after every image is embedded
+    check_out_dir(out_dir)
+
+
+def check_out_dir(out_dir: str):
+    """A ``ValueError`` when ``out_dir`` holds a finished index (an unfinished build there is resumed instead)."""
     if os.path.exists(os.path.join(out_dir, EMBEDDINGS_FILE)) and not os.path.isdir(
             os.path.join(out_dir, BUILD_FOLDER)):
         raise ValueError(f"{out_dir} already holds a finished retrieval index; build into a new folder")

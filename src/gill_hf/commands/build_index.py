@@ -1,16 +1,13 @@
 """``gill-hf build-index MODEL OUT_DIR --images DIR | --tsv FILE | --shards TAR ...``: embed a corpus into a
 retrieval index (memory-mapped exact search, optionally FAISS beside it); a killed run resumes where it stopped."""
 
-import os
-
 from . import UsageError, bounded, existing_path, model_source, output_path, torch_device
 
 
 def check_args(args):
     """Paths, option combinations and the source itself (its files listed, the TSV header read) before the model
     loads; returns the opened source."""
-    from ..index_building import BUILD_FOLDER, open_source
-    from ..retrieval import EMBEDDINGS_FILE
+    from ..index_building import check_out_dir, open_source
 
     args.model = model_source(args.model, "model")
     args.out_dir = output_path(args.out_dir, "out_dir", "folder")
@@ -25,9 +22,10 @@ def check_args(args):
             raise UsageError(f"{option} applies to --tsv only")
     if args.image_dir:
         args.image_dir = existing_path(args.image_dir, "--image-dir", "folder")
-    if os.path.exists(os.path.join(args.out_dir, EMBEDDINGS_FILE)) and not os.path.isdir(
-            os.path.join(args.out_dir, BUILD_FOLDER)):
-        raise UsageError(f"out_dir {args.out_dir} already holds a finished retrieval index; build into a new folder")
+    try:
+        check_out_dir(args.out_dir)
+    except ValueError as err:
+        raise UsageError(f"out_dir {err}") from err
     if args.part_size % args.batch_size:
         raise UsageError(f"--part-size must be a multiple of --batch-size ({args.batch_size}), got {args.part_size}")
     ivfpq_options = {"nlist": args.nlist, "pq_m": args.pq_m, "nprobe": args.nprobe}

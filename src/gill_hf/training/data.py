@@ -42,7 +42,7 @@ _LISTED = 10  # lines / stories named in a skip warning
 def _try_load(source) -> tuple[Image.Image | None, str | None]:
     """``(RGB image, None)`` or ``(None, error)`` for any ``load_image`` source."""
     try:
-        return to_rgb(load_image(source)), None
+        return _rgb(source), None
     except (ValueError, TypeError) as err:
         return None, str(err)
 
@@ -436,7 +436,8 @@ def _read_vist(path: str) -> tuple[list[list[dict]], list[str]]:
         named = ", ".join(empty[:_LISTED]) + (", ..." if len(empty) > _LISTED else "")
         logger.warning("%s: skipped %d stor%s with an empty text (story %s)", path, len(empty),
                        "y" if len(empty) == 1 else "ies", named)
-    stories = {sid: steps for sid, steps in stories.items() if sid not in set(empty)}
+    skipped = set(empty)
+    stories = {sid: steps for sid, steps in stories.items() if sid not in skipped}
     if not stories:
         raise ValueError(f"{path} holds no stories" + (" with a text in every step" if empty else ""))
     return [[step for _, step in sorted(steps, key=lambda t: t[0])] for steps in stories.values()], empty
