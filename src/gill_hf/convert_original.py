@@ -305,9 +305,10 @@ def convert_original_release(checkpoint: str | os.PathLike, model_args: str | os
     if embeddings is not None:
         index = RetrievalIndex.from_original_release(embeddings, logit_scale=float(release["model.logit_scale"]),
                                                      dtype=index_dtype)
-        if index.dim != config.ret_emb_dim:
-            raise ValueError(f"{os.fspath(embeddings)} holds {index.dim}-d embeddings, the model retrieves in "
-                             f"{config.ret_emb_dim} dimensions")
+        try:
+            index.check_width(config.ret_emb_dim, "the model's retrieval width (config.ret_emb_dim)")
+        except ValueError as err:
+            raise ValueError(f"{os.fspath(embeddings)}: {err}") from None
     processor = processor_for(config, tokenizer) if with_processor else None
     weights = convert_state_dict(release, config, head, source=os.fspath(checkpoint))
 

@@ -143,7 +143,6 @@ class GILLPipeline(DiffusionPipeline):
         components = DiffusionPipeline.load_config(source, **hub_kwargs)
         no_checker = {"safety_checker": None} if "safety_checker" in components else {}
         sd = DiffusionPipeline.from_pretrained(source, dtype=dtype, **no_checker, **hub_kwargs)
-        check_layout(layout_of_config(gill_model.config), layout_of_pipeline(sd))
         text = {} if FAMILIES[layout_of_pipeline(sd).family].zero_empty_prompt else \
             {"text_encoder": getattr(sd, "text_encoder", None), "tokenizer": getattr(sd, "tokenizer", None)}
         return cls(gill_model=gill_model, processor=gill_model.processor, unet=sd.unet, vae=sd.vae,
@@ -460,8 +459,6 @@ class GILLPipeline(DiffusionPipeline):
                              f"{tuple(prompt_embeds.shape)}")
         layout = self.diffusion_layout
         self._check_pooled(layout, prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         device, dtype = self.unet.device, self.unet.dtype
         do_cfg = guidance_scale > 1.0
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)

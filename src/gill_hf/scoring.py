@@ -13,6 +13,7 @@
 All three honour the model's logit semantics (``full_logits``) and run without gradients.
 """
 
+import contextlib
 import copy
 from collections.abc import Mapping, Sequence
 
@@ -30,6 +31,17 @@ def _processor(model):
         raise ValueError("the model has no processor attached: attach one (model.processor = GILLProcessor(...)) or "
                          "pass processor output (input_ids, attention_mask, pixel_values)")
     return model.processor
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model`` in eval mode (no dropout) for the block; its training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def encode_prompt(model, prompt) -> dict[str, torch.Tensor]:
@@ -102,14 +114,10 @@ def score_continuations(model, prompt, candidates: str | Sequence[str], batch_si
     inputs = encode_prompt(model, prompt)
     prompt_len = inputs["input_ids"].shape[1]
     _processor(model).check_context(prompt_len, max(len(r) for r in rows))
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         out = model(**inputs, use_cache=True)
         scores = [_score_batch(model, out, rows[i:i + batch_size], prompt_len)
                   for i in range(0, len(rows), batch_size)]
-    finally:
-        model.train(was_training)
     token_log_probs = [t for batch in scores for t in batch]
     if reduction == "none":
         return token_log_probs[0] if single else token_log_probs
@@ -141,12 +149,8 @@ def sequence_log_likelihood(model, prompt) -> torch.Tensor:
     labels = ids.masked_fill(ids == model.config.image_token_id, IGNORE_INDEX)
     if int((labels[:, 1:] != IGNORE_INDEX).sum()) == 0:
         raise ValueError("the prompt has no text token after its first position: nothing to score")
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         return -model(**inputs, labels=labels).loss
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -167,9 +171,10 @@ def rank_images(model, query: str | torch.Tensor, images: Sequence, scale: bool 
     """
     if len(images) == 0:
         raise ValueError("rank_images needs at least one image")
-    state = _img0_state(model, query)
     pixels = _processor(model).preprocess_images(list(images)).to(model.device)
-    image_embeds = F.normalize(model.image_retrieval_embeddings(model.encode_images(pixels)).float(), dim=-1)
+    with _eval_mode(model):
+        state = _img0_state(model, query)
+        image_embeds = F.normalize(model.image_retrieval_embeddings(model.encode_images(pixels)).float(), dim=-1)
     text_embed = F.normalize(model.text_retrieval_embeddings(state.to(model.adapter.w_t2i.weight)).float(), dim=-1)
     scores = image_embeds @ text_embed
     if scale:

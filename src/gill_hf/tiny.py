@@ -137,26 +137,39 @@ def _save_clip(out_dir: Path):
     tiny_image_processor().save_pretrained(out_dir)
 
 
-def _save_stable_diffusion(out_dir: Path, text_width: int = 32, prediction_type: str = "epsilon"):
-    """SD 1.x layout (defaults) or, with another ``text_width`` and ``"v_prediction"``, SD 2.x's."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_text_config(tokenizer, width: int = 32):
+    from transformers import CLIPTextConfig
 
-    tokenizer = _build_clip_text_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=512, eos_token_id=513, pad_token_id=513))
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                          bos_token_id=512, eos_token_id=513, pad_token_id=513)
+
+
+def _tiny_denoising_parts(cross_attention_dim: int, prediction_type: str = "epsilon", **unet_kwargs):
+    """The tiny UNet (extra ``unet_kwargs``: SDXL's), VAE and DDIM scheduler every tiny diffusion folder shares."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_width, norm_num_groups=8, attention_head_dim=4)
+        cross_attention_dim=cross_attention_dim, norm_num_groups=8, attention_head_dim=4, **unet_kwargs)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=32)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                               prediction_type=prediction_type)
+    return unet, vae, scheduler
+
+
+def _save_stable_diffusion(out_dir: Path, text_width: int = 32, prediction_type: str = "epsilon"):
+    """SD 1.x layout (defaults) or, with another ``text_width`` and ``"v_prediction"``, SD 2.x's."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer = _build_clip_text_tokenizer()
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, text_width))
+    unet, vae, scheduler = _tiny_denoising_parts(text_width, prediction_type)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -191,25 +204,15 @@ def build_tiny_backbones(out_dir: str | os.PathLike, seed: int = 0) -> dict[str,
 
 def _save_stable_diffusion_xl(out_dir: Path):
     """SDXL layout: two text encoders (widths 32 + 32 -> sequence 64, pooled 32), a ``text_time`` UNet."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = _build_clip_text_tokenizer()
-    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                       bos_token_id=512, eos_token_id=513, pad_token_id=513)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, norm_num_groups=8, attention_head_dim=4, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer))
+    unet, vae, scheduler = _tiny_denoising_parts(
+        64, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
                                      add_watermarker=False)

@@ -161,9 +161,10 @@ def _check_device(device) -> torch.device | None:
     return device
 
 
-def _quickstart_pipeline(folder: str) -> GILLPipeline:
+def _quickstart_pipeline(folder: str, index: RetrievalIndex | None = None) -> GILLPipeline:
+    """The quickstart's pipeline; its own retrieval index unless ``index`` replaces it (then not opened)."""
     model = GILLForConditionalGeneration.from_pretrained(os.path.join(folder, "gill-adapter")).eval()
-    index = RetrievalIndex.load(os.path.join(folder, "retrieval_index"))
+    index = index if index is not None else RetrievalIndex.load(os.path.join(folder, "retrieval_index"))
     return GILLPipeline.from_gill(model, retrieval_index=index)
 
 
@@ -197,12 +198,12 @@ def load_demo_pipeline(pipeline_or_path=None, index=None, device=None) -> tuple[
             run_quickstart(source)
         kind = _source_kind(source)
         if kind == "quickstart":
-            pipe = _quickstart_pipeline(source)
+            pipe = _quickstart_pipeline(source, index)
             settings = _quickstart_settings(source, pipe)
         elif kind == "model":
             pipe = GILLPipeline.from_gill(GILLForConditionalGeneration.from_pretrained(source).eval())
         else:
-            pipe = GILLPipeline.from_pretrained(source)
+            pipe = GILLPipeline.from_pretrained(source, **({"retrieval_index": index} if index is not None else {}))
         pipe.set_progress_bar_config(disable=True)  # the demo shows its own progress
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

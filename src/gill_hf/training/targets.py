@@ -84,7 +84,8 @@ class DiffusionTextEncoder:
         for name, (tokenizer, model) in self.encoders.items():
             tokens = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
-            out = model(input_ids=tokens.input_ids.to(self.device), output_hidden_states=True)
+            out = model(input_ids=tokens.input_ids.to(self.device),
+                        output_hidden_states=self.family.hidden_state is not None)
             hidden = out.last_hidden_state if self.family.hidden_state is None \
                 else out.hidden_states[self.family.hidden_state]
             states.append(hidden.float().cpu())
