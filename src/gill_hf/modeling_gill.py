@@ -326,7 +326,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         path = os.fspath(pretrained_model_name_or_path)
         with open_saved_model(path) as root:  # a local folder: exactly one save's files (gill_hf.atomic)
             config = config or GILLConfig.from_pretrained(root, **hub_kwargs)
-            check_pretrained_token_ids(config, path, **hub_kwargs)
+            check_pretrained_token_ids(config, root, path, **hub_kwargs)
             weight_files, source, has_lora = cls._check_saved_files(root, path, config, hub_kwargs)
             info = None
             if language_model is None or vision_model is None:

@@ -78,9 +78,10 @@ def check_processor(config, processor, num_embeddings: int | None = None):
     check_token_ids(config, processor.tokenizer, num_embeddings, source="the processor's tokenizer")
 
 
-def check_pretrained_token_ids(config, path: str, **hub_kwargs):
+def check_pretrained_token_ids(config, path: str, shown: str | None = None, **hub_kwargs):
     """Before any weights load: ``config``'s ids against the saved LLM vocabulary size and, when the folder holds
-    a processor, against its tokenizer."""
+    a processor, against its tokenizer. ``path`` is read (a verified snapshot); errors name ``shown`` (default
+    ``path``)."""
     from transformers import AutoTokenizer
     from transformers.utils import cached_file
 
@@ -88,4 +89,4 @@ def check_pretrained_token_ids(config, path: str, **hub_kwargs):
     if cached_file(path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs):
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
     check_token_ids(config, tokenizer, getattr(config.text_config, "vocab_size", None),
-                    source=f"the tokenizer saved in {path}")
+                    source=f"the tokenizer saved in {shown or path}")

@@ -233,8 +233,9 @@ class GILLTrainer(Trainer):
         """Save, then upload through :func:`gill_hf.hub.push_to_hub` to ``args.hub_model_id`` (default: the output
         folder's name): adapter, config, processor, LoRA adapter and the gill_hf model card with these
         ``TrainingArguments`` as hyperparameters. ``kwargs``: the card fields of ``gill_hf.hub.push_to_hub``
-        (``datasets`` (or transformers' ``dataset``), ``eval_results``, ``license``, ``tags``,
-        ``retrieval_index``). The upload is synchronous: ``blocking=False`` is an error."""
+        (``datasets`` (or transformers' ``dataset``), ``eval_results``, ``license``, ``license_name``, ``tags``,
+        ``retrieval_index``) and its ``model_card`` / ``remote_code`` switches. The upload is synchronous:
+        ``blocking=False`` is an error."""
         from ..hub import push_to_hub
 
         if not blocking:
@@ -242,8 +243,8 @@ class GILLTrainer(Trainer):
         if "dataset" in kwargs and "datasets" not in kwargs:
             dataset = kwargs.pop("dataset")
             kwargs["datasets"] = [dataset] if isinstance(dataset, str) else list(dataset)
-        allowed = ("datasets", "eval_results", "license", "tags", "retrieval_index", "commit_description",
-                   "create_pr", "max_shard_size")
+        allowed = ("datasets", "eval_results", "license", "license_name", "tags", "retrieval_index",
+                   "commit_description", "create_pr", "max_shard_size", "model_card", "remote_code")
         unknown = set(kwargs) - set(allowed)
         if unknown:
             raise unknown_kwargs_error("GILLTrainer.push_to_hub", unknown, {*allowed, "dataset"})
