@@ -18,9 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from torch.utils.data import Dataset
-
-from .data import _try_load_file, check_image_name
+from .data import check_image_name
 
 ROLES = ("user", "assistant")  # turn i is ROLES[i % 2]: "###Human:" / "###Assistant:"
 MMDIALOG_SYSTEM_PROMPT = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
