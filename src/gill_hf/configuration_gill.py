@@ -20,6 +20,11 @@ GEN_LOSS_TYPES = ("l2", "mse")
 VOKEN_POSITIONS = ("at_token", "predicting")
 MAPPER_INPUT_PROJ = ("linear", "mlp")
 TRAINING_STAGES = ("align", "interleaved")
+VISUAL_ENCODERS = ("clip_pooled", "clip_patches", "siglip_patches", "blip2_qformer")
+VISUAL_PROJECTIONS = ("linear", "mlp")
+# vision_config.model_type each visual encoder needs (qformer_config: blip_2_qformer, for blip2_qformer only)
+VISION_MODEL_TYPES = {"clip_pooled": "clip_vision_model", "clip_patches": "clip_vision_model",
+                      "siglip_patches": "siglip_vision_model", "blip2_qformer": "blip_2_vision_model"}
 # The released code's cross-entropy semantics (GILLConfig's defaults deviate from it; see the field comments).
 ORIGINAL_SEMANTICS = {"mask_image_token_logit": False, "packed_lp_first_caption_only": True}
 
@@ -38,6 +43,7 @@ class GILLConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="opt"),
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "qformer_config": SubConfigSpec(config_class=AutoConfig, model_type="blip_2_qformer", optional=True),
     }
 
     # Frozen backbones: ids or local paths, and their configs (so shapes are known without loading weights).
@@ -47,8 +53,18 @@ class GILLConfig(PreTrainedConfig):
     vision_model_name_or_path: str | None = DEFAULT_VISION
     diffusion_model_name_or_path: str | None = DEFAULT_DIFFUSION
 
+    # Visual input (gill_hf.visual_encoders): which features of the frozen encoder W_cap maps into the LLM.
+    # "clip_pooled" (GILL): CLIP's pooled vector -> k vectors; "clip_patches" / "siglip_patches": one LLM vector per
+    # visual token of the last layer (CLIP: CLS + patches); "blip2_qformer" (MiniGPT-5): BLIP-2 vision + Q-Former,
+    # one vector per query output. vision_config is a CLIP / SigLIP / BLIP-2 vision config accordingly.
+    visual_encoder: Literal["clip_pooled", "clip_patches", "siglip_patches", "blip2_qformer"] = "clip_pooled"
+    visual_projection: Literal["linear", "mlp"] = "linear"  # W_cap: Linear, or Linear-GELU-Linear (hidden e)
+    train_visual_projection: bool = True  # MiniGPT-5: False (a frozen llama_proj); saved in the adapter either way
+    qformer_config: dict | PreTrainedConfig | None = None  # Blip2QFormerConfig, for "blip2_qformer" only
+    num_query_tokens: int = 32  # the Q-Former's learned queries ("blip2_qformer" only)
+
     # Tokens.
-    num_visual_tokens: int = 4  # k: LLM input vectors per image (W_cap output)
+    num_visual_tokens: int = 4  # k: LLM input vectors per image; fixed by the encoder unless clip_pooled
     num_img_tokens: int = 8  # r: [IMG0..r-1]
     img_token_ids: list[int] | None = None
     image_token_id: int | None = None
@@ -116,7 +132,7 @@ class GILLConfig(PreTrainedConfig):
 
     def validate_gill(self):
         """Raise ``ValueError`` naming the first field whose value cannot work."""
-        positive = ("num_visual_tokens", "num_img_tokens", "ret_emb_dim", "mapper_hidden_dim", "mapper_num_heads",
+        positive = ("num_visual_tokens", "num_query_tokens", "num_img_tokens", "ret_emb_dim", "mapper_hidden_dim", "mapper_num_heads",
                     "mapper_ffn_dim", "num_gen_queries", "gen_emb_dim", "lora_r", "lora_alpha")
         for name in positive:
             if getattr(self, name) < 1:
@@ -134,10 +150,12 @@ class GILLConfig(PreTrainedConfig):
                 raise ValueError(f"GILLConfig.{name} must be >= 0, got {getattr(self, name)}")
         choices = {"mapper_type": MAPPER_TYPES, "gen_loss_type": GEN_LOSS_TYPES,
                    "voken_feature_position": VOKEN_POSITIONS, "mapper_input_proj": MAPPER_INPUT_PROJ,
-                   "training_stage": TRAINING_STAGES}
+                   "training_stage": TRAINING_STAGES, "visual_encoder": VISUAL_ENCODERS,
+                   "visual_projection": VISUAL_PROJECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GILLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self._validate_visual_encoder()
         if self.mapper_hidden_dim % self.mapper_num_heads:
             raise ValueError(f"GILLConfig.mapper_hidden_dim ({self.mapper_hidden_dim}) must be divisible by "
                              f"mapper_num_heads ({self.mapper_num_heads})")
@@ -160,6 +178,29 @@ class GILLConfig(PreTrainedConfig):
         if num_layers is not None and not -(num_layers + 1) <= self.hidden_layer <= num_layers:
             raise ValueError(f"GILLConfig.hidden_layer={self.hidden_layer} is out of range for an LLM with "
                              f"{num_layers} layers (hidden_states has {num_layers + 1} entries)")
+
+    def _validate_visual_encoder(self):
+        """vision_config / qformer_config must be the encoder's, and k the number of visual tokens it gives."""
+        expected = VISION_MODEL_TYPES[self.visual_encoder]
+        got = getattr(self.vision_config, "model_type", None)
+        if got != expected:
+            raise ValueError(f"GILLConfig.visual_encoder={self.visual_encoder!r} needs a {expected!r} vision_config, "
+                             f"got {got!r}")
+        qformer = self.qformer_config
+        if self.visual_encoder != "blip2_qformer":
+            if qformer is not None:
+                raise ValueError(f"GILLConfig.qformer_config is for visual_encoder='blip2_qformer' only, got one "
+                                 f"with {self.visual_encoder!r}")
+        elif getattr(qformer, "model_type", None) != "blip_2_qformer":
+            raise ValueError(f"GILLConfig.visual_encoder='blip2_qformer' needs a 'blip_2_qformer' qformer_config, "
+                             f"got {getattr(qformer, 'model_type', None)!r}")
+        elif qformer.encoder_hidden_size != self.vision_config.hidden_size:
+            raise ValueError(f"GILLConfig.qformer_config.encoder_hidden_size ({qformer.encoder_hidden_size}) must "
+                             f"equal vision_config.hidden_size ({self.vision_config.hidden_size})")
+        tokens = self.encoder_visual_tokens
+        if tokens is not None and self.num_visual_tokens != tokens:
+            raise ValueError(f"GILLConfig.num_visual_tokens={self.num_visual_tokens}, but visual_encoder="
+                             f"{self.visual_encoder!r} gives {tokens} visual tokens per image")
 
     # ---- derived widths (from the sub-configs; no weights needed) ----
     @property
@@ -185,9 +226,21 @@ class GILLConfig(PreTrainedConfig):
         return bool(getattr(self.text_config, "tie_word_embeddings", False))
 
     @property
+    def encoder_visual_tokens(self) -> int | None:
+        """Visual tokens per image a sequence encoder gives (CLIP: CLS + patches, SigLIP: patches, Q-Former: the
+        queries); None for "clip_pooled", whose k is free."""
+        vc = self.vision_config
+        if self.visual_encoder == "blip2_qformer":
+            return self.num_query_tokens
+        if self.visual_encoder == "clip_pooled":
+            return None
+        return (vc.image_size // vc.patch_size) ** 2 + int(self.visual_encoder == "clip_patches")
+
+    @property
     def vision_dim(self) -> int:
-        """d: width of the pooled CLIP output."""
-        return self.vision_config.hidden_size
+        """d: width of the encoder's features: W_cap's input and the image vector W_i2t reads (the Q-Former's
+        width for "blip2_qformer", the vision tower's otherwise)."""
+        return (self.qformer_config if self.visual_encoder == "blip2_qformer" else self.vision_config).hidden_size
 
 
 # Registered here rather than in gill_hf/__init__.py so that a copy of this module run as a Hub repo's remote code
