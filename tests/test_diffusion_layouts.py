@@ -254,12 +254,12 @@ def test_sdxl_pipeline_round_trips_and_the_cli_precomputes_its_targets(sdxl_mode
 
 
 def test_an_unsupported_family_is_named_before_any_backbone_loads(tiny_backbones, tmp_path):
-    folder = tmp_path / "sd3"
+    folder = tmp_path / "pixart"
     (folder / "transformer").mkdir(parents=True)
     (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}))
-    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
-    with pytest.raises(ValueError, match=r"no GILL target layout for a SD3Transformer2DModel denoiser.*"
-                                         r"supported families: \['sdxl', 'stable_diffusion'\]"):
+        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}))
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
+    with pytest.raises(ValueError, match=r"no GILL target layout for a PixArtTransformer2DModel denoiser.*"
+                                         r"supported families: \['flux', 'sd3', 'sdxl', 'stable_diffusion'\]"):
         GILLForConditionalGeneration.from_backbones("no/such-llm", tiny_backbones["clip"], str(folder))

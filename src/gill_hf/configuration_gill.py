@@ -86,7 +86,7 @@ class GILLConfig(PreTrainedConfig):
     mapper_add_input_embeddings: bool = True  # GILL adds the [IMG] input embeddings to their hidden states
     num_gen_queries: int = 77  # L
     gen_emb_dim: int = 768  # diffusion text-encoder width
-    diffusion_layout: Literal["stable_diffusion", "sdxl"] = "stable_diffusion"  # target family (diffusion_layouts)
+    diffusion_layout: Literal["stable_diffusion", "sdxl", "sd3", "flux"] = "stable_diffusion"  # target family (diffusion_layouts)
     gen_pooled_dim: int | None = None  # width of the pooled text vector the layout also needs (SDXL), else None
     voken_feature_position: Literal["at_token", "predicting"] = "at_token"  # MiniGPT-5: "predicting" (shift -1)
 
@@ -169,9 +169,10 @@ class GILLConfig(PreTrainedConfig):
                 raise ValueError(f"GILLConfig.img_token_ids must be distinct, got {self.img_token_ids}")
             if self.image_token_id is not None and self.image_token_id in self.img_token_ids:
                 raise ValueError("GILLConfig.image_token_id must differ from every [IMG] token id")
-        if (self.diffusion_layout == "sdxl") != (self.gen_pooled_dim is not None) or (self.gen_pooled_dim or 1) < 1:
-            raise ValueError(f"GILLConfig.gen_pooled_dim must be a positive width for diffusion_layout='sdxl' and None "
-                             f"otherwise, got {self.gen_pooled_dim} for {self.diffusion_layout!r}")
+        pooled = self.diffusion_layout != "stable_diffusion"  # every other family takes a pooled vector
+        if pooled != (self.gen_pooled_dim is not None) or (self.gen_pooled_dim or 1) < 1:
+            raise ValueError(f"GILLConfig.gen_pooled_dim must be a positive width for diffusion_layout='sdxl', 'sd3' "
+                             f"or 'flux' and None otherwise, got {self.gen_pooled_dim} for {self.diffusion_layout!r}")
         if self.ldm_snr_gamma is not None and self.ldm_snr_gamma <= 0:
             raise ValueError(f"GILLConfig.ldm_snr_gamma must be > 0 or None, got {self.ldm_snr_gamma}")
         num_layers = getattr(self.text_config, "num_hidden_layers", None)

@@ -210,7 +210,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                        quantization_config=None, output_loading_info: bool = False, **config_kwargs):
         """A fresh (untrained) GILL on backbones given by Hub id or local path; attaches its processor.
 
-        ``gen_emb_dim``, ``gen_pooled_dim`` and ``diffusion_layout`` are read from the diffusion model's configs unless given; ``config_kwargs`` are
+        ``gen_emb_dim``, ``gen_pooled_dim``, ``diffusion_layout`` and ``num_gen_queries`` are read from the diffusion model's configs unless given; ``config_kwargs`` are
         :class:`GILLConfig` fields (a name that is none is an error). The loading switches (``dtype`` /
         ``torch_dtype``, ``attn_implementation``, ``device_map``, ``quantization_config``, ``output_loading_info``)
         are those of :meth:`from_pretrained`; the adapter is created in float32.
@@ -228,12 +228,13 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
                                        fields | {"dtype", "torch_dtype", "device_map", "attn_implementation",
                                                  "quantization_config", "output_loading_info"})
         if diffusion_model is not None:  # its layout first: an unsupported family fails before anything loads
-            from .diffusion_layouts import layout_of_folder
+            from .diffusion_layouts import FAMILIES, layout_of_folder
 
             layout = layout_of_folder(diffusion_model)
             config_kwargs.setdefault("gen_emb_dim", layout.sequence_dim)
             config_kwargs.setdefault("diffusion_layout", layout.family)
             config_kwargs.setdefault("gen_pooled_dim", layout.pooled_dim)
+            config_kwargs.setdefault("num_gen_queries", FAMILIES[layout.family].sequence_length)
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         image_processor = AutoImageProcessor.from_pretrained(vision_model, backend="pil")
         text_config = AutoConfig.from_pretrained(text_model)

@@ -22,18 +22,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+import diffusers
+from diffusers import AutoencoderKL, DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel, \
+    UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from .decision import Decision, decide
-from .diffusion_layouts import FAMILIES, DiffusionLayout, check_layout, layout_of_config, layout_of_configs, \
-    layout_of_pipeline
+from .diffusion_layouts import FAMILIES, DiffusionLayout, check_layout, denoiser_of, layout_of_config, \
+    layout_of_configs, layout_of_pipeline
 from .generation_gill import GeneratedImageSlot, GILLGenerateOutput, image_conditioning
 from .configuration_gill import GILLConfig
 from .modeling_gill import GILLForConditionalGeneration
@@ -90,32 +92,48 @@ def _check_index_width(index: RetrievalIndex, config: GILLConfig):
 
 
 class GILLPipeline(DiffusionPipeline):
-    r"""GILL on a Stable-Diffusion-style UNet + VAE, of any layout in :mod:`gill_hf.diffusion_layouts` (SD 1.x / 2.x,
-    SDXL); the GILL model must have been trained for the UNet's layout.
+    r"""GILL on a diffusers denoiser + VAE of any layout in :mod:`gill_hf.diffusion_layouts`: a UNet (SD 1.x / 2.x,
+    SDXL) or a transformer (SD3, Flux); the GILL model must have been trained for the denoiser's layout.
 
     Components: ``gill_model`` (:class:`GILLForConditionalGeneration`), ``processor`` (:class:`GILLProcessor`),
-    ``unet``, ``vae``, ``scheduler``; optional ``text_encoder`` + ``tokenizer`` (only to embed the empty negative
-    prompt, once) and ``retrieval_index`` (:class:`RetrievalIndex`, saved in ``retrieval_index/``).
+    ``unet`` or ``transformer``, ``vae``, ``scheduler``; optional text encoders + tokenizers (``text_encoder`` /
+    ``tokenizer``, SD3's ``_2`` and ``_3`` too: only to embed the empty negative prompt) and ``retrieval_index``
+    (:class:`RetrievalIndex`, saved in ``retrieval_index/``).
+
+    UNet layouts run the denoising loop below. Transformer layouts (flow matching) run their diffusers pipeline
+    (``StableDiffusion3Pipeline`` / ``FluxPipeline``) on this pipeline's components with GILL's conditioning, so the
+    shifted flow-matching schedule, Flux's latent packing and guidance embedding are diffusers' own; its
+    ``callback_on_step_end`` receives that pipeline.
     """
 
-    model_cpu_offload_seq = "gill_model->text_encoder->unet->vae"
-    _optional_components = ["text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "gill_model->text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
+    _optional_components = ["unet", "transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2",
+                            "tokenizer_2", "text_encoder_3", "tokenizer_3"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(self, gill_model: GILLForConditionalGeneration, processor: GILLProcessor,
-                 unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: KarrasDiffusionSchedulers,
-                 text_encoder: CLIPTextModel | None = None, tokenizer: CLIPTokenizer | None = None,
-                 retrieval_index: RetrievalIndex | None = None):
+                 unet: UNet2DConditionModel | None = None, vae: AutoencoderKL | None = None,
+                 scheduler: KarrasDiffusionSchedulers | None = None, text_encoder: CLIPTextModel | None = None,
+                 tokenizer: CLIPTokenizer | None = None, retrieval_index: RetrievalIndex | None = None,
+                 transformer: SD3Transformer2DModel | FluxTransformer2DModel | None = None,
+                 text_encoder_2: CLIPTextModelWithProjection | None = None, tokenizer_2: CLIPTokenizer | None = None,
+                 text_encoder_3: T5EncoderModel | None = None, tokenizer_3: T5TokenizerFast | None = None):
         super().__init__()
+        if (unet is None) == (transformer is None) or vae is None or scheduler is None:
+            raise ValueError("GILLPipeline needs a vae, a scheduler and exactly one denoiser: unet (SD 1.x / 2.x, "
+                             "SDXL) or transformer (SD3, Flux)")
         gill_model.check_processor(processor)
         if gill_model.processor is None:
             gill_model.processor = processor
-        check_layout(layout_of_config(gill_model.config), layout_of_configs(type(unet).__name__, unet.config,
+        denoiser = unet if unet is not None else transformer
+        check_layout(layout_of_config(gill_model.config), layout_of_configs(type(denoiser).__name__, denoiser.config,
                                                                              scheduler.config))
-        self.register_modules(gill_model=gill_model, processor=processor, unet=unet, vae=vae, scheduler=scheduler,
-                              text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_modules(gill_model=gill_model, processor=processor, unet=unet, transformer=transformer, vae=vae,
+                              scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                              tokenizer_3=tokenizer_3)
         self.retrieval_index = retrieval_index
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._empty_prompt_embeds = None  # (1, L, D), computed on first need
 
@@ -143,15 +161,16 @@ class GILLPipeline(DiffusionPipeline):
         components = DiffusionPipeline.load_config(source, **hub_kwargs)
         no_checker = {"safety_checker": None} if "safety_checker" in components else {}
         sd = DiffusionPipeline.from_pretrained(source, dtype=dtype, **no_checker, **hub_kwargs)
-        text = {} if FAMILIES[layout_of_pipeline(sd).family].zero_empty_prompt else \
-            {"text_encoder": getattr(sd, "text_encoder", None), "tokenizer": getattr(sd, "tokenizer", None)}
-        return cls(gill_model=gill_model, processor=gill_model.processor, unet=sd.unet, vae=sd.vae,
-                   scheduler=sd.scheduler, retrieval_index=retrieval_index, **text)
+        family = FAMILIES[layout_of_pipeline(sd).family]
+        text = {name: getattr(sd, name, None) for encoder in family.empty_prompt_encoders
+                for name in (encoder, encoder.replace("text_encoder", "tokenizer"))}
+        return cls(gill_model=gill_model, processor=gill_model.processor, vae=sd.vae, scheduler=sd.scheduler,
+                   retrieval_index=retrieval_index, **{family.denoiser: denoiser_of(sd)}, **text)
 
     @property
     def diffusion_layout(self) -> DiffusionLayout:
-        """The target layout the UNet consumes (:mod:`gill_hf.diffusion_layouts`)."""
-        return layout_of_configs(type(self.unet).__name__, self.unet.config, self.scheduler.config)
+        """The target layout the denoiser consumes (:mod:`gill_hf.diffusion_layouts`)."""
+        return layout_of_pipeline(self)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """diffusers' save (the GILL component writes only its adapter) + the retrieval index, if any, as one atomic
@@ -229,22 +248,22 @@ class GILLPipeline(DiffusionPipeline):
 
     def encode_prompt(self, prompt, generator: torch.Generator | None = None, return_dict: bool = False,
                       **generation_kwargs):
-        """Run GILL on interleaved prompt(s) -> the conditioning of every [IMG] block produced, as the tuple the
+        """Run GILL on interleaved prompt(s) -> the conditioning of every [IMG] block produced, as the tensors the
         layout's diffusers ``encode_prompt`` returns: ``(prompt_embeds, negative_prompt_embeds)`` ``(N_images, L,
         D)`` for Stable Diffusion, plus ``pooled_prompt_embeds, negative_pooled_prompt_embeds`` ``(N_images, P)``
-        for SDXL; ``return_dict=True`` gives them by name, as keyword arguments of that diffusers pipeline.
-        Negatives are None for models without a mapped-null embedding (the diffusers pipeline then embeds ``""``,
-        or uses zeros for SDXL). Use ``force_image_after=0`` to ask for an image outright."""
+        for SDXL and SD3, ``(prompt_embeds, pooled_prompt_embeds)`` for Flux (no negative: no CFG);
+        ``return_dict=True`` gives them by name, as keyword arguments of that diffusers pipeline. Negatives are None
+        for models without a mapped-null embedding (the diffusers pipeline then embeds ``""``, or uses zeros for
+        SDXL). Use ``force_image_after=0`` to ask for an image outright."""
         generation = self._generate(prompt, generator, generation_kwargs)
         if not any(generation.images):
             raise ValueError("the model produced no [IMG] block: pass force_image_after=N or gen_scale_factor>1")
         conditioning = self._conditioning(generation.voken_states())
-        if return_dict:
-            return conditioning
-        return tuple(conditioning[name] for name in FAMILIES[self.diffusion_layout.family].conditioning)
+        return conditioning if return_dict else tuple(conditioning.values())
 
     def _conditioning(self, voken_states: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """``(N, r, f)`` voken states -> the layout's conditioning tensors by diffusers keyword name."""
+        """``(N, r, f)`` voken states -> the layout's conditioning tensors by diffusers keyword name, in the order
+        of its ``encode_prompt``."""
         model = self.gill_model
         prompt_embeds, negative = image_conditioning(model, voken_states)
         conditioning = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
@@ -253,7 +272,7 @@ class GILLPipeline(DiffusionPipeline):
                 conditioning["pooled_prompt_embeds"] = model.gen_pooled_embeddings(prompt_embeds)
                 conditioning["negative_pooled_prompt_embeds"] = \
                     None if negative is None else model.gen_pooled_embeddings(negative)
-        return conditioning
+        return {name: conditioning[name] for name in FAMILIES[self.diffusion_layout.family].conditioning}
 
     # ------------------------------------------------------------------ call
     def _generate(self, prompt, generator, generation_kwargs) -> GILLGenerateOutput:
@@ -298,26 +317,31 @@ class GILLPipeline(DiffusionPipeline):
             prompt_embeds / negative_prompt_embeds: precomputed GILL conditioning ``(N, L, D)``; skips the LLM
                 and generates N images (``prompt`` must then be None).
             pooled_prompt_embeds / negative_pooled_prompt_embeds: ``(N, P)``, with ``prompt_embeds`` for layouts
-                with a pooled vector (SDXL; the negative defaults to zeros as diffusers'), else None.
+                with a pooled vector (SDXL, SD3, Flux; SDXL's negative defaults to zeros as diffusers', SD3's to
+                the encoding of ``""``; Flux takes no negatives), else None.
             decision: "auto" asks the decision head (needs a retrieval index; without one every image is
                 generated), "generate" / "retrieve" force the mode.
             decision_threshold: P(retrieve) above which to retrieve (default ``config.decision_threshold``).
             num_candidates: top-k candidates returned per retrieved image.
             num_inference_steps, guidance_scale, height, width, generator, latents, output_type,
                 callback_on_step_end, callback_on_step_end_tensor_inputs: as in Stable Diffusion; ``guidance_scale``
-                defaults to the layout's diffusers pipeline default (7.5 for Stable Diffusion, 5.0 for SDXL).
-                ``generator`` also drives LLM sampling.
+                defaults to the layout's diffusers pipeline default (7.5 for Stable Diffusion, 5.0 for SDXL, 7.0 for
+                SD3, 3.5 for Flux, where it is the transformer's embedded guidance, not CFG). ``generator`` also
+                drives LLM sampling.
             generation_kwargs: ``gill_model.generate`` options: every transformers one (``max_new_tokens``,
                 ``do_sample``, ``temperature``, ``top_p``, ``num_beams``, ``stop_strings``, ``streamer``...) and
                 GILL's (``force_image_after``, ``min_text_tokens``, ``max_images``, ``gen_scale_factor``, ...).
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        family = FAMILIES[self.diffusion_layout.family]
+        allowed = self._family_pipeline_class()._callback_tensor_inputs if family.denoiser == "transformer" \
+            else self._callback_tensor_inputs
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in allowed]
         if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
+            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {allowed}")
         if guidance_scale is None:
-            guidance_scale = FAMILIES[self.diffusion_layout.family].guidance_scale
+            guidance_scale = family.guidance_scale
         diffusion = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                          width=width, generator=generator, latents=latents, output_type=output_type,
                          callback_on_step_end=callback_on_step_end,
@@ -325,8 +349,8 @@ class GILLPipeline(DiffusionPipeline):
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         for name, side in (("height", height), ("width", width)):
-            if side is not None and (side < 1 or side % self.vae_scale_factor):
-                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor}, got {side}")
+            if side is not None and (side < 1 or side % self._size_multiple):
+                raise ValueError(f"{name} must be a positive multiple of {self._size_multiple}, got {side}")
         if prompt_embeds is not None:
             if prompt is not None:
                 raise ValueError("pass either prompt or prompt_embeds, not both")
@@ -448,17 +472,79 @@ class GILLPipeline(DiffusionPipeline):
             pooled, time_ids = torch.cat([negative, pooled]), torch.cat([time_ids, time_ids])
         return {"text_embeds": pooled, "time_ids": time_ids}
 
-    def _diffuse(self, prompt_embeds, negative_prompt_embeds, *, num_inference_steps, guidance_scale, height, width,
-                 generator, latents, output_type, callback_on_step_end, callback_tensor_inputs,
-                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> list:
-        """The denoising loop over ``(G, L, D)`` embeddings (+ ``(G, P)`` pooled for SDXL); returns G images (PIL /
-        np / pt rows, or latents)."""
-        cross_dim = self.unet.config.cross_attention_dim
-        if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != cross_dim:
-            raise ValueError(f"prompt_embeds must be (N, L, {cross_dim}) for this UNet, got "
-                             f"{tuple(prompt_embeds.shape)}")
+    @property
+    def _size_multiple(self) -> int:
+        """Image sides are multiples of this: the VAE's factor times the transformer's patch (Flux: its 2 x 2
+        packing)."""
+        if FAMILIES[self.diffusion_layout.family].packed_latents:
+            return self.vae_scale_factor * 2
+        return self.vae_scale_factor * (self.transformer.config.patch_size if self.transformer is not None else 1)
+
+    def _family_pipeline_class(self) -> type:
+        return getattr(diffusers, FAMILIES[self.diffusion_layout.family].pipeline_class)
+
+    def _diffuse(self, prompt_embeds, negative_prompt_embeds=None, *, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, **diffusion) -> list:
+        """``(G, L, D)`` embeddings (+ ``(G, P)`` pooled for layouts with one) -> G images (PIL / np / pt rows, or
+        latents), through the UNet loop or the transformer family's diffusers pipeline."""
         layout = self.diffusion_layout
+        if prompt_embeds.dim() != 3 or prompt_embeds.shape[-1] != layout.sequence_dim:
+            raise ValueError(f"prompt_embeds must be (N, L, {layout.sequence_dim}) for the {layout} layout, got "
+                             f"{tuple(prompt_embeds.shape)}")
         self._check_pooled(layout, prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        family = FAMILIES[layout.family]
+        if not family.classifier_free_guidance and (negative_prompt_embeds is not None
+                                                    or negative_pooled_prompt_embeds is not None):
+            raise ValueError(f"the {layout} layout has no classifier-free guidance: negative_prompt_embeds / "
+                             f"negative_pooled_prompt_embeds do not apply (guidance_scale is embedded)")
+        if family.denoiser == "transformer":
+            return self._diffuse_with_family_pipeline(family, prompt_embeds, negative_prompt_embeds,
+                                                      pooled_prompt_embeds, negative_pooled_prompt_embeds, **diffusion)
+        return self._denoise_with_unet(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                       negative_pooled_prompt_embeds, **diffusion)
+
+    def _diffuse_with_family_pipeline(self, family, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                      negative_pooled_prompt_embeds, *, num_inference_steps, guidance_scale, height,
+                                      width, generator, latents, output_type, callback_on_step_end,
+                                      callback_tensor_inputs) -> list:
+        """Transformer layouts: their diffusers pipeline (flow-matching loop, SD3's CFG over the encoding of ``""``
+        when no negative is given, Flux's packed latents and embedded guidance) on these components."""
+        if negative_pooled_prompt_embeds is not None and negative_prompt_embeds is None:
+            raise ValueError("negative_pooled_prompt_embeds needs negative_prompt_embeds as well")
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must match "
+                             f"prompt_embeds {tuple(prompt_embeds.shape)}")
+        needs_text = family.classifier_free_guidance and guidance_scale > 1 and negative_prompt_embeds is None
+        missing = [name for name in family.empty_prompt_encoders if needs_text and getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"classifier-free guidance needs negative_prompt_embeds: this GILL model has no "
+                             f"mapped-null embedding (cfg_dropout_prob=0) and the pipeline lacks {missing} to embed "
+                             f"the empty prompt; pass negative_prompt_embeds or guidance_scale<=1")
+        pipeline_class = self._family_pipeline_class()
+        names = [name for name in inspect.signature(pipeline_class.__init__).parameters if name != "self"]
+        pipe = pipeline_class(**{name: getattr(self, name, None) for name in names})
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        denoiser = self.transformer
+        conditioning = {name: None if tensor is None else tensor.to(device=denoiser.device, dtype=denoiser.dtype)
+                        for name, tensor in (("prompt_embeds", prompt_embeds),
+                                             ("negative_prompt_embeds", negative_prompt_embeds),
+                                             ("pooled_prompt_embeds", pooled_prompt_embeds),
+                                             ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds))
+                        if name in family.conditioning}
+        if needs_text:  # the encoding of "" as long as the prompt's: CLIP's 77 tokens, then T5's
+            conditioning["max_sequence_length"] = prompt_embeds.shape[1] - (family.sequence_length - family.t5_length)
+        images = pipe(**conditioning, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      height=height, width=width, generator=generator, latents=latents, output_type=output_type,
+                      callback_on_step_end=callback_on_step_end,
+                      callback_on_step_end_tensor_inputs=callback_tensor_inputs, return_dict=False)[0]
+        self.maybe_free_model_hooks()
+        return list(images)
+
+    def _denoise_with_unet(self, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                           negative_pooled_prompt_embeds, *, num_inference_steps, guidance_scale, height, width,
+                           generator, latents, output_type, callback_on_step_end, callback_tensor_inputs) -> list:
+        """The UNet denoising loop (SD 1.x / 2.x, SDXL)."""
+        layout = self.diffusion_layout
         device, dtype = self.unet.device, self.unet.dtype
         do_cfg = guidance_scale > 1.0
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)

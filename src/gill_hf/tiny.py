@@ -5,6 +5,7 @@
     out_dir/opt/     OPTForCausalLM (tied output embeddings) + byte-level BPE tokenizer
     out_dir/llama/   LlamaForCausalLM (untied output embeddings) + the same tokenizer
     out_dir/clip/    CLIPVisionModel + CLIPImageProcessor (32 x 32 px)
+                     (``build_tiny_vision_encoder``: SigLIP vision and a BLIP-2 checkpoint, 32 x 32 px too)
     out_dir/sd/      Stable Diffusion folder: unet, vae, text_encoder, tokenizer, scheduler, model_index.json
 
 Widths are small (LLM 64, CLIP 32, SD text 32) and all weights are seeded, so two calls give identical files.
@@ -137,6 +138,65 @@ def _save_clip(out_dir: Path):
     tiny_image_processor().save_pretrained(out_dir)
 
 
+def tiny_siglip_vision_config():
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+
+
+def tiny_blip2_config():
+    """A BLIP-2 of the tiny widths: vision 32 (CLIP's layout), Q-Former 48 with 6 queries, a 16-wide OPT."""
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+    vision = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=32, patch_size=8)
+    qformer = Blip2QFormerConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 encoder_hidden_size=32, vocab_size=64, max_position_embeddings=64)
+    text = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                     max_position_embeddings=64, word_embed_proj_dim=16)
+    return Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                       num_query_tokens=6)
+
+
+def _save_siglip(out_dir: Path):
+    from transformers import SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    SiglipVisionModel(tiny_siglip_vision_config()).save_pretrained(out_dir)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(out_dir)
+
+
+def _save_blip2(out_dir: Path):
+    """A whole ``Blip2ForConditionalGeneration`` (language model included), as BLIP-2 checkpoints are published."""
+    from transformers import Blip2ForConditionalGeneration
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    model = Blip2ForConditionalGeneration(tiny_blip2_config())
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.5)  # BLIP-2 initialises them to zero: every query would be the same
+    model.save_pretrained(out_dir)
+    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(out_dir)
+
+
+TINY_VISION_ENCODERS = {"siglip": _save_siglip, "blip2": _save_blip2}  # name -> builder of a tiny vision folder
+
+
+def build_tiny_vision_encoder(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> str:
+    """Write (or reuse) a tiny random vision folder besides ``clip``: ``"siglip"`` (SiglipVisionModel, 16 patches)
+    or ``"blip2"`` (a BLIP-2 checkpoint: vision 32 wide, Q-Former 48 wide, 6 queries). Returns its path."""
+    if kind not in TINY_VISION_ENCODERS:
+        raise ValueError(f"unknown tiny vision encoder {kind!r}; expected one of {sorted(TINY_VISION_ENCODERS)}")
+    path = Path(out_dir) / kind
+    if not (path / "config.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=path.parent))
+        TINY_VISION_ENCODERS[kind](tmp)
+        os.replace(tmp, path)  # a crash leaves no half-written model behind
+    return str(path)
+
+
 def _tiny_text_config(tokenizer, width: int = 32):
     from transformers import CLIPTextConfig
 
@@ -219,15 +279,81 @@ def _save_stable_diffusion_xl(out_dir: Path):
     pipe.save_pretrained(out_dir)
 
 
+def _build_t5_tokenizer():
+    """A T5 (unigram) tokenizer over the tiny corpus words, single characters as the fallback pieces."""
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(TINY_CORPUS_WORDS))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words] \
+        + [(c, -5.0) for c in sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz\u2581"))]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def _tiny_t5(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=64, num_layers=1,
+                                   num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+def _tiny_flow_vae(scaling_factor: float, shift_factor: float):
+    """SD3 / Flux's VAE kind: 16 latent channels, a shift as well as a scale, no quant convs."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _save_stable_diffusion_3(out_dir: Path):
+    """SD3 layout: CLIP-L + CLIP-G (32 + 32, zero-padded to T5's 96) + T5 -> sequence 77 + 256 by 96, pooled 64."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, t5_tokenizer = _build_clip_text_tokenizer(), _build_t5_tokenizer()
+    text_encoders = [CLIPTextModelWithProjection(_tiny_text_config(tokenizer)) for _ in range(2)]
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=96,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_flow_vae(1.5305, 0.0609), text_encoder=text_encoders[0], tokenizer=tokenizer,
+        text_encoder_2=text_encoders[1], tokenizer_2=tokenizer, text_encoder_3=_tiny_t5(t5_tokenizer, 96),
+        tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(out_dir)
+
+
+def _save_flux(out_dir: Path):
+    """Flux layout: T5 (48 wide, 512 tokens) sequence, CLIP (32) pooled, a guidance-embedding transformer over
+    2 x 2-packed 16-channel latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer, t5_tokenizer = _build_clip_text_tokenizer(), _build_t5_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_tiny_flow_vae(0.3611, 0.1159),
+                        text_encoder=CLIPTextModel(_tiny_text_config(tokenizer)), tokenizer=tokenizer,
+                        text_encoder_2=_tiny_t5(t5_tokenizer, 48), tokenizer_2=t5_tokenizer)
+    pipe.save_pretrained(out_dir)
+
+
 TINY_DIFFUSION_FAMILIES = {  # name -> builder of a tiny diffusers folder of that layout
     "sd2": functools.partial(_save_stable_diffusion, text_width=48, prediction_type="v_prediction"),
     "sdxl": _save_stable_diffusion_xl,
+    "sd3": _save_stable_diffusion_3,
+    "flux": _save_flux,
 }
 
 
 def build_tiny_diffusion(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> str:
     """Write (or reuse) a tiny random diffusers folder of another layout than SD 1.x's ``sd`` backbone:
-    ``"sd2"`` (text width 48, v-prediction) or ``"sdxl"`` (sequence 64, pooled 32). Returns its path."""
+    ``"sd2"`` (text width 48, v-prediction), ``"sdxl"`` (sequence 64, pooled 32), ``"sd3"`` (sequence 333 x 96,
+    pooled 64, flow matching) or ``"flux"`` (sequence 512 x 48, pooled 32, guidance embedding). Returns its path."""
     if kind not in TINY_DIFFUSION_FAMILIES:
         raise ValueError(f"unknown tiny diffusion kind {kind!r}; expected one of {sorted(TINY_DIFFUSION_FAMILIES)}")
     path = Path(out_dir) / kind

@@ -53,7 +53,8 @@ def _atomic_save(path: str, array: np.ndarray):
 class DiffusionTextEncoder:
     """The diffusion model's tokenizers + text encoders, as its layout's family uses them
     (:mod:`gill_hf.diffusion_layouts`): captions -> ``(N, L, D)`` sequence targets, or ``((N, L, D), (N, P))``
-    with the pooled vectors for layouts that take one (SDXL)."""
+    with the pooled vectors for layouts that take one (SDXL, SD3, Flux), equal to the family's diffusers
+    ``encode_prompt``."""
 
     def __init__(self, diffusion_model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         import transformers
@@ -65,7 +66,7 @@ class DiffusionTextEncoder:
         self.family = FAMILIES[self.layout.family]
         components = DiffusionPipeline.load_config(diffusion_model)
         self.encoders = {}  # component name -> (tokenizer, model)
-        for name in self.family.text_encoders:
+        for name in self.family.components:
             tokenizer_name = name.replace("text_encoder", "tokenizer")
             model_class = getattr(transformers, components[name][1])
             model = model_class.from_pretrained(diffusion_model, subfolder=name, dtype=dtype)
@@ -76,23 +77,32 @@ class DiffusionTextEncoder:
 
     @property
     def max_length(self) -> int:  # L
-        return self.encoders[self.family.text_encoders[0]][0].model_max_length
+        return self.family.sequence_length
+
+    def _encode(self, name: str, captions: list[str]):
+        """One text encoder's output over ``captions`` (CLIP: its tokenizer's length; T5: the family's)."""
+        tokenizer, model = self.encoders[name]
+        length = self.family.t5_length if name == self.family.t5_encoder else tokenizer.model_max_length
+        tokens = tokenizer(list(captions), padding="max_length", max_length=length, truncation=True,
+                           return_tensors="pt")
+        hidden = name in self.family.text_encoders and self.family.hidden_state is not None
+        return model(input_ids=tokens.input_ids.to(self.device), output_hidden_states=hidden)
 
     @torch.no_grad()
     def __call__(self, captions: list[str]):
-        states, pooled = [], None
-        for name, (tokenizer, model) in self.encoders.items():
-            tokens = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt")
-            out = model(input_ids=tokens.input_ids.to(self.device),
-                        output_hidden_states=self.family.hidden_state is not None)
-            hidden = out.last_hidden_state if self.family.hidden_state is None \
-                else out.hidden_states[self.family.hidden_state]
-            states.append(hidden.float().cpu())
-            if name == self.family.pooled_encoder:
-                pooled = out.text_embeds.float().cpu()  # (N, P)
-        sequence = torch.cat(states, dim=-1)  # (N, L, D)
-        return sequence if pooled is None else (sequence, pooled)
+        out = {name: self._encode(name, captions) for name in self.family.components}
+        states = [out[name].last_hidden_state if self.family.hidden_state is None
+                  else out[name].hidden_states[self.family.hidden_state] for name in self.family.text_encoders]
+        sequence = torch.cat(states, dim=-1).float().cpu() if states else None  # (N, 77, D1 + ...)
+        if self.family.t5_encoder is not None:  # CLIP states zero-padded to T5's width, then T5's along L
+            t5 = out[self.family.t5_encoder].last_hidden_state.float().cpu()  # (N, t5_length, D)
+            sequence = t5 if sequence is None else torch.cat(
+                [torch.nn.functional.pad(sequence, (0, t5.shape[-1] - sequence.shape[-1])), t5], dim=-2)
+        if not self.family.pooled_encoders:
+            return sequence
+        pooled = [out[name].text_embeds if "text_embeds" in out[name] else out[name].pooler_output
+                  for name in self.family.pooled_encoders]  # projected CLIP embeds where there is a projection
+        return sequence, torch.cat(pooled, dim=-1).float().cpu()  # (N, P)
 
 
 def _split(encoded):

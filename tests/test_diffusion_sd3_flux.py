@@ -1,0 +1,129 @@
+"""SD3 and Flux target layouts: detection, targets equal to the stock ``encode_prompt``, conditioning that drives
+the stock ``StableDiffusion3Pipeline`` / ``FluxPipeline`` to GILLPipeline's pixels, the flow-matching objective,
+save/load, the precompute CLI and the layout-mismatch error."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from huggingface_hub.errors import StrictDataclassError
+from PIL import Image
+
+from gill_hf import GILLConfig, GILLForConditionalGeneration, GILLPipeline
+from gill_hf.diffusion_layouts import DiffusionLayout, layout_of_folder, layout_of_pipeline
+from gill_hf.tiny import build_tiny_diffusion
+from gill_hf.training import DiffusionTextEncoder, LatentDiffusionLoss, TargetStore
+
+from conftest import SMALL_MAPPER
+
+PROMPT = ["A photo of my dog.", Image.new("RGB", (40, 36), "red"), "Show me the same dog at the beach."]
+LLM = dict(max_new_tokens=14, force_image_after=2, max_images=1, eos_token_id=[])
+DIFFUSION = dict(num_inference_steps=2, height=32, width=32)
+CAPTIONS = ["a red circle", "a blue square at the top"]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _seed(n=0):
+    return torch.Generator().manual_seed(n)
+
+
+def _gill_on(tiny_backbones, diffusion: str, **overrides):
+    torch.manual_seed(0)
+    return GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], diffusion,
+                                                       **SMALL_MAPPER, **overrides).eval()
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "sd3")
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "flux")
+
+
+@pytest.fixture(scope="module")
+def sd3_model(tiny_backbones, sd3):
+    return _gill_on(tiny_backbones, sd3)
+
+
+@pytest.fixture(scope="module")
+def flux_model(tiny_backbones, flux):
+    return _gill_on(tiny_backbones, flux)
+
+
+def test_layouts_are_read_from_the_folders_and_recorded(sd3, flux, sd3_model, flux_model):
+    assert layout_of_folder(sd3) == DiffusionLayout("sd3", 96, 64, "flow_matching")
+    assert layout_of_folder(flux) == DiffusionLayout("flux", 48, 32, "flow_matching")
+    assert layout_of_pipeline(StableDiffusion3Pipeline.from_pretrained(sd3)) == layout_of_folder(sd3)
+    for model, expected in ((sd3_model, ("sd3", 77 + 256, 96, 64)), (flux_model, ("flux", 512, 48, 32))):
+        config = model.config
+        assert (config.diffusion_layout, config.num_gen_queries, config.gen_emb_dim, config.gen_pooled_dim) == expected
+    with pytest.raises(StrictDataclassError, match="positive width for diffusion_layout='sdxl', 'sd3' or 'flux'"):
+        GILLConfig(diffusion_layout="flux", gen_emb_dim=48)
+
+
+def test_targets_are_the_stock_pipelines_embeds(sd3, flux):
+    with torch.no_grad():  # as the stock pipelines run it (SDPA under autograd takes another kernel)
+        stock = StableDiffusion3Pipeline.from_pretrained(sd3)
+        sd3_stock = stock.encode_prompt(CAPTIONS, None, None, device="cpu", do_classifier_free_guidance=False)
+        sd3_null = stock.encode_prompt("", None, None, device="cpu", do_classifier_free_guidance=False)
+        flux_stock = FluxPipeline.from_pretrained(flux).encode_prompt(CAPTIONS, None, device="cpu")
+    embeds, _, pooled, _ = sd3_stock
+    assert embeds.shape == (2, 333, 96) and pooled.shape == (2, 64)
+    assert torch.count_nonzero(embeds[:, :77, 64:]) == 0  # CLIP-L ++ CLIP-G (64) zero-padded to T5's 96
+    encoder = DiffusionTextEncoder(sd3)
+    got_embeds, got_pooled = encoder(CAPTIONS)
+    assert torch.equal(got_embeds, embeds) and torch.equal(got_pooled, pooled)
+    null_embeds, null_pooled = encoder([""])
+    assert torch.equal(null_embeds, sd3_null[0]) and torch.equal(null_pooled, sd3_null[2])  # the CFG target
+    got_embeds, got_pooled = DiffusionTextEncoder(flux)(CAPTIONS)
+    assert got_embeds.shape == (2, 512, 48) and got_pooled.shape == (2, 32)
+    assert torch.equal(got_embeds, flux_stock[0]) and torch.equal(got_pooled, flux_stock[1])
+
+
+@pytest.mark.parametrize("cfg_dropout_prob", [0.0, 0.1])
+def test_sd3_encode_prompt_drives_the_stock_pipeline_to_the_same_image(tiny_backbones, sd3, cfg_dropout_prob):
+    model = _gill_on(tiny_backbones, sd3, cfg_dropout_prob=cfg_dropout_prob)
+    pipe = GILLPipeline.from_gill(model, sd3)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = pipe.encode_prompt(PROMPT, return_dict=True, **LLM)
+    assert list(kwargs) == ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                            "negative_pooled_prompt_embeds"]
+    assert kwargs["prompt_embeds"].shape == (1, 333, 96) and kwargs["pooled_prompt_embeds"].shape == (1, 64)
+    assert (kwargs["negative_prompt_embeds"] is None) == (cfg_dropout_prob == 0)
+    full = pipe(PROMPT, generator=_seed(0), output_type="np", **DIFFUSION, **LLM)
+    stock = StableDiffusion3Pipeline.from_pretrained(sd3)  # embeds "" for a missing negative, as GILLPipeline's
+    stock.set_progress_bar_config(disable=True)
+    image = stock(**kwargs, generator=_seed(0), output_type="np", **DIFFUSION).images[0]
+    assert np.array_equal(image, full.images[0])
+    assert stock.guidance_scale == 7.0  # the family default both used
+
+
+def test_flux_encode_prompt_drives_the_stock_pipeline_to_the_same_image(flux_model, flux):
+    pipe = GILLPipeline.from_gill(flux_model, flux)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None  # no CFG: no empty prompt to embed
+    embeds, pooled = pipe.encode_prompt(PROMPT, **LLM)
+    assert embeds.shape == (1, 512, 48) and pooled.shape == (1, 32)
+    assert torch.equal(pooled, flux_model.adapter.pooled_head.proj(embeds.mean(1)))
+    full = pipe(PROMPT, generator=_seed(0), output_type="np", **DIFFUSION, **LLM)
+    stock = FluxPipeline.from_pretrained(flux)
+    stock.set_progress_bar_config(disable=True)
+    image = stock(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_seed(0), output_type="np",
+                  **DIFFUSION).images[0]
+    assert np.array_equal(image, full.images[0])
+    other = stock(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_seed(0), output_type="np",
+                  guidance_scale=1.0, **DIFFUSION).images[0]
+    assert not np.array_equal(other, image)  # the embedded guidance (3.5 by default) reaches the transformer
+    direct = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_seed(0), output_type="np",
+                  guidance_scale=1.0, **DIFFUSION)
+    assert np.array_equal(direct.images[0], other)
+    with pytest.raises(ValueError, match="no classifier-free guidance: negative_prompt_embeds"):
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=embeds, **DIFFUSION)
+    with pytest.raises(ValueError, match="height must be a positive multiple of 4, got 34"):
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=1, height=34)
+    with pytest.raises(ValueError, match=r"prompt_embeds must be \(N, L, 48\) for the flux"):
+        pipe(prompt_embeds=embeds[..., :32], pooled_prompt_embeds=pooled, **DIFFUSION)
