@@ -1,12 +1,13 @@
-"""``gill-hf eval vist|visdial|retrieval|decision|fid MODEL --out DIR ...``: reproduce the paper's evaluations
-(Tables 1, 2, 5, 6, 8 and Fig. 8) for a GILL checkpoint; writes results.json, results.md and samples.html to DIR.
-Generated images are kept under DIR/images and reused when the command is run again."""
+"""``gill-hf eval vist|visdial|retrieval|decision|fid|minigpt5-vist|cc3m|mmdialog MODEL --out DIR ...``: reproduce
+GILL's evaluations (Tables 1, 2, 5, 6, 8 and Fig. 8) and MiniGPT-5's (Tables 1-3, 5, 6) for a GILL checkpoint;
+writes results.json, results.md and samples.html to DIR. Generated images and texts are kept under DIR and reused
+when the command is run again."""
 
 import argparse
 
 from . import bounded, existing_path, model_source, output_path, torch_device
 
-BENCHMARKS = ("vist", "visdial", "retrieval", "decision", "fid")
+BENCHMARKS = ("vist", "visdial", "retrieval", "decision", "fid", "minigpt5-vist", "cc3m", "mmdialog")
 
 
 def _common(generation: bool, steps: int = 50, guidance: float = 7.5) -> argparse.ArgumentParser:
@@ -38,7 +39,8 @@ def _similarity_options(parser):
 # Input paths of each benchmark: option -> (attribute, "file" / "folder").
 INPUT_PATHS = {"--annotations": ("annotations", "file"), "--image-dir": ("image_dir", "folder"),
                "--captions": ("captions", "file"), "--fid-feature": ("fid_feature", "file"),
-               "--index": ("index", "folder")}
+               "--index": ("index", "folder"), "--is-feature": ("is_feature", "file"),
+               "--tsv": ("tsv", "file")}
 
 
 def check_args(args):
@@ -123,6 +125,121 @@ def run(args) -> int:
     return 0
 
 
+def _exported_module(path: str | None, device: str):
+    """A torch.export file (.pt2) as a module on ``device``, or None."""
+    import torch
+
+    return torch.export.load(path).module().to(device) if path else None
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _minigpt5_metrics(args, device: str, with_text: bool):
+    from ..evaluation import ClipImageEmbedder, FIDScorer
+    from ..evaluation.image_quality import INCEPTION_FEATURE, ImageMetrics, InceptionScorer
+
+    fid_feature = _exported_module(args.fid_feature, device)
+    return ImageMetrics(ClipImageEmbedder(args.clip_model, device, with_text=with_text), FIDScorer(fid_feature, device),
+                        InceptionScorer(_exported_module(args.is_feature, device), args.is_splits, device),
+                        args.fid_cache,
+                        INCEPTION_FEATURE if fid_feature is None else f"file-sha256-{_file_digest(args.fid_feature)}")
+
+
+def _text_scorers(args, device: str, meteor: bool):
+    from ..evaluation.text_metrics import SentenceSimilarity, TextScorers, load_wordnet
+
+    wordnet = load_wordnet() if meteor else None  # a missing WordNet is named before any model loads
+    return TextScorers(SentenceSimilarity(args.sbert_model, device), wordnet)
+
+
+def run_minigpt5(args) -> int:
+    """``minigpt5-vist``, ``cc3m`` and ``mmdialog``: inputs checked and read first, then the models load."""
+    from .. import evaluation as ev
+
+    device, dtype = _setup(args)
+    args.fid_cache = output_path(args.fid_cache, "--fid-cache", "folder")
+    if args.benchmark == "minigpt5-vist":
+        from ..evaluation.minigpt5_vist import PROMPT_TYPES, evaluate_minigpt5_vist
+
+        examples = ev.load_vist(args.annotations, args.image_dir, args.limit)
+        narration, image_tables = "narration" in args.tables, [t for t in args.tables if t != "narration"]
+        text_scorers = _text_scorers(args, device, meteor=True) if narration else None
+        metrics = _minigpt5_metrics(args, device, with_text=False) if image_tables else None
+        evaluate_minigpt5_vist(_models(args, device, dtype), examples, args.out, args.seeds, metrics, text_scorers,
+                               [PROMPT_TYPES[key] for key in args.prompt_types], args.tables, args.baseline,
+                               args.max_new_tokens)
+    elif args.benchmark == "cc3m":
+        from ..evaluation.cc3m import evaluate_cc3m
+
+        examples = ev.load_caption_set(args.tsv, args.image_dir, args.limit)
+        metrics = _minigpt5_metrics(args, device, with_text=True)
+        evaluate_cc3m(_models(args, device, dtype), examples, args.out, args.seeds, metrics, args.baseline)
+    else:
+        from ..evaluation.mmdialog import evaluate_mmdialog
+        from ..training.mmdialog import read_mmdialog
+
+        dialogues = read_mmdialog(args.annotations, args.image_dir)[:args.limit]
+        text_scorers, metrics = _text_scorers(args, device, meteor=False), _minigpt5_metrics(args, device, True)
+        evaluate_mmdialog(_models(args, device, dtype), dialogues, args.out, args.seeds, metrics, text_scorers,
+                          args.max_new_tokens)
+    _print_table(args.out)
+    return 0
+
+
+def _minigpt5_options(parser, clip: str, text: bool):
+    from huggingface_hub import constants
+
+    from ..evaluation.text_metrics import DEFAULT_SBERT
+
+    parser.add_argument("--clip-model", default=clip,
+                        help=f"CLIP for CLIP-I / CLIP-T / MM-Relevance (default {clip}, as MiniGPT-5): open_clip "
+                             f"'open_clip:<arch>/<tag>' / 'hf-hub:<repo>', or a transformers CLIP id/folder")
+    parser.add_argument("--fid-feature", default=None,
+                        help="a torch.export FID feature extractor (.pt2; uint8 (N, 3, 299, 299) -> (N, d)); "
+                             "default: torchmetrics' InceptionV3 2048-d features (torch-fidelity weights)")
+    parser.add_argument("--is-feature", default=None,
+                        help="a torch.export Inception Score classifier (.pt2; uint8 (N, 3, 299, 299) -> (N, "
+                             "classes) logits); default: torchmetrics' InceptionV3 logits")
+    parser.add_argument("--is-splits", type=bounded(int, 2), default=10, help="Inception Score splits (>= 2)")
+    parser.add_argument("--fid-cache", default=f"{constants.HF_HOME}/gill_hf/fid_reference",
+                        help="folder of cached FID reference statistics, keyed by image set and feature extractor")
+    if text:
+        parser.add_argument("--sbert-model", default=DEFAULT_SBERT, help="sentence-transformers model for SBERT")
+        parser.add_argument("--max-new-tokens", type=bounded(int, 1), default=32, help="tokens per generated text")
+
+
+def _register_minigpt5(benchmarks):
+    from ..evaluation.minigpt5_vist import PROMPT_TYPES, TABLES
+
+    vist = benchmarks.add_parser("minigpt5-vist", parents=[_common(True)],
+                                 help="MiniGPT-5 Tables 1-3: VIST final-step / all-steps images, narrations")
+    vist.add_argument("--annotations", required=True, help="VIST SIS JSON (e.g. sis/val.story-in-sequence.json)")
+    vist.add_argument("--image-dir", required=True, help="folder of the VIST images (<photo id>.jpg/.png)")
+    vist.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
+    vist.add_argument("--prompt-types", nargs="+", default=list(PROMPT_TYPES), choices=PROMPT_TYPES,
+                      help="final-step inputs: none, text, image, image-text context")
+    _minigpt5_options(vist, "open_clip:ViT-L-14/openai", text=True)
+
+    cc3m = benchmarks.add_parser("cc3m", parents=[_common(True)],
+                                 help="MiniGPT-5 Table 6: CC3M single-image generation")
+    cc3m.add_argument("--tsv", required=True, help="caption<TAB>image TSV with a header (e.g. cc3m_val.tsv)")
+    cc3m.add_argument("--image-dir", default=None, help="folder of the images (default: the TSV's)")
+    _minigpt5_options(cc3m, "open_clip:ViT-L-14/openai", text=False)
+
+    mmdialog = benchmarks.add_parser("mmdialog", parents=[_common(True)],
+                                     help="MiniGPT-5 Table 5: MMDialog multi-turn responses")
+    mmdialog.add_argument("--annotations", required=True, help="MMDialog JSONL (e.g. test/test_conversations.txt)")
+    mmdialog.add_argument("--image-dir", default=None, help="folder of <media id>.jpg (default: the file's)")
+    _minigpt5_options(mmdialog, "open_clip:ViT-B-32/openai", text=True)
+    for sub in (vist, cc3m, mmdialog):
+        sub.set_defaults(func=run_minigpt5)
+
+
 def register(subparsers):
     from ..evaluation.contexts import MAX_VISDIAL_ROUNDS, VISDIAL_ROUNDS, VIST_SETTING_KEYS
 
@@ -172,3 +289,4 @@ def register(subparsers):
     fid.set_defaults(func=run)
     for sub in (vist, retrieval, visdial, decision):
         sub.set_defaults(func=run)
+    _register_minigpt5(benchmarks)

@@ -66,6 +66,17 @@ class EvaluatedModels:
                         max_new_tokens=self.model.config.num_img_tokens, **self._denoise_kwargs(seed))
         return out.images[0]
 
+    def gill_text(self, context: list, max_new_tokens: int = 32) -> str:
+        """GILL's greedy text continuation of a context, with no image (``max_images=0``)."""
+        out = self.pipe(context, max_images=0, max_new_tokens=max_new_tokens, do_sample=False)
+        return "".join(part for part in out.parts if isinstance(part, str)).strip()
+
+    def gill_response(self, context: list, seed: int, max_new_tokens: int = 32) -> tuple[str, Image.Image | None]:
+        """GILL's free answer to a context: its greedy text and its first image (generated), or None."""
+        out = self.pipe(context, decision="generate", max_images=1, max_new_tokens=max_new_tokens, do_sample=False,
+                        **self._denoise_kwargs(seed))
+        return "".join(part for part in out.parts if isinstance(part, str)).strip(), (out.images or [None])[0]
+
     def stable_diffusion(self, context: list, seed: int) -> Image.Image:
         """Stable Diffusion's image for the context's text (images dropped; its tokenizer truncates at 77)."""
         return self.sd(context_text(context), **self._denoise_kwargs(seed)).images[0]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..atomic import atomic_path
 from ..processing_gill import load_image, to_rgb
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -41,12 +42,14 @@ class ClipImageEmbedder:
     """``embed(images)`` -> ``(N, d)`` float32 CLIP image embeddings (unnormalised) on CPU."""
 
     def __init__(self, name: str = DEFAULT_CLIP, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 batch_size: int = 32):
+                 batch_size: int = 32, with_text: bool = False):
         self.name, self.device, self.batch_size = name, torch.device(device), batch_size
         if name.startswith(("hf-hub:", "open_clip:")):
             self._load_open_clip(name, dtype)
         else:
             self._load_transformers(name, dtype)
+        if with_text:
+            self._load_tokenizer()
 
     def _load_transformers(self, name: str, dtype):
         from transformers import (
@@ -80,6 +83,21 @@ class ClipImageEmbedder:
         self.model = model.to(self.device, dtype=dtype).eval()
         self.preprocess, self.kind = preprocess, "open_clip"
 
+    def _load_tokenizer(self):
+        """The text side for :meth:`embed_text`: a full CLIP's tokenizer, or open_clip's."""
+        if self.kind == "open_clip":
+            import open_clip
+
+            arch = self.name.removeprefix("open_clip:").partition("/")[0]
+            self.tokenizer = open_clip.get_tokenizer(self.name if self.name.startswith("hf-hub:") else arch)
+        elif self.kind == "clip":
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.name)
+        else:
+            raise ValueError(f"CLIP model {self.name} is an image tower only; CLIP-T needs a full CLIP "
+                             f"(a transformers CLIPModel or an open_clip model)")
+
     @torch.no_grad()
     def _embed_batch(self, images: list[Image.Image]) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
@@ -101,6 +119,26 @@ class ClipImageEmbedder:
             raise ValueError("no images to embed")
         return torch.cat([self._embed_batch(images[i:i + self.batch_size])
                           for i in range(0, len(images), self.batch_size)])
+
+
+    @torch.no_grad()
+    def _embed_text_batch(self, texts: list[str]) -> torch.Tensor:
+        if self.kind == "open_clip":
+            return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu()
+        tokens = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.device)
+        out = self.model.get_text_features(**tokens)
+        return (out if isinstance(out, torch.Tensor) else out.pooler_output).float().cpu()
+
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, d)`` float32 CLIP text embeddings (unnormalised), in the image embeddings' space; needs
+        ``with_text=True`` (long texts are cut at the tokenizer's context length, 77 for CLIP)."""
+        if not hasattr(self, "tokenizer"):
+            raise ValueError("build the ClipImageEmbedder with with_text=True to embed texts")
+        texts = list(texts)
+        if not texts:
+            raise ValueError("no texts to embed")
+        return torch.cat([self._embed_text_batch(texts[i:i + self.batch_size])
+                          for i in range(0, len(texts), self.batch_size)])
 
 
 def cosine_similarities(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -140,6 +178,9 @@ def uint8_pixels(images: Sequence, size: int = FID_SIZE) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+REFERENCE_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+
+
 class FIDScorer:
     """FID between a fixed reference set and several generated sets (torchmetrics, real statistics kept).
 
@@ -157,6 +198,31 @@ class FIDScorer:
     def add_reference(self, images: Sequence):
         self.metric.update(uint8_pixels(images).to(self.device), real=True)
         self.num_reference += len(images)
+
+    def clear_reference(self):
+        """Forget the reference statistics (before another reference set)."""
+        for name in REFERENCE_STATES:
+            setattr(self.metric, name, torch.zeros_like(getattr(self.metric, name)))
+        self.num_reference = 0
+
+    def save_reference(self, path: str):
+        """The reference statistics (feature sum, covariance sum, count) as a safetensors file, written atomically."""
+        from safetensors.torch import save_file
+
+        with atomic_path(path, ".safetensors") as tmp:
+            save_file({name: getattr(self.metric, name).cpu().contiguous() for name in REFERENCE_STATES}, tmp)
+
+    def load_reference(self, path: str):
+        """Reference statistics saved by :meth:`save_reference` (their feature width must match)."""
+        from safetensors.torch import load_file
+
+        saved = load_file(path)
+        if set(saved) != set(REFERENCE_STATES) or saved["real_features_sum"].shape != self.metric.real_features_sum.shape:
+            raise ValueError(f"{path}: not FID reference statistics of this feature extractor (expected "
+                             f"{list(REFERENCE_STATES)} of width {self.metric.real_features_sum.shape[0]})")
+        for name in REFERENCE_STATES:
+            setattr(self.metric, name, saved[name].to(self.device))
+        self.num_reference = int(saved["real_features_num_samples"])
 
     def score(self, generated_batches: Iterable[Sequence]) -> float:
         self.metric.reset()  # clears the generated statistics only

@@ -31,6 +31,16 @@ def markdown_table(rows: list[dict], metrics: list[tuple[str, str]], settings: l
     return "\n".join(lines) + "\n"
 
 
+def rows_table(rows: list[dict], metrics: list[tuple[str, str]], digits: int = 3) -> str:
+    """One line per (model, input) row, one column per metric (key, label), as MiniGPT-5's tables."""
+    header = ["Model", "Input"] + [label for _, label in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join([row["model"], row["setting"]] + [cell(row.get(key), digits)
+                                                                         for key, _ in metrics]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def thumbnail(image) -> Image.Image:
     image = to_rgb(load_image(image)).copy()
     image.thumbnail((THUMBNAIL, THUMBNAIL))

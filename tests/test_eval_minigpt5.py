@@ -1,0 +1,200 @@
+"""MiniGPT-5's benchmarks: each metric against a direct computation on hand-made examples, and gill-hf eval
+minigpt5-vist / cc3m / mmdialog end to end on official-format toy files (rerun and resume after an interruption)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from minigpt5_fixtures import (
+    MMDIALOG_TURNS,
+    ChannelMeans,
+    ColourLogits,
+    StandInWordNet,
+    build_tiny_sbert,
+    export_module,
+    register_tiny_open_clip,
+    write_cc3m,
+    write_mmdialog,
+)
+from nltk.tokenize import wordpunct_tokenize
+from nltk.translate.meteor_score import meteor_score
+from PIL import Image
+
+from gill_hf.evaluation import text_metrics
+from gill_hf.evaluation.image_quality import InceptionScorer, reference_statistics
+from gill_hf.evaluation.metrics import FIDScorer, uint8_pixels
+from gill_hf.evaluation.mm_relevance import EXTRA, MISSING, clip_f1, modality_entry
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---------------------------------------------------------------------------------------------- metrics by hand
+def test_bleu_and_rouge_l_by_hand():
+    predictions = ["the cat sat on the mat", "the cat", "a red circle"]
+    references = ["the cat is on the mat", "the cat sat", "a big red circle here"]
+    # 1: unigrams 5/6, bigrams 3/5 (the cat, on the, the mat), same length; 2: all match, brevity exp(1 - 3/2);
+    # 3: unigrams 3/3, bigrams 1/2 (red circle), brevity exp(1 - 5/3)
+    bp2, bp3 = math.exp(1 - 3 / 2), math.exp(1 - 5 / 3)
+    np.testing.assert_allclose(text_metrics.bleu(predictions, references, 1), [5 / 6, bp2, bp3], rtol=1e-6)
+    np.testing.assert_allclose(text_metrics.bleu(predictions, references, 2),
+                               [math.sqrt(5 / 6 * 3 / 5), bp2, bp3 * math.sqrt(1 / 2)], rtol=1e-6)
+    # LCS: "the cat on the mat" (5 of 6 / 6), "the cat" (2 of 2 / 3), "a red circle" (3 of 3 / 5)
+    f1 = [5 / 6, 2 * 1 * (2 / 3) / (1 + 2 / 3), 2 * 1 * (3 / 5) / (1 + 3 / 5)]
+    np.testing.assert_allclose(text_metrics.rouge_l(predictions, references), f1, rtol=1e-6)
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        text_metrics.bleu(["a", "b"], ["a"], 1)
+
+
+def test_meteor_equals_nltk_and_uses_the_given_wordnet():
+    wordnet = StandInWordNet()
+    predictions, references = ["The hound sat on the mat .", "a dog"], ["the dog sat on a mat", "the park"]
+    direct = [meteor_score([wordpunct_tokenize(r.lower())], wordpunct_tokenize(p.lower()), wordnet=wordnet)
+              for p, r in zip(predictions, references)]
+    got = text_metrics.meteor(predictions, references, wordnet=wordnet)
+    assert got == direct
+    no_synonyms = text_metrics.meteor(predictions, references, wordnet=type("NoSynonyms", (), {
+        "synsets": staticmethod(lambda word, *a, **k: [])})())
+    assert got[0] > no_synonyms[0] and got[1] == no_synonyms[1] == 0.0  # "hound" ~ "dog" matched; no match
+
+
+def test_missing_wordnet_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path))
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    with pytest.raises(LookupError, match="nltk.downloader wordnet"):
+        text_metrics.load_wordnet()
+
+
+@pytest.fixture(scope="module")
+def sbert_path(tmp_path_factory):
+    return build_tiny_sbert(str(tmp_path_factory.mktemp("sbert")))
+
+
+def test_sbert_is_the_cosine_of_the_sentence_embeddings(sbert_path):
+    from sentence_transformers import SentenceTransformer
+
+    predictions, references = ["we saw a dog", "the red circle", "big star"], ["a dog at the park", "red", "big star"]
+    scorer = text_metrics.SentenceSimilarity(sbert_path)
+    model = SentenceTransformer(sbert_path, device="cpu")
+    a, b = model.encode(predictions), model.encode(references)
+    direct = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    np.testing.assert_allclose(scorer.scores(predictions, references), direct, rtol=1e-5)
+    assert scorer.scores(predictions, references)[2] == pytest.approx(1.0)
+
+
+def test_mm_relevance_by_hand_with_missing_and_extra_modalities():
+    entries = [modality_entry(True, True, 0.8), modality_entry(True, False),  # turn 1: image missing (-1)
+               modality_entry(True, True, 0.6), modality_entry(False, True),  # turn 2: extra image (-2)
+               modality_entry(True, True, 0.5), modality_entry(True, True, 0.9),  # turn 3: both modalities
+               modality_entry(True, False), modality_entry(False, False)]  # turn 4: text missing, no image at all
+    assert entries[1] == ("marker", MISSING) and entries[3] == ("marker", EXTRA) and entries[7] is None
+    total = 0.8 + 0.6 + 0.5 + 0.9
+    precision, recall = total / 5, total / 6  # predicted: 3 texts + 2 images; ground truth: 4 texts + 2 images
+    assert clip_f1(entries) == pytest.approx(2 * precision * recall / (precision + recall))
+    assert clip_f1([modality_entry(True, False)]) == 0.0  # nothing predicted
+    assert clip_f1([modality_entry(True, True, 0.7)]) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="needs its CLIP cosine"):
+        modality_entry(True, True)
+
+
+def _images(n: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _inception_score(logits: np.ndarray) -> float:
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    marginal = p.mean(0, keepdims=True)
+    return float(np.exp((p * (np.log(p) - np.log(marginal))).sum(1).mean()))
+
+
+def test_inception_score_equals_the_formula():
+    images = _images(6, seed=1)
+    logits = ColourLogits()(uint8_pixels(images)).double().numpy()
+    torch.manual_seed(3)
+    order = torch.randperm(6).numpy()  # torchmetrics' shuffle into splits under the scorer's seed
+    expected = np.mean([_inception_score(logits[order[:3]]), _inception_score(logits[order[3:]])])
+    scorer = InceptionScorer(ColourLogits(), splits=2, seed=3)
+    assert scorer.score([images[:4], images[4:]]) == pytest.approx(expected, rel=1e-5)
+    assert scorer.score([images]) == pytest.approx(expected, rel=1e-5)  # reproducible
+    with pytest.raises(ValueError, match="needs at least 10 images, got 6"):
+        InceptionScorer(ColourLogits()).score([images])
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    root = scipy.linalg.sqrtm(np.cov(a, rowvar=False) @ np.cov(b, rowvar=False)).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum()
+                 + np.trace(np.cov(a, rowvar=False) + np.cov(b, rowvar=False) - 2 * root))
+
+
+def test_fid_reference_statistics_are_cached_by_image_set_and_feature(tmp_path):
+    paths = []
+    for i, image in enumerate(_images(5, seed=2)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    generated = _images(4, seed=3)
+    scorer, cache = FIDScorer(ChannelMeans()), str(tmp_path / "cache")
+    first = reference_statistics(scorer, paths, "channel-means", cache)
+    expected = _frechet(ChannelMeans()(uint8_pixels(paths)).double().numpy(),
+                        ChannelMeans()(uint8_pixels(generated)).double().numpy())
+    assert not first["reused"] and scorer.score([generated]) == pytest.approx(expected, rel=1e-4)
+    again = FIDScorer(ChannelMeans())
+    second = reference_statistics(again, paths, "channel-means", cache)
+    assert second == {"file": first["file"], "reused": True} and again.num_reference == 5
+    assert again.score([generated]) == pytest.approx(expected, rel=1e-4)
+    assert not reference_statistics(again, paths, "other-feature", cache)["reused"]  # feature in the key
+    assert not reference_statistics(again, paths[:4], "channel-means", cache)["reused"]  # image set in the key
+    assert again.num_reference == 4  # the previous set was cleared first
+    assert len(os.listdir(cache)) == 3
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, make_model, sbert_path):
+    root = tmp_path_factory.mktemp("minigpt5")
+    model_dir = str(root / "gill")
+    make_model().save_pretrained(model_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(text_metrics, "load_wordnet", StandInWordNet)  # no WordNet data offline
+        yield {"root": root, "model": model_dir, "clip": register_tiny_open_clip(str(root)), "sbert": sbert_path,
+               "fid": export_module(ChannelMeans(), str(root / "fid.pt2")),
+               "is": export_module(ColourLogits(), str(root / "is.pt2")), "cache": str(root / "fid_cache")}
+
+
+def _results(out) -> dict:
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def _metric_args(env) -> list[str]:
+    return ["--clip-model", env["clip"], "--fid-feature", env["fid"], "--is-feature", env["is"], "--is-splits", "2",
+            "--fid-cache", env["cache"]]
+
+
+def _clip_embeddings(env, images=(), texts=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and text embeddings of the tiny open_clip, computed directly from its weights file."""
+    import open_clip
+
+    arch, _, weights = env["clip"].removeprefix("open_clip:").partition("/")
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights)
+    model.eval()
+    with torch.no_grad():
+        image_embeds = model.encode_image(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in images])
+                                          ) if images else None
+        text_embeds = model.encode_text(open_clip.get_tokenizer(arch)(list(texts))) if texts else None
+    return image_embeds, text_embeds
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).numpy()
+
+
+def _mtimes(out) -> dict:
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, files in os.walk(out)
+            for f in files if f.endswith((".png", ".txt", ".json")) and "results" not in f}
