@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "gill_hf.commands.precompute_targets",
     "gill_hf.commands.train",
     "gill_hf.commands.convert_original",
+    "gill_hf.commands.convert_minigpt5",
     "gill_hf.commands.evaluate",
     "gill_hf.commands.demo",
     "gill_hf.commands.build_index",
