@@ -69,7 +69,8 @@ def test_processes_split_the_shards(tmp_path):
     assert counts == [1, 2]  # rank 1: shard 1; rank 0: shards 0 and 2
     store = TargetStore(tmp_path)
     assert all(torch.equal(store[i], expected(i, batch_size=4)) for i in range(11))
-    with pytest.raises(ValueError, match="other captions"):
+    with pytest.raises(ValueError, match=r"holds a target store of another source or settings \(\['batch_size', "
+                                         r"'captions_sha256'"):
         precompute_targets(CAPTIONS[:5], tmp_path, FakeEncoder(), progress=False)
 
 

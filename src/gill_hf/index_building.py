@@ -26,8 +26,9 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import write_text_atomic
+from .atomic import atomic_path
 from .image_io import load_image, to_rgb
+from .resumable import finished_prefix, start_or_resume
 from .retrieval import EMBEDDINGS_FILE, FAISS_KINDS, RetrievalIndex, build_ivfpq, import_faiss
 
 logger = logging.getLogger(__name__)
@@ -142,13 +143,13 @@ class WebDatasetSource:
     def records(self, start: int) -> Iterator[Record]:
         seen = 0
         for shard in self.shards:
-            for sample in _shard_samples(shard):
+            for sample in shard_samples(shard):
                 seen += 1
                 if seen > start:
                     yield _shard_record(shard, sample)
 
 
-def _shard_samples(shard: str) -> Iterator[dict]:
+def shard_samples(shard: str) -> Iterator[dict]:
     """The samples of one tar shard (webdataset's grouping by key), the file closed when done."""
     from webdataset import tariterators
 
@@ -203,8 +204,9 @@ def build_index(embed: Callable[[list], torch.Tensor], source, out_dir: str | os
     build_dir = os.path.join(out_dir, BUILD_FOLDER)
     state = {"source": source.fingerprint(), "batch_size": batch_size, "part_size": part_size,
              "dtype": str(dtype), "logit_scale": repr(float(logit_scale))}
-    _start_or_resume(build_dir, state)
-    done = _finished_parts(build_dir)
+    start_or_resume(os.path.join(build_dir, STATE_FILE), state, "an unfinished build",
+                    f"resume with the same ones, or delete {build_dir}")
+    done = [_part_name(number) for number in range(finished_prefix(build_dir, _part_name))]
     bar = tqdm(total=source.total, initial=len(done) * part_size, unit="image", desc="building index",
                disable=not progress)
     records = source.records(len(done) * part_size)
@@ -243,31 +245,8 @@ def check_out_dir(out_dir: str):
         raise ValueError(f"{out_dir} already holds a finished retrieval index; build into a new folder")
 
 
-def _start_or_resume(build_dir: str, state: dict):
-    """Create ``build_dir`` with its settings, or check that an unfinished build there used the same ones."""
-    state_file = os.path.join(build_dir, STATE_FILE)
-    if os.path.exists(state_file):
-        with open(state_file) as handle:
-            old = json.load(handle)
-        if old != state:
-            changed = sorted(key for key in state if old.get(key) != state[key])
-            raise ValueError(f"{build_dir} holds an unfinished build of another source or settings ({changed} "
-                             f"differ); resume with the same ones, or delete {build_dir}")
-        return
-    os.makedirs(build_dir, exist_ok=True)
-    write_text_atomic(state_file, json.dumps(state, indent=1))
-
-
 def _part_name(number: int) -> str:
     return f"part-{number:06d}.safetensors"
-
-
-def _finished_parts(build_dir: str) -> list[str]:
-    """The part files written so far, which are numbered from 0 without gaps (each written atomically)."""
-    parts = []
-    while os.path.exists(os.path.join(build_dir, _part_name(len(parts)))):
-        parts.append(_part_name(len(parts)))
-    return parts
 
 
 def _embed_part(embed, part: list[Record], batch_size: int, bar) -> tuple[torch.Tensor, list[str], int]:
@@ -301,12 +280,11 @@ def _decoded(record: Record):
 
 
 def _save_part(file: str, rows: torch.Tensor, names: list[str], num_records: int, num_skipped: int):
-    """One part (rows + names + counts) written to a temporary file and renamed: a part exists whole or not."""
+    """One part (rows + names + counts), written whole or not at all."""
     tensors = {"embeddings": rows.contiguous()} if len(names) else {}
     metadata = {"names": json.dumps(names), "num_records": str(num_records), "num_skipped": str(num_skipped)}
-    staging = file + ".tmp"
-    safetensors.torch.save_file(tensors, staging, metadata=metadata)
-    os.replace(staging, file)
+    with atomic_path(file, ".safetensors") as staging:
+        safetensors.torch.save_file(tensors, staging, metadata=metadata)
 
 
 def _finish(build_dir, out_dir, parts, logit_scale, dtype, faiss, faiss_options) -> IndexBuild:

@@ -2,15 +2,17 @@
 
 On disk a store is a folder::
 
-    index.json          {"num_items", "shard_size", "shape": [L, D], "dtype", "captions_sha256", "shards": [...]}
-                        (+ "pooled_dim": P for layouts with a pooled vector, SDXL)
+    index.json          {"num_items", "shard_size", "shape": [L, D], "dtype", "captions_sha256", "shards": [...],
+                         "batch_size", "null_sha256"} (+ "pooled_dim": P for layouts with a pooled vector, SDXL)
     null.npy            (L, D) encoding of "" (the CFG target)
     shard-00000.npy     (shard_size, L, D) rows 0..shard_size-1, one file per shard
     null-pooled.npy, pooled-00000.npy   (P,) and (shard_size, P): the pooled vectors, for such layouts
 
-Shards are written to a temporary name and renamed, so an interrupted run resumes at the first missing shard, and
-``process_index`` / ``num_processes`` split the shards between processes. Reading memory-maps the shards
-(``np.load(mmap_mode="r")``, never unpickling).
+``index.json`` is written first and records the settings (:func:`gill_hf.resumable.start_or_resume`: a run with
+other captions, settings or encoder is refused). Shards are written whole (a temporary name renamed), so a killed
+run resumes at the missing shards; processes launched together (torchrun / accelerate launch) or started with
+``process_index`` / ``num_processes`` split them, and the store equals a one-process run's. Reading memory-maps the
+shards (``np.load(mmap_mode="r")``, never unpickling).
 """
 
 import hashlib
@@ -19,13 +21,14 @@ import os
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..atomic import atomic_path, write_text_atomic
+from ..atomic import atomic_path
+from ..resumable import PartsProgress, process_share, start_or_resume
 
 INDEX_NAME = "index.json"
 NULL_NAME = "null.npy"
 NULL_POOLED_NAME = "null-pooled.npy"
+STORE_DTYPES = ("float16", "float32")
 
 
 def shard_name(i: int) -> str:
@@ -112,59 +115,74 @@ def _split(encoded):
 
 
 def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder, *, batch_size: int = 64,
-                       shard_size: int = 4096, dtype: str = "float16", process_index: int = 0, num_processes: int = 1,
-                       progress: bool = True) -> str:
+                       shard_size: int = 4096, dtype: str = "float16", process_index: int | None = None,
+                       num_processes: int | None = None, progress: bool = True) -> str:
     """Encode ``captions`` into a target store at ``out_dir``; returns the folder. Finished shards are skipped.
 
     ``encoder``: any callable ``list[str] -> (n, L, D)`` tensor, or ``((n, L, D), (n, P))`` with pooled vectors
-    (e.g. :class:`DiffusionTextEncoder`). Shard ``s``
-    is done by process ``s % num_processes``; every process can run the same command with its own index.
+    (e.g. :class:`DiffusionTextEncoder`). Shard ``s`` is done by process ``s % num_processes``. By default the
+    processes are the launcher's (torchrun / accelerate launch, or an initialised ``torch.distributed`` group): each
+    encodes its shards, then waits until the store is complete, rank 0's bar counting every shard. Or give this
+    process's share for runs started separately (each returns after its own shards). The store equals a
+    one-process run's; a run into a folder holding other captions, settings or encoder (its encoding of ``""``)
+    is refused.
     """
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index must lie in [0, {num_processes}), got {process_index}")
+    process_index, num_processes, launched = process_share(process_index, num_processes)
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORE_DTYPES}, got {dtype!r}")
     if not captions:
         raise ValueError("no captions to encode")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     null, null_pooled = _split(encoder([""]))  # (1, L, D), (1, P) or None
-    null = null[0]
+    null = null[0].astype(dtype)
+    null_pooled = None if null_pooled is None else null_pooled[0].astype(dtype)
     index = {"num_items": len(captions), "shard_size": shard_size, "shape": list(null.shape), "dtype": dtype,
              "captions_sha256": captions_digest(captions),
-             "shards": [shard_name(i) for i in range(-(-len(captions) // shard_size))]}
+             "shards": [shard_name(i) for i in range(-(-len(captions) // shard_size))],
+             "batch_size": batch_size, "null_sha256": _null_digest(null, null_pooled)}
     if null_pooled is not None:
         index["pooled_dim"] = null_pooled.shape[-1]
-    index_path = os.path.join(out_dir, INDEX_NAME)
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            old = json.load(f)
-        if {k: old.get(k) for k in index} != index:
-            raise ValueError(f"{out_dir} holds a target store for other captions or settings; use a new folder")
-    elif process_index == 0:
-        write_text_atomic(index_path, json.dumps(index, indent=1))
-    if process_index == 0 and not os.path.exists(os.path.join(out_dir, NULL_NAME)):
+    start_or_resume(os.path.join(out_dir, INDEX_NAME), index, "a target store",
+                    "resume with the same captions, settings and encoder, or use a new folder")
+    if not os.path.exists(os.path.join(out_dir, NULL_NAME)):  # any process: the same bytes (their digest is checked)
         if null_pooled is not None:  # written first: null.npy marks the null targets as complete
-            _atomic_save(os.path.join(out_dir, NULL_POOLED_NAME), null_pooled[0].astype(dtype))
-        _atomic_save(os.path.join(out_dir, NULL_NAME), null.astype(dtype))
-    mine = [s for s in range(len(index["shards"])) if s % num_processes == process_index]
-    todo = [s for s in mine if not os.path.exists(os.path.join(out_dir, shard_name(s)))]
-    bar = tqdm(total=sum(min(shard_size, len(captions) - s * shard_size) for s in todo), unit="caption",
-               desc=f"targets [{process_index}/{num_processes}]", disable=not progress)
-    for s in todo:
-        chunk = captions[s * shard_size:(s + 1) * shard_size]
-        rows, pooled_rows = [], []
-        for start in range(0, len(chunk), batch_size):
-            sequence, pooled = _split(encoder(chunk[start:start + batch_size]))
-            rows.append(sequence.astype(dtype))  # (b, L, D)
-            if pooled is not None:
-                pooled_rows.append(pooled.astype(dtype))  # (b, P)
-            bar.update(len(rows[-1]))
-        if pooled_rows:  # written first: the sequence shard marks the shard as done
-            _atomic_save(os.path.join(out_dir, pooled_shard_name(s)), np.concatenate(pooled_rows))
-        _atomic_save(os.path.join(out_dir, shard_name(s)), np.concatenate(rows))
+            _atomic_save(os.path.join(out_dir, NULL_POOLED_NAME), null_pooled)
+        _atomic_save(os.path.join(out_dir, NULL_NAME), null)
+    sizes = [min(shard_size, len(captions) - s * shard_size) for s in range(len(index["shards"]))]
+    bar = PartsProgress(out_dir, index["shards"], sizes, unit="caption", desc="targets",
+                        disable=not progress or (launched and process_index != 0))
+    for s in bar.missing():
+        if s % num_processes == process_index:
+            _encode_shard(encoder, captions[s * shard_size:(s + 1) * shard_size], s, out_dir, batch_size, dtype, bar)
+    if launched and num_processes > 1:
+        bar.wait()
     bar.close()
     return out_dir
+
+
+def _null_digest(null: np.ndarray, null_pooled: np.ndarray | None) -> str:
+    """SHA-256 of the stored encoding(s) of "": ties a store to its encoder (weights, dtype, device)."""
+    h = hashlib.sha256(null.tobytes())
+    if null_pooled is not None:
+        h.update(null_pooled.tobytes())
+    return h.hexdigest()
+
+
+def _encode_shard(encoder, chunk: list[str], s: int, out_dir: str, batch_size: int, dtype: str, bar):
+    """Shard ``s`` (its captions ``chunk``) encoded ``batch_size`` at a time and written whole."""
+    rows, pooled_rows = [], []
+    for start in range(0, len(chunk), batch_size):
+        sequence, pooled = _split(encoder(chunk[start:start + batch_size]))
+        rows.append(sequence.astype(dtype))  # (b, L, D)
+        if pooled is not None:
+            pooled_rows.append(pooled.astype(dtype))  # (b, P)
+        bar.update(len(rows[-1]))
+    if pooled_rows:  # written first: the sequence shard marks the shard as done
+        _atomic_save(os.path.join(out_dir, pooled_shard_name(s)), np.concatenate(pooled_rows))
+    _atomic_save(os.path.join(out_dir, shard_name(s)), np.concatenate(rows))
+    bar.part_written()
 
 
 class TargetStore:
