@@ -127,3 +127,91 @@ def test_flux_encode_prompt_drives_the_stock_pipeline_to_the_same_image(flux_mod
         pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=1, height=34)
     with pytest.raises(ValueError, match=r"prompt_embeds must be \(N, L, 48\) for the flux"):
         pipe(prompt_embeds=embeds[..., :32], pooled_prompt_embeds=pooled, **DIFFUSION)
+
+
+def _latents(ldm, pixels):
+    """The VAE's latents as SD3 / Flux training uses them: (sample - shift_factor) * scaling_factor."""
+    config = ldm.vae.config
+    return (ldm.vae.encode(pixels).latent_dist.sample() - config.shift_factor) * config.scaling_factor
+
+
+def test_sd3_flow_matching_loss_regresses_the_velocity_at_logit_normal_times(sd3):
+    ldm = LatentDiffusionLoss.from_pretrained(sd3)
+    cond, pooled = torch.randn(2, 333, 96), torch.randn(2, 64)
+    pixels = torch.rand(2, 3, ldm.image_size, ldm.image_size) * 2 - 1
+    with pytest.raises(ValueError, match=r"sd3 \(L x 96 \+ pooled 64\) denoiser needs the pooled vector"):
+        ldm(cond, pixels)
+    with pytest.raises(ValueError, match="snr_gamma .* is trained by flow matching"):
+        LatentDiffusionLoss(ldm.unet, ldm.vae, ldm.scheduler, snr_gamma=5.0)
+    torch.manual_seed(3)
+    loss = ldm(cond, pixels, pooled)
+    torch.manual_seed(3)  # the same draws, by hand
+    x0 = _latents(ldm, pixels)
+    noise = torch.randn_like(x0)
+    index = (torch.sigmoid(torch.randn(2)) * 1000).long()  # logit-normal(0, 1) over the 1000 training steps
+    s = (1000 - index.double()) / 1000
+    sigma = (3 * s / (1 + 2 * s)).float().view(-1, 1, 1, 1)  # SD3's static shift 3
+    with torch.no_grad():
+        pred = ldm.unet(hidden_states=(1 - sigma) * x0 + sigma * noise, timestep=sigma.flatten() * 1000,
+                        encoder_hidden_states=cond, pooled_projections=pooled).sample
+    assert loss.item() == pytest.approx(((pred - (noise - x0)) ** 2).mean().item(), rel=1e-5)
+
+
+def test_flux_flow_matching_loss_packs_latents_and_embeds_the_guidance(flux):
+    ldm = LatentDiffusionLoss.from_pretrained(flux)
+    cond, pooled = torch.randn(2, 512, 48), torch.randn(2, 32)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(3)
+    loss = ldm(cond, pixels, pooled)
+    torch.manual_seed(3)
+    x0 = _latents(ldm, pixels)  # (2, 16, 16, 16)
+    noise = torch.randn_like(x0)
+    sigma = ((1000 - (torch.rand(2) * 1000).long()) / 1000).view(-1, 1, 1, 1)  # uniform, unshifted in training
+
+    def pack(x):  # 2 x 2 patches -> tokens (N, 8 * 8, 16 * 4), channels first within a token
+        return x.view(2, 16, 8, 2, 8, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 64, 64)
+
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    image_ids = torch.stack([torch.zeros(64), rows.flatten(), cols.flatten()], dim=-1)
+    with torch.no_grad():
+        pred = ldm.unet(hidden_states=pack((1 - sigma) * x0 + sigma * noise), timestep=sigma.flatten(),
+                        guidance=torch.full((2,), 3.5), pooled_projections=pooled, encoder_hidden_states=cond,
+                        txt_ids=torch.zeros(512, 3), img_ids=image_ids).sample
+    assert loss.item() == pytest.approx(((pred - pack(noise - x0)) ** 2).mean().item(), rel=1e-5)
+
+
+def test_sd3_pipeline_round_trips_and_the_cli_precomputes_its_targets(sd3_model, sd3, tmp_path):
+    from gill_hf.cli import main
+
+    pipe = GILLPipeline.from_gill(sd3_model, sd3)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder_3 is not None  # no mapped null: the T5 and both CLIPs embed the empty negative
+    cond = dict(prompt_embeds=torch.randn(1, 333, 96), pooled_prompt_embeds=torch.randn(1, 64), output_type="np",
+                **DIFFUSION)
+    before = pipe(**cond, generator=_seed(0)).images[0]
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = GILLPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.unet is None and type(loaded.transformer).__name__ == "SD3Transformer2DModel"
+    assert (loaded.gill_model.config.diffusion_layout, loaded.gill_model.config.gen_pooled_dim) == ("sd3", 64)
+    assert np.array_equal(loaded(**cond, generator=_seed(0)).images[0], before)
+    loaded.text_encoder_3 = None
+    with pytest.raises(ValueError, match=r"lacks \['text_encoder_3'\] to embed the empty prompt"):
+        loaded(**cond)
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("caption\timage\na red circle\tx.png\na star\ty.png\n")
+    assert main(["precompute-targets", str(tsv), str(tmp_path / "t"), "--diffusion-model", sd3,
+                 "--dtype", "float32"]) == 0
+    store = TargetStore(tmp_path / "t")
+    assert store.shape == (333, 96) and store.pooled_dim == 64
+    embeds, pooled = DiffusionTextEncoder(sd3)(["a red circle", "a star"])
+    assert torch.equal(store[1], embeds[1]) and torch.equal(store.pooled(1), pooled[1])
+
+
+def test_layout_mismatch_is_an_error_at_construction(sd3_model, flux, sd3, make_model):
+    with pytest.raises(ValueError, match=r"trained for the sd3 \(L x 96 \+ pooled 64\) target layout but the "
+                                         r"diffusion model consumes flux \(L x 48 \+ pooled 32\)"):
+        GILLPipeline.from_gill(sd3_model, flux)
+    with pytest.raises(ValueError, match=r"trained for the stable_diffusion \(L x 32\).*consumes "
+                                         r"sd3 \(L x 96 \+ pooled 64\)"):
+        GILLPipeline.from_gill(make_model("opt"), sd3)
