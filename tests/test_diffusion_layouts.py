@@ -263,3 +263,18 @@ def test_an_unsupported_family_is_named_before_any_backbone_loads(tiny_backbones
     with pytest.raises(ValueError, match=r"no GILL target layout for a PixArtTransformer2DModel denoiser.*"
                                          r"supported families: \['flux', 'sd3', 'sdxl', 'stable_diffusion'\]"):
         GILLForConditionalGeneration.from_backbones("no/such-llm", tiny_backbones["clip"], str(folder))
+
+
+def test_the_web_demo_defaults_to_the_familys_guidance_scale(sdxl_model, sdxl):
+    from gill_hf.demo.web import DemoSettings
+
+    pipe = GILLPipeline.from_gill(sdxl_model, sdxl)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = DemoSettings().pipeline_kwargs(pipe)
+    assert kwargs["guidance_scale"] is None and pipe.default_guidance_scale == 5.0
+    cond = dict(prompt_embeds=torch.randn(1, 77, 64), pooled_prompt_embeds=torch.randn(1, 32), num_inference_steps=2,
+                output_type="np")
+    images = {scale: pipe(**cond, guidance_scale=scale, generator=_seed(0)).images[0] for scale in (None, 5.0, 7.5)}
+    assert np.array_equal(images[None], images[5.0]) and not np.array_equal(images[None], images[7.5])
+    with pytest.raises(ValueError, match=r"guidance_scale must be >= 0 or None, got -1"):
+        DemoSettings(guidance_scale=-1)

@@ -172,6 +172,12 @@ class GILLPipeline(DiffusionPipeline):
         """The target layout the denoiser consumes (:mod:`gill_hf.diffusion_layouts`)."""
         return layout_of_pipeline(self)
 
+    @property
+    def default_guidance_scale(self) -> float:
+        """``guidance_scale=None``: the layout's diffusers pipeline default (7.5 SD 1.x / 2.x, 5.0 SDXL, 7.0 SD3,
+        3.5 Flux)."""
+        return FAMILIES[self.diffusion_layout.family].guidance_scale
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """diffusers' save (the GILL component writes only its adapter) + the retrieval index, if any, as one atomic
         save (:func:`gill_hf.atomic.atomic_folder`: a killed save leaves the previous pipeline in place)."""
@@ -341,7 +347,7 @@ class GILLPipeline(DiffusionPipeline):
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {allowed}")
         if guidance_scale is None:
-            guidance_scale = family.guidance_scale
+            guidance_scale = self.default_guidance_scale
         diffusion = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                          width=width, generator=generator, latents=latents, output_type=output_type,
                          callback_on_step_end=callback_on_step_end,

@@ -49,7 +49,8 @@ class DemoSettings:
     """The answer settings, one control each in the Settings panel (these are its starting values).
 
     ``temperature`` 0 decodes greedily; ``force_image`` asks for one image after ``force_image_after`` text
-    tokens; ``guidance_scale`` <= 1 turns classifier-free guidance off.
+    tokens; ``guidance_scale`` <= 1 turns classifier-free guidance off, None is the diffusion family's default
+    (``GILLPipeline.default_guidance_scale``: 7.5 for SD 1.x / 2.x, 5.0 for SDXL...).
     """
 
     decision: Literal["auto", "generate", "retrieve"] = "auto"
@@ -58,7 +59,7 @@ class DemoSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 32
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
     num_inference_steps: int = 50
     seed: int = 0
 
@@ -74,6 +75,8 @@ class DemoSettings:
             elif not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("temperature", "top_p", "guidance_scale"):
+            if name == "guidance_scale" and self.guidance_scale is None:
+                continue
             if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
         if not isinstance(self.force_image, bool):
@@ -85,7 +88,7 @@ class DemoSettings:
         checks = (("force_image_after", self.force_image_after >= 0, ">= 0"),
                   ("temperature", self.temperature >= 0, ">= 0"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
                   ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-                  ("guidance_scale", self.guidance_scale >= 0, ">= 0"),
+                  ("guidance_scale", self.guidance_scale is None or self.guidance_scale >= 0, ">= 0 or None"),
                   ("num_inference_steps", self.num_inference_steps >= 1, ">= 1"),
                   ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"))
         for name, ok, expected in checks:
@@ -96,7 +99,7 @@ class DemoSettings:
         """Keyword arguments of ``pipe(...)`` for these settings (a fresh seeded generator each call)."""
         kwargs = dict(decision=self.decision, max_new_tokens=self.max_new_tokens,
                       guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
-                      generator=torch.Generator(device=pipe.unet.device).manual_seed(self.seed), num_candidates=3)
+                      generator=torch.Generator(device=pipe.device).manual_seed(self.seed), num_candidates=3)
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
@@ -419,7 +422,8 @@ def build_demo(pipeline_or_path=None, index=None, *, device=None, settings: Demo
                               info="0 = greedy"),
                     gr.Slider(0.05, 1, value=settings.top_p, step=0.05, label="Top-p"),
                     gr.Slider(1, 256, value=settings.max_new_tokens, step=1, label="Max new tokens"),
-                    gr.Slider(0, 20, value=settings.guidance_scale, step=0.5, label="Guidance scale"),
+                    gr.Slider(0, 20, value=pipe.default_guidance_scale if settings.guidance_scale is None
+                              else settings.guidance_scale, step=0.5, label="Guidance scale"),
                     gr.Slider(1, 100, value=settings.num_inference_steps, step=1, label="Diffusion steps"),
                     gr.Number(value=settings.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"),
                 ]
