@@ -160,6 +160,9 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         # Data-parallel hook (set by gill_hf.training): (n, p) local embeddings -> (N_global, p) for l_r.
         self.contrastive_gather = None
         self.post_init()
+        # the children's no-split classes less absent ones (CLIPVisionModel lists CLIPTextEmbeddings): FSDP's
+        # transformer wrap policy and device maps look every name up in the model
+        self._no_split_modules &= {type(m).__name__ for m in self.modules()}
         self.generation_config = gill_generation_config(config, self.language_model.generation_config)
         self.renormalize_img_embeddings()
 
