@@ -29,6 +29,16 @@ VISION_MODEL_TYPES = {"clip_pooled": "clip_vision_model", "clip_patches": "clip_
 ORIGINAL_SEMANTICS = {"mask_image_token_logit": False, "packed_lp_first_caption_only": True}
 
 
+def visual_token_count(visual_encoder: str, vision_config, num_query_tokens: int) -> int | None:
+    """Visual tokens per image of a sequence encoder (CLIP: CLS + patches, SigLIP: patches, Q-Former: its queries);
+    None for "clip_pooled", whose k is free."""
+    if visual_encoder == "blip2_qformer":
+        return num_query_tokens
+    if visual_encoder == "clip_pooled":
+        return None
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + int(visual_encoder == "clip_patches")
+
+
 @strict
 class GILLConfig(PreTrainedConfig):
     r"""Configuration of a GILL adapter on top of a frozen LLM, a frozen CLIP vision encoder and a frozen diffusion model.
@@ -230,12 +240,7 @@ class GILLConfig(PreTrainedConfig):
     def encoder_visual_tokens(self) -> int | None:
         """Visual tokens per image a sequence encoder gives (CLIP: CLS + patches, SigLIP: patches, Q-Former: the
         queries); None for "clip_pooled", whose k is free."""
-        vc = self.vision_config
-        if self.visual_encoder == "blip2_qformer":
-            return self.num_query_tokens
-        if self.visual_encoder == "clip_pooled":
-            return None
-        return (vc.image_size // vc.patch_size) ** 2 + int(self.visual_encoder == "clip_patches")
+        return visual_token_count(self.visual_encoder, self.vision_config, self.num_query_tokens)
 
     @property
     def vision_dim(self) -> int:

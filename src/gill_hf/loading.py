@@ -142,21 +142,23 @@ def peft_on_transformers5():
 
 def resolve_backbone_classes(config):
     """The classes ``from_pretrained`` will instantiate for the LLM and the vision encoder."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from transformers import AutoModelForCausalLM
+
+    from .visual_encoders import vision_model_class
 
     text_config = config.text_config
     mapping = AutoModelForCausalLM._model_mapping
     llm_class = mapping[type(text_config)] if type(text_config) in mapping else None
-    return llm_class, CLIPVisionModel
+    return llm_class, vision_model_class(config)
 
 
 def load_backbones(config, dtype=None, device_map=None, attn_implementation=None, quantization_config=None,
                    output_loading_info: bool = False):
-    """Check every switch, then load the frozen LLM and CLIP vision encoder (vision on the LLM's first device).
+    """Check every switch, then load the frozen LLM and vision encoder (vision on the LLM's first device).
 
     Returns ``(llm, vision, loading_info)``; ``loading_info`` holds the backbones' own load reports with their keys
     prefixed ``language_model.`` / ``vision_model.`` (None unless ``output_loading_info``)."""
-    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from transformers import AutoModelForCausalLM
 
     for name in ("text_model_name_or_path", "vision_model_name_or_path"):
         if not getattr(config, name):
@@ -179,7 +181,7 @@ def load_backbones(config, dtype=None, device_map=None, attn_implementation=None
     vision_kwargs = {"dtype": dtype, "output_loading_info": output_loading_info}
     if attn["vision"] is not None:
         vision_kwargs["attn_implementation"] = attn["vision"]
-    vision = CLIPVisionModel.from_pretrained(config.vision_model_name_or_path, **vision_kwargs)
+    vision = vision_class.from_pretrained(config.vision_model_name_or_path, **vision_kwargs)
     info = None
     if output_loading_info:
         (llm, llm_info), (vision, vision_info) = llm, vision

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, cached_file
 
@@ -22,6 +22,8 @@ from .losses import contrastive_loss, generation_loss
 from .mapper import PooledHead, build_mapper
 from .packing import pack_pairs
 from .token_ids import check_pretrained_token_ids
+from .visual_encoders import (build_vision_model, check_vision_model, image_features, retrieval_vector,
+                              vision_fields_from_pretrained)
 
 ADAPTER_PREFIX = "adapter."
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
@@ -34,9 +36,9 @@ class GILLAdapter(nn.Module):
 
     def __init__(self, config: GILLConfig):
         super().__init__()
-        k, r, p = config.num_visual_tokens, config.num_img_tokens, config.ret_emb_dim
+        r, p = config.num_img_tokens, config.ret_emb_dim
         e, f, d = config.llm_embed_dim, config.llm_feature_dim, config.vision_dim
-        self.w_cap = nn.Linear(d, k * e)  # pooled image -> k LLM input vectors (Eq. 1)
+        self.w_cap = visual_projection(config)  # image features -> LLM input vectors (Eq. 1)
         self.img_embeddings = nn.Parameter(torch.randn(r, e) * 0.02)  # E_img: [IMG] input rows (Eq. 2)
         if config.tie_img_embeddings:  # tied LLM: the same rows score the [IMG] tokens, as the original
             self.register_parameter("img_output_embeddings", None)
@@ -53,6 +55,16 @@ class GILLAdapter(nn.Module):
     @property
     def img_output_weight(self) -> torch.Tensor:  # (r, e_out)
         return self.img_embeddings if self.img_output_embeddings is None else self.img_output_embeddings
+
+
+def visual_projection(config: GILLConfig) -> nn.Module:
+    """W_cap: ``(..., d)`` -> ``(..., k * e)`` for a pooled vector (k LLM vectors), ``(..., e)`` per visual token of
+    a sequence encoder; ``visual_projection="mlp"`` is Linear(d, e) - GELU - Linear(e, out)."""
+    d, e = config.vision_dim, config.llm_embed_dim
+    out = config.num_visual_tokens * e if config.visual_encoder == "clip_pooled" else e
+    if config.visual_projection == "mlp":
+        return nn.Sequential(nn.Linear(d, e), nn.GELU(), nn.Linear(e, out))
+    return nn.Linear(d, out)
 
 
 def count_adapter_parameters(config: GILLConfig) -> dict[str, int]:
@@ -130,7 +142,8 @@ class GILLPreTrainedModel(PreTrainedModel):
 
 
 class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
-    """GILL: frozen ``language_model`` (any causal LM) and ``vision_model`` (CLIP), trainable ``adapter``.
+    """GILL: frozen ``language_model`` (any causal LM) and ``vision_model`` (``config.visual_encoder``'s: CLIP,
+    SigLIP or BLIP-2 vision + Q-Former, see ``gill_hf.visual_encoders``), trainable ``adapter``.
 
     Build from backbone ids with :meth:`from_backbones`; load a trained adapter with :meth:`from_pretrained`.
     ``save_pretrained`` writes only the adapter (plus config and, if attached, the processor).
@@ -139,13 +152,13 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
     accepts_loss_kwargs = False  # forward returns per-batch means; the Trainer scales for accumulation
 
     def __init__(self, config: GILLConfig, language_model: PreTrainedModel | None = None,
-                 vision_model: CLIPVisionModel | None = None):
+                 vision_model: nn.Module | None = None):
         super().__init__(config)
         if config.img_token_ids is None or config.image_token_id is None:
             raise ValueError("GILLConfig.img_token_ids / image_token_id are unset: build the model with "
                              "GILLForConditionalGeneration.from_backbones(...), which adds the tokens")
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
-        self.vision_model = vision_model or CLIPVisionModel(config.vision_config)
+        self.vision_model = vision_model or build_vision_model(config)
         for backbone in (self.language_model, self.vision_model):
             backbone.requires_grad_(False)
             backbone.eval()
@@ -154,6 +167,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         # The decision head is fit after the rest has converged (paper Sec. 3.3), not by Eq. 5: keep it out of the
         # optimizer (and out of DDP's unused-parameter check) until decision training switches it on.
         self.adapter.decision_head.requires_grad_(False)
+        if not config.train_visual_projection:  # MiniGPT-5's frozen llama_proj (still saved with the adapter)
+            self.adapter.w_cap.requires_grad_(False)
         self.register_buffer("img_token_ids", torch.tensor(config.img_token_ids), persistent=False)
         self.processor = None  # a GILLProcessor, attached by from_backbones / from_pretrained
         self._frozen_row_norm: dict[str, float] = {}
@@ -177,9 +192,7 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         if tied != self.config.tie_img_embeddings:
             raise ValueError(f"text_config.tie_word_embeddings={self.config.tie_img_embeddings} but the loaded LLM's "
                              f"output embeddings are {'tied' if tied else 'untied'}")
-        if self.vision_model.config.hidden_size != self.config.vision_dim:
-            raise ValueError(f"vision encoder is {self.vision_model.config.hidden_size} wide, config expects "
-                             f"{self.config.vision_dim}")
+        check_vision_model(self.config, self.vision_model)
         if self.config.mapper_add_input_embeddings and self.config.llm_feature_dim != self.config.llm_embed_dim:
             raise ValueError(f"mapper_add_input_embeddings needs hidden_layer states ({self.config.llm_feature_dim}) "
                              f"as wide as the input embeddings ({self.config.llm_embed_dim})")
@@ -216,15 +229,17 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         ``gen_emb_dim``, ``gen_pooled_dim``, ``diffusion_layout`` and ``num_gen_queries`` are read from the diffusion model's configs unless given; ``config_kwargs`` are
         :class:`GILLConfig` fields (a name that is none is an error). The loading switches (``dtype`` /
         ``torch_dtype``, ``attn_implementation``, ``device_map``, ``quantization_config``, ``output_loading_info``)
-        are those of :meth:`from_pretrained`; the adapter is created in float32.
+        are those of :meth:`from_pretrained`; the adapter is created in float32. ``vision_model`` is the folder of
+        ``visual_encoder``'s model (a CLIP / SigLIP checkpoint, or a BLIP-2 one whose language model is not read);
+        for a sequence encoder k (``num_visual_tokens``) is its number of visual tokens.
         """
         from transformers import AutoImageProcessor, AutoTokenizer
 
         from .loading import unknown_kwargs_error
         from .processing_gill import GILLProcessor
 
-        fields = set(GILLConfig.__dataclass_fields__) - {"text_config", "vision_config", "img_token_ids",
-                                                          "image_token_id"}
+        fields = set(GILLConfig.__dataclass_fields__) - {"text_config", "vision_config", "qformer_config",
+                                                          "num_query_tokens", "img_token_ids", "image_token_id"}
         unknown = set(config_kwargs) - fields
         if unknown:
             raise unknown_kwargs_error(f"{cls.__name__}.from_backbones", unknown,
@@ -241,13 +256,14 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         image_processor = AutoImageProcessor.from_pretrained(vision_model, backend="pil")
         text_config = AutoConfig.from_pretrained(text_model)
+        vision_fields = vision_fields_from_pretrained(config_kwargs.get("visual_encoder", "clip_pooled"), vision_model)
+        config_kwargs = {**vision_fields, **config_kwargs}  # a k given for a sequence encoder is checked
         processor = GILLProcessor(image_processor, tokenizer,
                                   num_visual_tokens=config_kwargs.get("num_visual_tokens", 4),
                                   num_img_tokens=config_kwargs.get("num_img_tokens", 8),
                                   context_length=getattr(text_config, "max_position_embeddings", None))
         config = GILLConfig(
             text_config=text_config.to_dict(),
-            vision_config=CLIPVisionConfig.from_pretrained(vision_model).to_dict(),
             text_model_name_or_path=text_model, vision_model_name_or_path=vision_model,
             diffusion_model_name_or_path=diffusion_model, img_token_ids=processor.img_token_ids,
             image_token_id=processor.image_token_id, **config_kwargs)
@@ -597,13 +613,22 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         return embeds.masked_fill((input_ids == self.config.image_token_id).unsqueeze(-1), 0.0)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` -> pooled CLIP features ``(N, d)`` (post-LayerNorm CLS, no CLIP projection)."""
-        pooled = self.vision_model(pixel_values=pixel_values.to(self.vision_model.dtype)).pooler_output
-        return pooled.to(self.adapter.w_cap.weight.dtype)
+        """``(N, 3, H, W)`` -> the frozen encoder's features in the adapter's dtype: ``(N, d)`` pooled CLIP
+        features (post-LayerNorm CLS, no CLIP projection) for "clip_pooled", else ``(N, k, d)`` per visual token
+        (``gill_hf.visual_encoders``)."""
+        features = image_features(self.config.visual_encoder, self.vision_model, pixel_values)
+        return features.to(self.adapter.w_i2t.weight.dtype)
 
     def visual_prefix(self, image_features: torch.Tensor) -> torch.Tensor:
-        """``(N, d)`` -> ``(N, k, e)``: v(x)^T W_cap, the LLM input vectors of each image (Eq. 1)."""
-        return self.adapter.w_cap(image_features).view(image_features.shape[0], self.config.num_visual_tokens, -1)
+        """:meth:`encode_images` features -> ``(N, k, e)``: the LLM input vectors of each image (Eq. 1): W_cap of
+        the pooled vector split into k, or W_cap of each of the k visual tokens."""
+        n, k = image_features.shape[0], self.config.num_visual_tokens
+        pooled = self.config.visual_encoder == "clip_pooled"
+        expected = (n, self.config.vision_dim) if pooled else (n, k, self.config.vision_dim)
+        if tuple(image_features.shape) != expected:
+            raise ValueError(f"image features have shape {tuple(image_features.shape)}, expected {expected} for "
+                             f"visual_encoder={self.config.visual_encoder!r} (model.encode_images gives them)")
+        return self.adapter.w_cap(image_features).view(n, k, -1)
 
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids with ``<|image|>`` placeholders + ``(N, d)`` image features -> ``(B, T, e)`` inputs_embeds."""
@@ -700,8 +725,10 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         return self.adapter.w_t2i(img0_states)
 
     def image_retrieval_embeddings(self, image_features: torch.Tensor) -> torch.Tensor:
-        """``(N, d)`` pooled CLIP features -> ``(N, p)`` = W_i2t v(x) (unnormalised)."""
-        return self.adapter.w_i2t(image_features)
+        """:meth:`encode_images` features -> ``(N, p)`` = W_i2t v(x) (unnormalised), v(x) the encoder's image
+        vector: CLIP's / SigLIP's pooled output, the mean of the Q-Former's query outputs
+        (``gill_hf.visual_encoders.retrieval_vector``)."""
+        return self.adapter.w_i2t(retrieval_vector(self.config.visual_encoder, self.vision_model, image_features))
 
     # ------------------------------------------------------------------ scoring (gill_hf.scoring)
     def score_continuations(self, prompt, candidates, batch_size: int = 8, reduction: str = "sum"):

@@ -74,18 +74,20 @@ def check_rebuildable(gill_model):
     """Raise ``ValueError`` naming a backbone that a Hub user without gill_hf could not rebuild from the config.
 
     Remote loading rebuilds the LLM with ``AutoModelForCausalLM`` from ``text_config`` and the vision encoder as
-    ``CLIPVisionModel``: both must be transformers' own classes (not a local or registered custom class).
+    ``visual_encoders.vision_model_class`` does: the LLM must be a transformers class (not a local or registered
+    custom class) and the vision encoder exactly that class (transformers' own, or the pushed BLIP-2 wrapper).
     """
-    from transformers import CLIPVisionModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from .visual_encoders import vision_model_class
 
     llm = gill_model.language_model
     llm = llm.get_base_model() if hasattr(llm, "peft_config") else llm  # LoRA: the wrapped transformers model
     model_type = getattr(gill_model.config.text_config, "model_type", None)
     for part, module, expected in (("language model", llm, None), ("vision encoder", gill_model.vision_model,
-                                                                     CLIPVisionModel)):
+                                                                     vision_model_class(gill_model.config))):
         cls = type(module)
-        builtin = cls.__module__.startswith("transformers.models.") and (expected is None or cls is expected)
+        builtin = cls is expected or expected is None and cls.__module__.startswith("transformers.models.")
         if not builtin or (part == "language model" and model_type not in CONFIG_MAPPING_NAMES):
             raise ValueError(f"remote code cannot rebuild the {part}: {cls.__module__}.{cls.__name__} "
                              f"(model_type {getattr(module.config, 'model_type', None)!r}) is not a class built into "
