@@ -15,6 +15,11 @@ Built-in templates (select with ``chat_template="gill"`` / ``"minigpt5"``):
     {system}###Human: {user} ###Assistant: {assistant} ###Human: {user} ###Assistant:
 
 MiniGPT-5 ends every answer with ``###``, which is also its stop string; here the next ``###Human:`` supplies it.
+This is the form of MiniGPT-5's CC3M instruction prompts (``{system}###Human: {command} {caption} ###Assistant:``).
+Its stage-2 data spaces the turns differently, so the VIST and MMDialog prompts are built by
+:func:`minigpt5_story_prompt` / :func:`minigpt5_dialogue_prompt`, string for string as MiniGPT-5's data loader
+writes them (``<Img><|image|></Img>`` where it writes ``<Img><ImageHere></Img>``), and answers by
+:func:`minigpt5_target`.
 """
 
 from .image_io import IMAGE_PART_KEYS, IMAGE_TYPES
@@ -47,6 +52,43 @@ MINIGPT5_CHAT_TEMPLATE = (
 )
 
 BUILTIN_CHAT_TEMPLATES = {"gill": GILL_CHAT_TEMPLATE, "minigpt5": MINIGPT5_CHAT_TEMPLATE}
+
+# MiniGPT-5's stage-2 prompts (its dataloader's strings; one image = one <Img><|image|></Img>).
+MINIGPT5_IMAGE = f"<Img>{IMAGE_TOKEN}</Img>"
+MINIGPT5_STOP = "###"
+MINIGPT5_ROLE_TAGS = {"user": "###Human:", "assistant": "###Assistant:"}
+MINIGPT5_VIST_SYSTEM_PROMPT = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see "
+                               "the images once I provide it to you. Please understanding images and generate story.")
+MINIGPT5_MMDIALOG_SYSTEM_PROMPT = ("Give the following images in <Img>ImageContent</Img> format. You will be able to "
+                                   "see the images once I provide it to you. Please generate conversation with "
+                                   "appropriate image.")
+
+
+def minigpt5_story_prompt(captions: list[str], instruction: str, instruction_image: bool = False) -> str:
+    """A VIST step's prompt: the earlier steps' captions, each followed by its image, then the task instruction
+    (and the step's own image for the image-to-text task) -> ``{system}###Human:{history} {instruction}
+    ###Assistant:`` with ``<|image|>`` per image in reading order."""
+    history = MINIGPT5_IMAGE.join(captions) + (MINIGPT5_IMAGE + "\n" if captions else "")
+    image = " " + MINIGPT5_IMAGE if instruction_image else ""
+    return f"{MINIGPT5_VIST_SYSTEM_PROMPT}###Human:{history} {instruction}{image} ###Assistant:"
+
+
+def minigpt5_dialogue_prompt(history: list[tuple[str, str, bool]], role: str) -> str:
+    """An MMDialog turn's prompt: ``(role, text, has_image)`` of the history turns, one line each
+    (``###Human: {text} <Img><|image|></Img>``), then the tag of ``role`` ("user" / "assistant"), whose text the
+    model writes."""
+    for name in [r for r, _, _ in history] + [role]:
+        if name not in MINIGPT5_ROLE_TAGS:
+            raise ValueError(f"MiniGPT-5 dialogue roles are {sorted(MINIGPT5_ROLE_TAGS)}, got {name!r}")
+    lines = "".join(f"{MINIGPT5_ROLE_TAGS[r]} {text}" + (f" {MINIGPT5_IMAGE}" if has_image else "") + "\n"
+                    for r, text, has_image in history)
+    return MINIGPT5_MMDIALOG_SYSTEM_PROMPT + lines + MINIGPT5_ROLE_TAGS[role]
+
+
+def minigpt5_target(text: str, img_tokens: list[str] | None = None) -> str:
+    """MiniGPT-5's answer: ``{text} [IMG0]..[IMG{r-1}] ###`` (``img_tokens`` when it has an image; either part may be
+    empty)."""
+    return " ".join(part for part in (text, "".join(img_tokens or []), MINIGPT5_STOP) if part)
 
 
 def is_message(part) -> bool:

@@ -16,13 +16,13 @@ learns both), with MiniGPT-5's sliding history window and, for training, its len
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .data import check_image_name
+from torch.utils.data import Dataset
+
+from .data import _try_load_file, check_image_name
 
 ROLES = ("user", "assistant")  # turn i is ROLES[i % 2]: "###Human:" / "###Assistant:"
-MMDIALOG_SYSTEM_PROMPT = ("Give the following images in <Img>ImageContent</Img> format. You will be able to see the "
-                          "images once I provide it to you. Please generate conversation with appropriate image.")
 
 
 @dataclass(frozen=True)
@@ -135,3 +135,70 @@ def _dialogue(record: dict, line: int, path: str, image_dir: str, blacklist: set
             break
         turns.append(DialogueTurn(ROLES[i % 2], text, media, image))
     return Dialogue(str(record["conversation_id"]), tuple(turns), line, stop)
+
+
+def history_window(i: int) -> range:
+    """The turns MiniGPT-5 shows before turn ``i``: the previous exchange and, for an assistant turn, the current
+    human turn (turn 1 sees 0; 2 and 3 see from 0; 4 and 5 from 2; ...)."""
+    return range(max(0, 2 * ((i - 2) // 2)), i)
+
+
+class MMDialogDataset(Dataset):
+    """Every turn after the first of every dialogue as one stage-2 example of its role (both roles are learnt).
+
+    Item -> the :class:`~gill_hf.training.InterleavedDataCollator` schema: ``{"index", "task": "dialogue",
+    "turns": [{"role", "text", "has_image"}] (the history window), "role", "context": [text, image?, ...] (the
+    history as parts), "instruction": "", "instruction_image": None, "target_text", "output_image" (the turn's own
+    image, or None), "error"}``.
+
+    Args:
+        dialogues: :func:`read_mmdialog`'s output.
+        tokenizer, max_tokens: MiniGPT-5's training-only cut: a dialogue also stops at the first turn whose text is
+            more than ``max_tokens`` tokens of ``tokenizer`` (MiniGPT-5: 50). None: no cut (evaluation).
+    """
+
+    def __init__(self, dialogues: list[Dialogue], tokenizer=None, max_tokens: int | None = None):
+        if max_tokens is not None and (tokenizer is None or max_tokens < 1):
+            raise ValueError(f"max_tokens={max_tokens} needs a tokenizer and a value >= 1")
+        if max_tokens is None and tokenizer is not None:
+            raise ValueError("a tokenizer is only used to count max_tokens; pass max_tokens too")
+        self.dialogues = [_cut(d, tokenizer, max_tokens) for d in dialogues] if max_tokens else list(dialogues)
+        self.examples = [(d, i) for d, dialogue in enumerate(self.dialogues) for i in range(1, len(dialogue.turns))]
+        if not self.examples:
+            raise ValueError(f"no dialogue of {len(dialogues)} keeps two turns: nothing to learn from")
+
+    @classmethod
+    def from_jsonl(cls, path, image_dir=None, blacklist=(), tokenizer=None, max_tokens: int | None = None):
+        """:func:`read_mmdialog` then the dataset (arguments as there and in the class)."""
+        return cls(read_mmdialog(path, image_dir, blacklist), tokenizer=tokenizer, max_tokens=max_tokens)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        d, i = self.examples[index]
+        turns = self.dialogues[d].turns
+        ex = {"index": index, "task": "dialogue", "turns": [], "role": turns[i].role, "context": [],
+              "instruction": "", "instruction_image": None, "target_text": turns[i].text, "output_image": None,
+              "error": None}
+        for turn in (turns[j] for j in history_window(i)):
+            ex["turns"].append({"role": turn.role, "text": turn.text, "has_image": turn.image is not None})
+            ex["context"].append(turn.text)
+            if turn.image is not None:
+                image, error = _try_load_file(None, turn.image)
+                ex["context"].append(image)
+                ex["error"] = ex["error"] or error
+        if turns[i].image is not None:
+            ex["output_image"], error = _try_load_file(None, turns[i].image)
+            ex["error"] = ex["error"] or error
+        return ex
+
+
+def _cut(dialogue: Dialogue, tokenizer, max_tokens: int) -> Dialogue:
+    """``dialogue`` stopped at its first turn longer than ``max_tokens`` tokens (MiniGPT-5's training filter)."""
+    for i, turn in enumerate(dialogue.turns):
+        length = len(tokenizer(turn.text, add_special_tokens=False)["input_ids"])
+        if length > max_tokens:
+            return replace(dialogue, turns=dialogue.turns[:i],
+                           stop_reason=f"turn {i}: {length} tokens, over max_tokens={max_tokens}")
+    return dialogue
