@@ -1,6 +1,8 @@
 """``gill-hf train CONFIG.yaml [--set a.b=value ...]``: train GILL (stage 1) or MiniGPT-5 stage 2 with the Trainer.
 
-Run it under ``accelerate launch`` or ``torchrun`` for multi-process training; nothing else changes. Config::
+Run it under ``accelerate launch`` or ``torchrun`` for multi-process training; nothing else changes. Streams
+(shards, ``streaming: true``) need ``training.max_steps``; each process reads its own part, and a resumed run continues
+at the exact sample. Config::
 
     model:
       text_model: facebook/opt-6.7b          # backbones for a fresh adapter ...
@@ -10,7 +12,15 @@ Run it under ``accelerate launch`` or ``torchrun`` for multi-process training; n
       lora: false                            # wrap the LLM in LoRA (r/alpha/dropout/targets from config)
       config: {training_stage: align}        # GILLConfig overrides (loss weights, cfg_dropout_prob, ...)
     data:
-      tsv: cc3m_train.tsv                    # stage 1: caption<TAB>image
+      tsv: cc3m_train.tsv                    # stage 1: caption<TAB>image, or one of:
+      shards: null                           #   webdataset shards (img2dataset): 'cc3m/{00000..00331}.tar', a
+                                             #   folder of *.tar or a list (--train-shards); streamed
+      dataset: null                          #   datasets.load_dataset(dataset, data_files=, split=) (--train-dataset):
+      data_files: null                       #   e.g. webdataset / imagefolder / parquet, or a dataset folder
+      split: train
+      streaming: false                       #   read it as a stream (--streaming)
+      columns: null                          #   {caption: txt, image: jpg}: the dataset's columns
+      shuffle_buffer: 0                      # streams: seeded shuffle buffer (training.data_seed or seed)
       image_dir: null                        # default: the TSV's folder
       targets: cc3m_targets/                 # from `gill-hf precompute-targets`
       vist: null                             # stage 2: VIST SIS JSON (images in vist_image_dir)
@@ -34,17 +44,22 @@ import yaml
 
 from . import UsageError, existing_path, model_source, output_path
 
+STREAM_DEFAULTS = {"shards": None, "dataset": None, "data_files": None, "split": "train", "streaming": False,
+                   "columns": None, "shuffle_buffer": 0}  # stage-1 sources other than the TSV
 DEFAULTS = {"model": {"text_model": None, "vision_model": None, "diffusion_model": None, "from_pretrained": None,
                       "lora": False, "config": {}},
             "data": {"tsv": None, "image_dir": None, "targets": None, "vist": None, "vist_image_dir": None,
-                     "max_length": 32, "vist_tasks": ["gen", "text_image", "text"]},
+                     "max_length": 32, "vist_tasks": ["gen", "text_image", "text"], **STREAM_DEFAULTS},
             "training": {"output_dir": None, "activation_checkpointing": False, "mapper_lr_mult": 1.0},
             "resume_from_checkpoint": None}
 # The type of every field of the model / data sections and of the top-level scalars (training: TrainingArguments).
 FIELD_TYPES = {"model": {"text_model": str | None, "vision_model": str | None, "diffusion_model": str | None,
                          "from_pretrained": str | None, "lora": bool, "config": dict | None},
                "data": {"tsv": str | None, "image_dir": str | None, "targets": str | None, "vist": str | None,
-                        "vist_image_dir": str | None, "max_length": int, "vist_tasks": list[str]},
+                        "vist_image_dir": str | None, "max_length": int, "vist_tasks": list[str],
+                        "shards": str | list[str] | None, "dataset": str | None,
+                        "data_files": str | list[str] | dict | None, "split": str, "streaming": bool,
+                        "columns": dict | None, "shuffle_buffer": int},
                "resume_from_checkpoint": str | bool | None}
 TRAIN_GILL_FIELDS = {"activation_checkpointing": bool, "mapper_lr_mult": float}  # train_gill's own options
 # GILLConfig fields the model section sets itself (backbones) or the processor fills in.
@@ -166,9 +181,10 @@ def _override(item: str) -> dict:
     return value
 
 
-def load_config(path: str | None, overrides: list[str]) -> dict:
-    """YAML file (optional) merged over ``DEFAULTS``, then ``a.b=value`` overrides (values parsed as YAML); every
-    name, type and input path is checked here (``UsageError``), before anything loads."""
+def load_config(path: str | None, overrides: list[str], data_flags: dict | None = None) -> dict:
+    """YAML file (optional) merged over ``DEFAULTS``, then ``a.b=value`` overrides (values parsed as YAML), then the
+    data flags (``--train-shards`` ...: data fields, not parsed); every name, type and input path is checked here
+    (``UsageError``), before anything loads."""
     config = copy.deepcopy(DEFAULTS)
     if path:
         loaded = _read_yaml(path)
@@ -177,6 +193,10 @@ def load_config(path: str | None, overrides: list[str]) -> dict:
     for item in overrides:
         fragment = _override(item)
         check_fragment(fragment, f"--set {item}")
+        _merge(config, fragment)
+    if data_flags:
+        fragment = {"data": dict(data_flags)}
+        check_fragment(fragment, "command line")
         _merge(config, fragment)
     check_config(config)
     return config
@@ -197,9 +217,10 @@ def check_config(config: dict):
                        ("vist_image_dir", "folder")):
         if data.get(name):
             data[name] = existing_path(data[name], f"data.{name}", kind)
-    needed = "vist (a VIST SIS JSON)" if stage == "interleaved" else "tsv (caption<TAB>image)"
-    if not data.get(needed.split()[0]):
-        raise UsageError(f"training_stage {stage!r} needs data.{needed}")
+    if stage == "interleaved" and not data.get("vist"):
+        raise UsageError(f"training_stage {stage!r} needs data.vist (a VIST SIS JSON)")
+    if stage != "interleaved":
+        _check_pairs_source(data, training)
     if data["max_length"] < 1:
         raise UsageError(f"data.max_length must be >= 1, got {data['max_length']}")
     _check_tasks(data["vist_tasks"])
@@ -209,6 +230,43 @@ def check_config(config: dict):
         config["resume_from_checkpoint"] = existing_path(resume, "resume_from_checkpoint", "folder")
     elif resume and not (os.path.isdir(output_dir) and get_last_checkpoint(output_dir)):
         raise UsageError(f"resume_from_checkpoint: true needs a checkpoint-* folder in {output_dir}; none found")
+
+
+def _check_pairs_source(data: dict, training: dict):
+    """Stage 1 reads exactly one of data.tsv, data.shards (listed and opened here) and data.dataset; stream
+    settings apply to streams, targets to the TSV only, and streams need max_steps."""
+    from . import looks_local
+
+    given = [name for name in ("tsv", "shards", "dataset") if data.get(name)]
+    if len(given) != 1:
+        raise UsageError(f"training_stage 'align' needs data.tsv (caption<TAB>image), data.shards (webdataset "
+                         f"tars) or data.dataset, exactly one; got {given or 'none'}")
+    for name in ("data_files", "columns", "streaming"):
+        if data[name] != STREAM_DEFAULTS[name] and not data.get("dataset"):
+            raise UsageError(f"data.{name} applies to data.dataset only")
+    if data["split"] != STREAM_DEFAULTS["split"] and not data.get("dataset"):
+        raise UsageError("data.split applies to data.dataset only")
+    stream = bool(data.get("shards")) or (bool(data.get("dataset")) and data["streaming"])
+    if data["shuffle_buffer"] < 0 or (data["shuffle_buffer"] and not stream):
+        raise UsageError(f"data.shuffle_buffer ({data['shuffle_buffer']}) takes a value >= 0 and applies to streams "
+                         "(data.shards, or data.dataset with data.streaming; the Trainer shuffles the others)")
+    if data.get("shards"):
+        from ..training.streaming import find_shards
+
+        try:
+            data["shards"] = find_shards(os.path.expanduser(s) for s in _as_list(data["shards"]))
+        except (ValueError, ImportError) as error:
+            raise UsageError(f"data.shards: {error}") from None
+    if data.get("dataset") and looks_local(data["dataset"]):
+        data["dataset"] = existing_path(data["dataset"], "data.dataset")
+    if stream and data.get("targets"):
+        raise UsageError("data.targets index a TSV's examples; a stream has no such index (train it without targets)")
+    if stream and not training.get("max_steps", -1) > 0:
+        raise UsageError("a stream has no length: set training.max_steps")
+
+
+def _as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _check_model(model: dict) -> str:
@@ -279,12 +337,36 @@ def build_model(model_cfg: dict):
     return model
 
 
-def build_trainer(config: dict):
-    from ..training import (CaptionImageDataset, InterleavedDataCollator, LatentDiffusionLoss, TargetStore,
-                            VISTTaskDataset, train_gill)
+def build_pairs(data: dict, seed: int):
+    """Stage 1's image-caption pairs: the TSV, the shards' stream or the ``datasets`` dataset (a stream when
+    ``data.streaming``); a dataset that does not load or lacks the columns is a ``UsageError``."""
+    from ..training import CaptionImageDataset, StreamingCaptionDataset
+    from ..training.data import as_caption_dataset
 
-    model = build_model(config["model"])
+    if data.get("tsv"):
+        return CaptionImageDataset.from_tsv(data["tsv"], data.get("image_dir"))
+    if data.get("shards"):
+        return StreamingCaptionDataset.from_shards(data["shards"], shuffle_buffer=data["shuffle_buffer"], seed=seed)
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(data["dataset"], data_files=data["data_files"], split=data["split"],
+                                        streaming=data["streaming"])
+        if data["streaming"]:
+            return StreamingCaptionDataset.from_hf_dataset(dataset, data["columns"],
+                                                           shuffle_buffer=data["shuffle_buffer"], seed=seed)
+        return as_caption_dataset(dataset, data["columns"])
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise UsageError(f"data.dataset {data['dataset']}: {' '.join(str(error).split())}") from None
+
+
+def build_trainer(config: dict):
+    from ..training import InterleavedDataCollator, LatentDiffusionLoss, TargetStore, VISTTaskDataset, train_gill
+
     data, training = config["data"], dict(config["training"])
+    seed = training.get("data_seed") or training.get("seed", 42)  # TrainingArguments' default seed
+    pairs = build_pairs(data, seed) if not data.get("vist") else None  # stage 1: read before the backbones load
+    model = build_model(config["model"])
     ldm_loss = None
     if model.config.ldm_loss_weight > 0:
         diffusion = config["model"].get("diffusion_model") or model.config.diffusion_model_name_or_path
@@ -294,7 +376,7 @@ def build_trainer(config: dict):
         dataset = VISTTaskDataset.from_json(data["vist"], data.get("vist_image_dir"), tasks=data["vist_tasks"])
         collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_loss.image_size if ldm_loss else None)
     else:
-        dataset = CaptionImageDataset.from_tsv(data["tsv"], data.get("image_dir"))
+        dataset = pairs if pairs is not None else build_pairs(data, seed)
         targets = TargetStore(data["targets"]) if data.get("targets") else None
     output_dir = training.pop("output_dir")
     return train_gill(model, dataset, output_dir, data_collator=collator, targets=targets, ldm_loss=ldm_loss,
@@ -302,7 +384,8 @@ def build_trainer(config: dict):
 
 
 def run(args) -> int:
-    config = load_config(args.config, args.set or [])
+    flags = {"shards": args.train_shards, "dataset": args.train_dataset, "streaming": args.streaming or None}
+    config = load_config(args.config, args.set or [], {k: v for k, v in flags.items() if v is not None})
     trainer = build_trainer(config)
     trainer.train(resume_from_checkpoint=config["resume_from_checkpoint"])
     trainer.save_model()
@@ -315,4 +398,9 @@ def register(subparsers):
     parser.add_argument("config", nargs="?", help="YAML config (see above); optional when --set gives everything")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config value, e.g. --set training.max_steps=100 (repeatable)")
+    parser.add_argument("--train-shards", metavar="SHARDS", help="stage-1 webdataset shards (data.shards): a brace "
+                        "pattern such as 'cc3m/{00000..00331}.tar' (quoted) or a folder of *.tar")
+    parser.add_argument("--train-dataset", metavar="DATASET", help="stage-1 pairs from datasets.load_dataset "
+                        "(data.dataset; data.data_files / split / columns in the config)")
+    parser.add_argument("--streaming", action="store_true", help="stream data.dataset (data.streaming)")
     parser.set_defaults(func=run)

@@ -30,7 +30,6 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import TrainerCallback
 
-from ..chat_templates import MINIGPT5_STOP, minigpt5_dialogue_prompt, minigpt5_story_prompt
 from ..processing_gill import load_image, to_rgb
 from .targets import TargetStore
 
@@ -245,6 +244,15 @@ def as_caption_dataset(dataset, columns: dict[str, str] | None = None):
             raise ValueError("columns= maps the columns of a datasets.Dataset / IterableDataset; this dataset is a "
                              f"{type(dataset).__name__}")
         return dataset
+    caption, image = caption_image_columns(dataset, columns)
+    if isinstance(dataset, datasets.IterableDataset):
+        return _HFIterableCaptionDataset(dataset, image, caption)
+    return CaptionImageDataset.from_hf_dataset(dataset, image_column=image, text_column=caption)
+
+
+def caption_image_columns(dataset, columns: dict[str, str] | None) -> tuple[str, str]:
+    """The ``(caption, image)`` column names of a ``datasets`` dataset (see :func:`as_caption_dataset`), checked
+    against its columns where they are known (a streamed dataset may not list them)."""
     columns = dict(columns or {})
     unknown = set(columns) - {"caption", "image"}
     if unknown:
@@ -252,16 +260,11 @@ def as_caption_dataset(dataset, columns: dict[str, str] | None = None):
     names = list(dataset.column_names or [])
     caption = columns.get("caption") or ("text" if "caption" not in names and "text" in names else "caption")
     image = columns.get("image", "image")
-    if isinstance(dataset, datasets.IterableDataset):
-        missing = {caption, image} - set(names) if names else set()
-        if missing:
-            raise ValueError(f"dataset columns {names} lack {sorted(missing)}; pass columns={{'caption': ..., "
-                             "'image': ...}")
-        return _HFIterableCaptionDataset(dataset, image, caption)
-    if {caption, image} - set(names):
-        raise ValueError(f"dataset columns {names} lack {sorted({caption, image} - set(names))}; pass "
-                         "columns={'caption': ..., 'image': ...}")
-    return CaptionImageDataset.from_hf_dataset(dataset, image_column=image, text_column=caption)
+    missing = {caption, image} - set(names) if names else set()
+    if missing:
+        raise ValueError(f"dataset columns {names} lack {sorted(missing)}; pass columns={{'caption': ..., "
+                         "'image': ...}")
+    return caption, image
 
 
 def ldm_pixel_values(image: Image.Image, size: int) -> torch.Tensor:
@@ -383,7 +386,6 @@ class GILLDataCollator(SkipCounter):
 
 # ---------------------------------------------------------------------------------------------------- stage 2
 TASKS = ("gen", "text_image", "text")  # MiniGPT-5's image-only, text+image and text-only generation tasks
-PROMPT_FORMATS = ("plain", "minigpt5")  # InterleavedDataCollator.prompt_format
 TASK_INSTRUCTIONS = {
     "gen": "Generate an image with the scene description: {text}",
     "text_image": "Tell me the next scene with image.",
@@ -531,21 +533,11 @@ class InterleavedDataCollator(SkipCounter):
 
     The prompt (context + instruction) is unsupervised; the answer (text, then [IMG0..r-1] for image outputs, then
     EOS) is supervised, of the [IMG] block only [IMG0] (later [IMG] tokens are forced at inference).
-
-    ``prompt_format="minigpt5"`` writes MiniGPT-5's strings instead (``gill_hf.chat_templates``): VIST steps as
-    ``{system}###Human:{history} {instruction} ###Assistant:``, dialogue turns (:class:`MMDialogDataset` items,
-    ``task="dialogue"``) as ``{system}###Human: {text}\n###Assistant: ...`` ending in the turn's role tag, and
-    answers ending in `` ###`` (its stop string) instead of EOS. ``"plain"`` (default): the parts in order.
     """
 
     processor: object = None
     max_length: int = 256
     ldm_image_size: int | None = None
-    prompt_format: str = "plain"
-
-    def __post_init__(self):
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
 
     def checked(self, example: dict) -> dict:
         decoded = {key: _rgb(example[key]) for key in ("instruction_image", "output_image")
@@ -561,16 +553,11 @@ class InterleavedDataCollator(SkipCounter):
         for ex in examples:
             items = ex["context"] + [ex["instruction"]] + \
                 ([ex["instruction_image"]] if ex["instruction_image"] is not None else [])
-            if self.prompt_format == "minigpt5":
-                text, items = _minigpt5_prompt(ex), [x for x in items if isinstance(x, Image.Image)]
-                prompt = proc(text=text, images=items or None, return_tensors=None)["input_ids"][0]
-                end = tok(" " + MINIGPT5_STOP, add_special_tokens=False)["input_ids"]
-            else:
-                prompt, end = proc(items, return_tensors=None)["input_ids"][0], [tok.eos_token_id]
+            prompt = proc(items, return_tensors=None)["input_ids"][0]
             answer = tok(" " + ex["target_text"], add_special_tokens=False, split_special_tokens=True)["input_ids"] \
                 if ex["target_text"] else []
             has_image = ex["output_image"] is not None
-            answer = answer + (img_ids if has_image else []) + end
+            answer = answer + (img_ids if has_image else []) + [tok.eos_token_id]
             ids = list(prompt) + answer
             if len(ids) > self.max_length:
                 raise ValueError(f"example {ex['index']} is {len(ids)} tokens, over max_length={self.max_length}; "
@@ -591,12 +578,3 @@ class InterleavedDataCollator(SkipCounter):
         if self.ldm_image_size and outputs:
             batch["ldm_pixel_values"] = torch.stack([ldm_pixel_values(im, self.ldm_image_size) for im in outputs])
         return batch
-
-
-def _minigpt5_prompt(example: dict) -> str:
-    """MiniGPT-5's prompt of a stage-2 example, ``<|image|>`` per image in the order of its image parts."""
-    if example["task"] == "dialogue":
-        turns = [(t["role"], t["text"], t["has_image"]) for t in example["turns"]]
-        return minigpt5_dialogue_prompt(turns, example["role"])
-    captions = [part for part in example["context"] if isinstance(part, str)]
-    return minigpt5_story_prompt(captions, example["instruction"], example["instruction_image"] is not None)

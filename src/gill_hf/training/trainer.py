@@ -4,7 +4,6 @@
 (call ``.train()``); the same script scales to many processes with ``accelerate launch`` / ``torchrun``.
 """
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -21,8 +20,9 @@ from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
 from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, SkippedExamplesCallback, VISTTaskDataset,
                    as_caption_dataset)
-from .distributed import gather_with_grad, replicate_adapter_under_fsdp
+from .distributed import gather_with_grad
 from .lora import load_lora_weights
+from .streaming import StreamingCaptionDataset, as_training_dataset, streaming_dataloader
 
 logger = logging.get_logger(__name__)
 TRAINER_STATE_NAME = "trainer_state.json"  # the last file transformers' Trainer writes into a checkpoint
@@ -151,9 +151,6 @@ class GILLTrainer(Trainer):
         self._eval_loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         if ldm_loss is not None:
             ldm_loss.to(self.args.device)
-        if self.is_fsdp_enabled:  # FSDP2 shards the frozen backbones; the adapter stays whole (DDP-like)
-            replicate_adapter_under_fsdp(self.model, self.accelerator.state.fsdp_plugin,
-                                         lambda: self.accelerator.sync_gradients)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -222,6 +219,21 @@ class GILLTrainer(Trainer):
             output.metrics[f"{prefix}_{name}"] = round(torch.stack(values).mean().item(), 6)
         self._eval_loss_parts.clear()
         return output
+
+    def get_train_dataloader(self):
+        """A stream (:class:`StreamingCaptionDataset`) reads only this process's part: its loader is not re-sharded."""
+        if isinstance(self.train_dataset, StreamingCaptionDataset):
+            return streaming_dataloader(self.train_dataset, self.args, self.data_collator, self._train_batch_size)
+        return super().get_train_dataloader()
+
+    def _init_training_state(self, *args, **kwargs):
+        """A resumed stream skips the trained batches' raw samples itself (no image decoded) rather than the
+        Trainer collating and dropping those batches."""
+        epochs_trained, batches_trained = super()._init_training_state(*args, **kwargs)
+        if isinstance(self.train_dataset, StreamingCaptionDataset):
+            self.train_dataset.start = batches_trained * self._train_batch_size
+            return epochs_trained, 0
+        return epochs_trained, batches_trained
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
@@ -298,37 +310,8 @@ class GILLTrainer(Trainer):
         return resume_from_checkpoint
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        with self._adapter_as_plain_model():
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_lora_weights(self.model if model is None else model, resume_from_checkpoint)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the adapter folder (``save_pretrained``); under FSDP too: the adapter is whole on every process,
-        so nothing is gathered and the frozen LLM's full or sharded weights are never written."""
-        if not self.is_fsdp_enabled:
-            return super().save_model(output_dir, _internal_call)
-        model = self.accelerator.unwrap_model(self.model)
-        self._save(output_dir, state_dict=model.adapter_state_dict())
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        with self._adapter_as_plain_model():  # the optimizer holds only the replicated adapter
-            super()._save_optimizer_and_scheduler(output_dir)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        with self._adapter_as_plain_model():
-            super()._load_optimizer_and_scheduler(checkpoint)
-
-    @contextlib.contextmanager
-    def _adapter_as_plain_model(self):
-        """Under FSDP, run the Trainer's checkpoint code as without it: GILL's optimizer and checkpoint weights
-        are the replicated adapter's plain tensors (transformers' FSDP paths would save the sharded LLM)."""
-        fsdp, self.is_fsdp_enabled = self.is_fsdp_enabled, False
-        try:
-            yield
-        finally:
-            self.is_fsdp_enabled = fsdp
 
 
 TRAIN_GILL_OPTIONS = ("data_collator", "targets", "ldm_loss", "max_length", "activation_checkpointing",
@@ -365,8 +348,9 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     Args:
         train_dataset: a ``CaptionImageDataset`` (stage 1) or ``VISTTaskDataset`` (stage 2; the model must take
             ``labels``, e.g. ``GILLForInterleavedTraining``), each with its default collator; a ``datasets.Dataset``
-            or ``IterableDataset`` of image-caption pairs (see ``columns``); or any dataset matching
-            ``data_collator``.
+            or ``IterableDataset`` of image-caption pairs (see ``columns``; an ``IterableDataset`` is read as a
+            :class:`StreamingCaptionDataset`, as are webdataset shards, which need ``max_steps``); or any dataset
+            matching ``data_collator``.
         eval_dataset: the same kinds (or a dict of them); ``trainer.evaluate()`` and ``eval_strategy`` report
             ``eval_loss`` and every loss term as ``eval_<term>`` (training logs carry the bare names).
         targets / eval_targets: ``TargetStore`` s with the captions' text-encoder outputs of the train / eval split
@@ -382,7 +366,10 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
             under ``bf16`` / ``fp16`` whatever dtype the backbones are in.
     """
     args = training_arguments(output_dir, **training_args)
-    train_dataset = as_caption_dataset(train_dataset, columns)
+    train_dataset = as_training_dataset(train_dataset, columns)
+    if targets is not None and isinstance(train_dataset, StreamingCaptionDataset):
+        raise ValueError("targets index the examples of a fixed-order dataset; a stream has no such index: train a "
+                         "stream without targets (no l_g), or a CaptionImageDataset with them")
     if isinstance(eval_dataset, dict):
         eval_dataset = {name: as_caption_dataset(ds, columns) for name, ds in eval_dataset.items()}
     elif eval_dataset is not None:
