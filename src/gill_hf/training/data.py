@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import TrainerCallback
 
+from ..chat_templates import MINIGPT5_STOP, minigpt5_dialogue_prompt, minigpt5_story_prompt
 from ..processing_gill import load_image, to_rgb
 from .targets import TargetStore
 
@@ -386,6 +387,7 @@ class GILLDataCollator(SkipCounter):
 
 # ---------------------------------------------------------------------------------------------------- stage 2
 TASKS = ("gen", "text_image", "text")  # MiniGPT-5's image-only, text+image and text-only generation tasks
+PROMPT_FORMATS = ("plain", "minigpt5")  # InterleavedDataCollator.prompt_format
 TASK_INSTRUCTIONS = {
     "gen": "Generate an image with the scene description: {text}",
     "text_image": "Tell me the next scene with image.",
@@ -533,11 +535,21 @@ class InterleavedDataCollator(SkipCounter):
 
     The prompt (context + instruction) is unsupervised; the answer (text, then [IMG0..r-1] for image outputs, then
     EOS) is supervised, of the [IMG] block only [IMG0] (later [IMG] tokens are forced at inference).
+
+    ``prompt_format="minigpt5"`` writes MiniGPT-5's strings instead (``gill_hf.chat_templates``): VIST steps as
+    ``{system}###Human:{history} {instruction} ###Assistant:``, dialogue turns (:class:`MMDialogDataset` items,
+    ``task="dialogue"``) as ``{system}###Human: {text}\n###Assistant: ...`` ending in the turn's role tag, and
+    answers ending in `` ###`` (its stop string) instead of EOS. ``"plain"`` (default): the parts in order.
     """
 
     processor: object = None
     max_length: int = 256
     ldm_image_size: int | None = None
+    prompt_format: str = "plain"
+
+    def __post_init__(self):
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
 
     def checked(self, example: dict) -> dict:
         decoded = {key: _rgb(example[key]) for key in ("instruction_image", "output_image")
@@ -553,11 +565,16 @@ class InterleavedDataCollator(SkipCounter):
         for ex in examples:
             items = ex["context"] + [ex["instruction"]] + \
                 ([ex["instruction_image"]] if ex["instruction_image"] is not None else [])
-            prompt = proc(items, return_tensors=None)["input_ids"][0]
+            if self.prompt_format == "minigpt5":
+                text, items = _minigpt5_prompt(ex), [x for x in items if isinstance(x, Image.Image)]
+                prompt = proc(text=text, images=items or None, return_tensors=None)["input_ids"][0]
+                end = tok(" " + MINIGPT5_STOP, add_special_tokens=False)["input_ids"]
+            else:
+                prompt, end = proc(items, return_tensors=None)["input_ids"][0], [tok.eos_token_id]
             answer = tok(" " + ex["target_text"], add_special_tokens=False, split_special_tokens=True)["input_ids"] \
                 if ex["target_text"] else []
             has_image = ex["output_image"] is not None
-            answer = answer + (img_ids if has_image else []) + [tok.eos_token_id]
+            answer = answer + (img_ids if has_image else []) + end
             ids = list(prompt) + answer
             if len(ids) > self.max_length:
                 raise ValueError(f"example {ex['index']} is {len(ids)} tokens, over max_length={self.max_length}; "
@@ -578,3 +595,12 @@ class InterleavedDataCollator(SkipCounter):
         if self.ldm_image_size and outputs:
             batch["ldm_pixel_values"] = torch.stack([ldm_pixel_values(im, self.ldm_image_size) for im in outputs])
         return batch
+
+
+def _minigpt5_prompt(example: dict) -> str:
+    """MiniGPT-5's prompt of a stage-2 example, ``<|image|>`` per image in the order of its image parts."""
+    if example["task"] == "dialogue":
+        turns = [(t["role"], t["text"], t["has_image"]) for t in example["turns"]]
+        return minigpt5_dialogue_prompt(turns, example["role"])
+    captions = [part for part in example["context"] if isinstance(part, str)]
+    return minigpt5_story_prompt(captions, example["instruction"], example["instruction_image"] is not None)

@@ -4,6 +4,7 @@
 (call ``.train()``); the same script scales to many processes with ``accelerate launch`` / ``torchrun``.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
 from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, SkippedExamplesCallback, VISTTaskDataset,
                    as_caption_dataset)
-from .distributed import gather_with_grad
+from .distributed import gather_with_grad, replicate_adapter_under_fsdp
 from .lora import load_lora_weights
 from .streaming import StreamingCaptionDataset, as_training_dataset, streaming_dataloader
 
@@ -151,6 +152,9 @@ class GILLTrainer(Trainer):
         self._eval_loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
         if ldm_loss is not None:
             ldm_loss.to(self.args.device)
+        if self.is_fsdp_enabled:  # FSDP2 shards the frozen backbones; the adapter stays whole (DDP-like)
+            replicate_adapter_under_fsdp(self.model, self.accelerator.state.fsdp_plugin,
+                                         lambda: self.accelerator.sync_gradients)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -310,8 +314,37 @@ class GILLTrainer(Trainer):
         return resume_from_checkpoint
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with self._adapter_as_plain_model():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_lora_weights(self.model if model is None else model, resume_from_checkpoint)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the adapter folder (``save_pretrained``); under FSDP too: the adapter is whole on every process,
+        so nothing is gathered and the frozen LLM's full or sharded weights are never written."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        self._save(output_dir, state_dict=model.adapter_state_dict())
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        with self._adapter_as_plain_model():  # the optimizer holds only the replicated adapter
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with self._adapter_as_plain_model():
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    @contextlib.contextmanager
+    def _adapter_as_plain_model(self):
+        """Under FSDP, run the Trainer's checkpoint code as without it: GILL's optimizer and checkpoint weights
+        are the replicated adapter's plain tensors (transformers' FSDP paths would save the sharded LLM)."""
+        fsdp, self.is_fsdp_enabled = self.is_fsdp_enabled, False
+        try:
+            yield
+        finally:
+            self.is_fsdp_enabled = fsdp
 
 
 TRAIN_GILL_OPTIONS = ("data_collator", "targets", "ldm_loss", "max_length", "activation_checkpointing",
