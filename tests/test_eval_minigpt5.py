@@ -4,6 +4,7 @@ minigpt5-vist / cc3m / mmdialog end to end on official-format toy files (rerun a
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,76 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 def _mtimes(out) -> dict:
     return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, files in os.walk(out)
             for f in files if f.endswith((".png", ".txt", ".json")) and "results" not in f}
+
+
+def test_minigpt5_vist_end_to_end_matches_direct_metrics_and_resumes(env, monkeypatch):
+    from eval_fixtures import write_vist
+
+    from gill_hf.cli import main
+    from gill_hf.evaluation import EvaluatedModels, load_vist
+    from gill_hf.evaluation.minigpt5_vist import story_steps
+
+    annotations, image_dir = write_vist(env["root"], num_stories=2)
+    out = str(env["root"] / "vist_out")
+    argv = ["eval", "minigpt5-vist", env["model"], "--out", out, "--annotations", annotations, "--image-dir",
+            image_dir, "--seeds", "0", "--steps", "1", "--sbert-model", env["sbert"], "--max-new-tokens", "4",
+            *_metric_args(env)]
+    real_gill, calls = EvaluatedModels.gill, []
+
+    def interrupted(self, context, seed):
+        calls.append(seed)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_gill(self, context, seed)
+
+    monkeypatch.setattr(EvaluatedModels, "gill", interrupted)
+    assert main(argv) == 130  # killed during GILL's 5th image: 2 SD + 4 GILL images are on disk
+    on_disk = [f for _, _, files in os.walk(out) for f in files]
+    assert len(on_disk) == 6 and all(f.endswith(".png") for f in on_disk)  # whole PNGs only, no temporary file
+    monkeypatch.setattr(EvaluatedModels, "gill", real_gill)
+    assert main(argv) == 0
+    results = _results(out)
+    # final step: SD 2 + GILL 4 types x 2; all steps: SD 10 + GILL 10, the final steps' images shared with Table 1
+    assert results["images"] == {"generated": 26 - 6, "reused": 6 + 4}
+    tables = results["tables"]
+    assert [(r["model"], r["setting"]) for r in tables["final-step"]["rows"]] == [
+        ("Stable Diffusion", "ground-truth caption"), ("GILL", "no context"), ("GILL", "text context"),
+        ("GILL", "image context"), ("GILL", "image-text context")]
+    assert set(tables["all-steps"]["rows"][0]) == {"model", "setting", "clip_i", "fid"}
+    steps = [step for ex in load_vist(annotations, image_dir) for step in story_steps(ex)]
+    finals = steps[4::5]
+    for table, examples in (("final-step", finals), ("all-steps", steps)):
+        targets = [ex.target for ex in examples]
+        real = ChannelMeans()(uint8_pixels(targets)).double().numpy()
+        target_embeds = _clip_embeddings(env, targets)[0]
+        for row in tables[table]["rows"]:
+            key = ("gill-" if row["model"] == "GILL" else "sd-") + row["setting"].replace(" ", "_")
+            generated = [os.path.join(out, "images", key, "0", f"{ex.example_id}.png") for ex in examples]
+            assert row["clip_i"]["mean"] == pytest.approx(
+                _cosine(_clip_embeddings(env, generated)[0], target_embeds).mean(), rel=1e-4)
+            fake = ChannelMeans()(uint8_pixels(generated)).double().numpy()
+            assert row["fid"]["mean"] == pytest.approx(_frechet(real, fake), rel=1e-3, abs=1e-6)
+            if table == "final-step":
+                assert row["inception_score"]["mean"] == pytest.approx(InceptionScorer(ColourLogits(), 2).score(
+                    [generated]), rel=1e-5)
+    texts = [Path(out, "texts", "gill-narration", "greedy", f"{s.example_id}.txt").read_text() for s in steps]
+    narration = tables["narration"]["rows"][0]
+    references = [s.texts[-1] for s in steps]
+    assert narration["rouge_l"]["mean"] == pytest.approx(np.mean(text_metrics.rouge_l(texts, references)))
+    assert narration["meteor"]["mean"] == pytest.approx(np.mean(
+        [meteor_score([wordpunct_tokenize(r.lower())], wordpunct_tokenize(t.lower()), wordnet=StandInWordNet())
+         for t, r in zip(texts, references)]))
+    assert narration["sbert"]["mean"] == pytest.approx(np.mean(
+        text_metrics.SentenceSimilarity(env["sbert"]).scores(texts, references)), rel=1e-5)
+    markdown = Path(out, "results.md").read_text()
+    assert "| Stable Diffusion | ground-truth caption |" in markdown and "METEOR ↑" in markdown
+    assert "clip_t" not in json.dumps(tables)  # no VIST CLIP-T against the [IMG] placeholder string
+
+    before = _mtimes(out)
+    assert main(argv) == 0
+    again = _results(out)
+    assert again["images"] == {"generated": 0, "reused": 30} and _mtimes(out) == before
+    assert all(again["tables"][t]["rows"] == tables[t]["rows"] for t in tables)
+    assert again["tables"]["narration"]["texts"] == {"generated": 0, "reused": 10}
+    assert not tables["final-step"]["fid_reference"]["reused"] and again["tables"]["final-step"]["fid_reference"] == {
+        "file": tables["final-step"]["fid_reference"]["file"], "reused": True}

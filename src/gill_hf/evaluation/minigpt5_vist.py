@@ -4,7 +4,8 @@
   five texts), ``image context`` (the four earlier images, then the last text), ``image-text context`` (texts and
   images interleaved, then the last text); CLIP-I, IS, FID.
 * ``all-steps`` (Table 2): the image of every step from the image-text history before it and its text; CLIP-I, FID.
-* ``narration`` (Table 3): the text of every step from the history and the step's image (greedy, no image);
+* ``narration`` (Table 3): the text of every step from ``"Story:"``, the history and the step's image (greedy, no
+  image);
   SBERT, ROUGE-L, METEOR. Stable Diffusion generates no text, so this table has no baseline.
 
 The image tables run Stable Diffusion on the step's ground-truth caption beside GILL. Differences from MiniGPT-5's
@@ -28,6 +29,7 @@ PROMPT_TYPES = {"none": "no context", "text": "text context", "image": "image co
                 "image-text": "image-text context"}  # CLI key -> MiniGPT-5's name
 TABLES = ("final-step", "all-steps", "narration")
 BASELINE = "ground-truth caption"
+NARRATION_PREFIX = "Story:"
 NARRATION_METRICS = [("sbert", "SBERT ↑"), ("rouge_l", "ROUGE-L ↑"), ("meteor", "METEOR ↑")]
 IMAGE_METRICS = {"final-step": [("clip_i", "CLIP-I ↑"), ("inception_score", "IS ↑"), ("fid", "FID ↓")],
                  "all-steps": [("clip_i", "CLIP-I ↑"), ("fid", "FID ↓")]}
@@ -66,8 +68,9 @@ def step_context(step: ImageExample, prompt_type: str) -> list:
 
 
 def narration_context(step: ImageExample) -> list:
-    """The history, then the step's own image: GILL continues with its narration."""
-    return _history(step) + [context_image(step.target)]
+    """``NARRATION_PREFIX``, the history, then the step's own image: GILL continues with its narration (the prefix
+    gives the first step, which has no history, the text part every GILL input needs)."""
+    return [NARRATION_PREFIX, *_history(step), context_image(step.target)]
 
 
 def _row(model: str, setting: str) -> Row:
