@@ -21,7 +21,7 @@ from gill_hf.evaluation import (
     evaluate_vist,
     load_vist,
 )
-from gill_hf.training.toy_data import write_toy_vist
+from gill_hf.toy_world import write_toy_vist
 
 
 def main():

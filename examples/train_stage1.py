@@ -19,7 +19,7 @@ import torch
 
 from gill_hf import GILLForConditionalGeneration, build_tiny_backbones
 from gill_hf.training import CaptionImageDataset, DiffusionTextEncoder, TargetStore, precompute_targets, train_gill
-from gill_hf.training.toy_data import write_toy_cc3m
+from gill_hf.toy_world import write_toy_cc3m
 
 TINY_MAPPER = dict(mapper_hidden_dim=32, mapper_num_heads=4, mapper_ffn_dim=64, mapper_encoder_layers=2,
                    mapper_decoder_layers=2)

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from gill_hf.toy_data import shape_corpus
+from gill_hf.toy_world import shape_corpus
 
 IMAGE_SIZE = 48
 

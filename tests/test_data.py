@@ -8,7 +8,7 @@ from PIL import Image
 
 from gill_hf.training import (CaptionImageDataset, GILLDataCollator, InterleavedDataCollator, TargetStore,
                               VISTTaskDataset, ldm_pixel_values, precompute_targets, read_vist_stories)
-from gill_hf.training.toy_data import shape_image, write_toy_cc3m, write_toy_vist
+from gill_hf.toy_world import shape_image, write_toy_cc3m, write_toy_vist
 
 RELEASE_TSV = "/work/shared/data/gill-release/cc3m_train.tsv"
 

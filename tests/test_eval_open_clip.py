@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gill_hf.evaluation.metrics import ClipImageEmbedder
-from gill_hf.toy_data import shape_corpus
+from gill_hf.toy_world import shape_corpus
 
 TINY_OPEN_CLIP = {"embed_dim": 16,
                   "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},

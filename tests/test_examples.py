@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 
-from gill_hf.toy_data import shape_corpus
+from gill_hf.toy_world import shape_corpus
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

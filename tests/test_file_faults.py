@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from gill_hf import GILLForConditionalGeneration, atomic
 from gill_hf.training import CaptionImageDataset, apply_lora, train_gill
-from gill_hf.training.toy_data import write_toy_cc3m
+from gill_hf.toy_world import write_toy_cc3m
 from gill_hf.training.trainer import checkpoint_problem, last_complete_checkpoint
 
 QUIET = dict(disable_tqdm=True, logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0,

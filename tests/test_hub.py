@@ -247,7 +247,7 @@ def test_save_pretrained_push_to_hub_goes_through_gill_push(fake_hub, trained_mo
 
 def test_trainer_push_to_hub_uploads_the_gill_card(fake_hub, make_model, tmp_path):
     from gill_hf.training import CaptionImageDataset, train_gill
-    from gill_hf.training.toy_data import write_toy_cc3m
+    from gill_hf.toy_world import write_toy_cc3m
 
     ds = CaptionImageDataset.from_tsv(write_toy_cc3m(tmp_path / "data", 4))
     trainer = train_gill(make_model(), ds, str(tmp_path / "run"), max_steps=1, learning_rate=3e-4,

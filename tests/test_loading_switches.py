@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, CLIPVisionModel, TorchAoConfig
 
 from gill_hf import GILLForConditionalGeneration
 from gill_hf.training import CaptionImageDataset, train_gill
-from gill_hf.training.toy_data import write_toy_cc3m
+from gill_hf.toy_world import write_toy_cc3m
 
 QUIET = dict(disable_tqdm=True, logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0,
              use_cpu=True, seed=0)

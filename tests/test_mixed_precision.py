@@ -15,7 +15,7 @@ from gill_hf import GILLForConditionalGeneration
 from gill_hf.training import (GILLForInterleavedTraining, InterleavedDataCollator, LatentDiffusionLoss,
                               VISTTaskDataset, apply_lora, train_gill)
 from gill_hf.training.lora import lora_parameters
-from gill_hf.training.toy_data import write_toy_vist
+from gill_hf.toy_world import write_toy_vist
 
 # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); through two 2-layer LLM passes, CLIP and the mapper the
 # per-term losses of one batch stay within 2% of the fp32 values (measured: < 0.5%).

@@ -284,7 +284,7 @@ def test_stage2_accumulation_equals_the_full_batch_token_mean(stage2_model, tmp_
 def test_logged_terms_are_averaged_over_the_same_batches_as_the_loss(make_model, tmp_path):
     """Accumulation 2, logging every 2 steps: each log's ``loss`` and terms are means over the same 4 micro-batches."""
     from gill_hf.training import CaptionImageDataset
-    from gill_hf.training.toy_data import write_toy_cc3m
+    from gill_hf.toy_world import write_toy_cc3m
 
     ds = CaptionImageDataset.from_tsv(write_toy_cc3m(tmp_path / "cc3m", 8))
     model = make_model("opt", pack_prob=0.5)

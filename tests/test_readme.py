@@ -27,8 +27,8 @@ from gill_hf import GILLForConditionalGeneration, GILLProcessor, RetrievalIndex
 from gill_hf.cli import build_parser
 from gill_hf.cli import main as cli_main
 from gill_hf.tiny import build_tiny_release
-from gill_hf.toy_data import shape_corpus
-from gill_hf.training.toy_data import write_toy_cc3m, write_toy_vist
+from gill_hf.toy_world import shape_corpus
+from gill_hf.toy_world import write_toy_cc3m, write_toy_vist
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -14,7 +14,7 @@ from gill_hf.training import (CaptionImageDataset, GILLForInterleavedTraining, I
                               parameter_groups, precompute_targets, train_gill)
 from gill_hf.training.lora import lora_parameters
 from gill_hf.training.targets import DiffusionTextEncoder
-from gill_hf.training.toy_data import write_toy_cc3m, write_toy_vist
+from gill_hf.toy_world import write_toy_cc3m, write_toy_vist
 
 QUIET = dict(disable_tqdm=True, logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0,
              use_cpu=True, seed=0)

@@ -7,6 +7,7 @@ recompute them from saved files.
 import torch
 import torch.nn.functional as F
 
+from ..toy_world.probe import chance_correctness, correctness
 from ..training.decision_training import baseline_f1, macro_f1
 
 
@@ -45,35 +46,32 @@ def embedding_agreement(gen_embeds: torch.Tensor, targets: torch.Tensor, untrain
             "untrained_adapter": token_cosine(untrained, targets)}
 
 
-def pixel_mse(images: torch.Tensor, references: torch.Tensor) -> float:
-    """Mean squared difference of ``(N, H, W, 3)`` images in [0, 1]."""
-    return (images.float() - references.float()).pow(2).mean().item()
-
-
 @torch.no_grad()
 def render(pipe, prompt_embeds: torch.Tensor, seed: int, steps: int, guidance_scale: float) -> torch.Tensor:
-    """``(N, L, D)`` conditioning -> ``(N, H, W, 3)`` images in [0, 1]; every call with the same seed and N draws
+    """``(N, L, D)`` conditioning -> ``(N, 3, H, W)`` images in [0, 1]; every call with the same seed and N draws
     the same starting noise for row i, so rows differ only by their conditioning."""
     generator = torch.Generator().manual_seed(seed)
     images = pipe(prompt_embeds=prompt_embeds, num_inference_steps=steps, guidance_scale=guidance_scale,
                   generator=generator, output_type="pt").images  # N x (3, H, W)
-    return torch.stack(images).permute(0, 2, 3, 1).clamp(0, 1)
+    return torch.stack(images).clamp(0, 1)
 
 
-def image_agreement(pipe, gen_embeds: torch.Tensor, targets: torch.Tensor, untrained: torch.Tensor, seed: int,
-                    steps: int, guidance_scale: float) -> tuple[dict, dict]:
-    """Pixel MSE between images from GILL's embeddings and the images the diffusion model makes from the caption
-    itself (same seed), beside the mismatched caption's image and the untrained adapter's image.
+def image_correctness(pipe, probe, scenes: list, gen_embeds: torch.Tensor, targets: torch.Tensor,
+                      untrained: torch.Tensor, seed: int, steps: int, guidance_scale: float) -> tuple[dict, dict]:
+    """The probe's reading of images drawn (same seed) from GILL's embeddings, from the diffusion text encoder's
+    embedding of the true caption and from the untrained adapter's, scored against the held-out ``scenes``
+    (per attribute and whole scene), beside a random guess.
 
-    Returns (numbers, images by kind ``(N, H, W, 3)``)."""
-    images = {"caption": render(pipe, targets, seed, steps, guidance_scale),
-              "gill": render(pipe, gen_embeds, seed, steps, guidance_scale),
-              "mismatched_caption": render(pipe, mismatched(targets), seed, steps, guidance_scale),
-              "untrained_adapter": render(pipe, untrained, seed, steps, guidance_scale)}
-    numbers = {"gill": pixel_mse(images["gill"], images["caption"]),
-               "mismatched_caption": pixel_mse(images["mismatched_caption"], images["caption"]),
-               "untrained_adapter": pixel_mse(images["untrained_adapter"], images["caption"])}
-    return numbers, images
+    Returns (numbers by kind, (images ``(N, 3, H, W)``, readings) by kind)."""
+    drawn = {"gill": gen_embeds, "caption": targets, "untrained_adapter": untrained}
+    shown, numbers = {}, {}
+    for kind, embeds in drawn.items():
+        images = render(pipe, embeds, seed, steps, guidance_scale)
+        readings = probe.predict(images)
+        shown[kind] = (images, readings)
+        numbers[kind] = correctness(readings, scenes)
+    numbers["random"] = chance_correctness()
+    return numbers, shown
 
 
 def decision_scores(p_retrieve: torch.Tensor, labels: torch.Tensor, threshold: float) -> dict:

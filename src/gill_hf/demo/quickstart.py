@@ -3,8 +3,10 @@
 :func:`run_quickstart` runs these steps (each a function here) and returns the numbers it writes to
 ``report.json``:
 
-1. tiny backbones (random OPT, CLIP, Stable Diffusion; 32 x 32 images, text-encoder targets 77 x 32);
-2. a shapes corpus: ``eval_size`` scenes are held out (never seen in training) and hold the retrieval index, the
+1. backbones that know the toy world (``gill_hf.toy_world.backbones``: an OPT pretrained on toy stories, the
+   random tiny CLIP vision encoder, a Stable Diffusion trained on the shapes; 32 x 32 images, text-encoder targets
+   77 x 32) and the probe that judges images, written from the package's fp16 weights;
+2. the toy world's split: ``eval_size`` scenes are held out (never seen in training) and hold the retrieval index, the
    rest make ``train_size`` training pairs; short stories run over the held-out scenes;
 3. diffusion text-encoder targets precomputed into target stores;
 4. the adapter trained with the HF ``Trainer`` on Eq. 5's four losses;
@@ -30,8 +32,8 @@ from ..hub import build_model_card
 from ..modeling_gill import GILLForConditionalGeneration, count_adapter_parameters
 from ..pipeline_gill import GILLPipeline
 from ..retrieval import RetrievalIndex
-from ..tiny import build_tiny_backbones
-from ..toy_data import all_scenes, draw_shape, novel_prompts, scene_caption, shape_stories
+from ..toy_world import ToySplit, all_scenes, as_story_steps, draw_shape, novel_prompts, scene_caption, split_scenes
+from ..toy_world.backbones import load_probe, toy_backbones
 
 DEFAULT_OUT_DIR = "gill-quickstart"  # where `gill-hf quickstart` writes and `gill-hf demo` looks by default
 from ..training import CaptionImageDataset, DiffusionTextEncoder, TargetStore, precompute_targets, train_gill
@@ -61,7 +63,7 @@ class QuickstartSettings:
     decision_steps: int = 1000  # full-batch steps of the decision head
     novel_size: int = 48  # "generate" prompts for the decision head (half train, half held out)
     diffusion_steps: int = 8
-    guidance_scale: float = 4.0
+    guidance_scale: float = 2.0
     num_threads: int = 1  # torch CPU threads while running (tiny models: one thread is fastest on a busy machine)
 
     def __post_init__(self):
@@ -82,40 +84,39 @@ class QuickstartSettings:
 
 @dataclass
 class ToyData:
-    """Captions and PIL images of the split, the held-out images' files (the index's paths) and the stories."""
+    """The split (:class:`~gill_hf.toy_world.ToySplit`), PIL images of its training and held-out scenes and the
+    held-out images' files (the index's paths)."""
 
-    train_captions: list
+    split: ToySplit
     train_images: list
-    heldout_captions: list
     heldout_images: list
     heldout_paths: list
-    stories: list  # [[(text, image, scene), ...], ...] over held-out scenes
 
+    @property
+    def train_captions(self) -> list[str]:
+        return self.split.train_captions
 
-def as_story_steps(texts: list[str], prob: float, rng: random.Random) -> list[str]:
-    """Write each text as a story step ("then a red circle on the left") with probability ``prob``."""
-    return [("then " + text) if rng.random() < prob else text for text in texts]
+    @property
+    def heldout_captions(self) -> list[str]:
+        return self.split.heldout_captions
+
+    @property
+    def stories(self) -> list:
+        return self.split.stories
 
 
 def make_toy_data(settings: QuickstartSettings, out_dir: str) -> ToyData:
-    """Hold out ``eval_size`` scenes (saved as PNGs under ``heldout_images/``); sample training pairs from the
-    rest (``then_prob`` of their captions written as story steps); stories over the held-out scenes."""
-    rng = random.Random(settings.seed)
-    scenes = all_scenes()
-    rng.shuffle(scenes)
-    heldout, seen = scenes[:settings.eval_size], scenes[settings.eval_size:]
-    train = [rng.choice(seen) for _ in range(settings.train_size)]
+    """The toy world's held-out split; the held-out images saved as PNGs under ``heldout_images/``."""
+    split = split_scenes(settings.eval_size, settings.train_size, settings.then_prob, settings.num_stories,
+                         settings.story_length, settings.seed, IMAGE_SIZE)
     image_dir = os.path.join(out_dir, "heldout_images")
     os.makedirs(image_dir, exist_ok=True)
-    heldout_images = [draw_shape(*scene, size=IMAGE_SIZE) for scene in heldout]
-    paths = [os.path.join(image_dir, f"{i:03d}.png") for i in range(len(heldout))]
+    heldout_images = [draw_shape(*scene, size=IMAGE_SIZE) for scene in split.heldout_scenes]
+    paths = [os.path.join(image_dir, f"{i:03d}.png") for i in range(len(heldout_images))]
     for image, path in zip(heldout_images, paths):
         with atomic_path(path, ".png") as tmp:
             image.save(tmp, format="PNG")
-    train_captions = as_story_steps([scene_caption(s) for s in train], settings.then_prob, rng)
-    return ToyData(train_captions, [draw_shape(*s, size=IMAGE_SIZE) for s in train],
-                   [scene_caption(s) for s in heldout], heldout_images, paths,
-                   shape_stories(heldout, settings.num_stories, settings.story_length, settings.seed, IMAGE_SIZE))
+    return ToyData(split, [draw_shape(*s, size=IMAGE_SIZE) for s in split.train_scenes], heldout_images, paths)
 
 
 def make_target_stores(captions_by_split: dict, diffusion_path: str, out_dir: str) -> dict:
@@ -135,9 +136,9 @@ def stacked_targets(store: TargetStore) -> torch.Tensor:
 
 
 def build_model(paths: dict, seed: int) -> GILLForConditionalGeneration:
-    """A fresh GILL adapter (seeded) on the tiny OPT, CLIP and Stable Diffusion."""
+    """A fresh GILL adapter (seeded) on the toy OPT, CLIP and Stable Diffusion."""
     torch.manual_seed(seed)
-    return GILLForConditionalGeneration.from_backbones(paths["opt"], paths["clip"], paths["sd"], **MAPPER)
+    return GILLForConditionalGeneration.from_backbones(paths["llm"], paths["clip"], paths["sd"], **MAPPER)
 
 
 def train_adapter(model, data: ToyData, store: TargetStore, settings: QuickstartSettings, out_dir: str):
@@ -190,7 +191,7 @@ def fit_decision(model, split: dict, settings: QuickstartSettings) -> dict:
 
 def story_prompts(data: ToyData, seed: int) -> list[dict]:
     """One prompt per step of each held-out story, answered from the step's own text (stage-1 GILL is trained on
-    single captions, and the tiny random LLM does not carry a story's context). Steps describe indexed scenes
+    single captions, not on whole stories). Steps describe indexed scenes
     (expect "ret", truth = their image), except the last step of every second story, which asks for something
     the corpus never draws (expect "gen")."""
     novel = novel_prompts(len(data.stories), seed=seed + 2)
@@ -251,11 +252,11 @@ def save_with_card(model, trainer, adapter_dir: str, results: dict):
     model.save_pretrained(adapter_dir)
     card = build_model_card(model.config, repo_id="gill-hf-quickstart",
                             num_parameters=count_adapter_parameters(model.config)["total"],
-                            datasets=["procedural shapes (gill_hf.toy_data), held-out scenes never trained on"],
+                            datasets=["procedural shapes (gill_hf.toy_world), held-out scenes never trained on"],
                             hyperparameters=trainer.args,
                             eval_results=[{"metric": name, "held-out value": value, "baseline": baseline}
                                           for name, value, baseline in results_rows(results)],
-                            tags=["toy", "tiny-random-backbones"])
+                            tags=["toy", "toy-world-backbones"])
     write_text_atomic(os.path.join(adapter_dir, "README.md"), card.content)
 
 
@@ -293,7 +294,7 @@ def _run(out_dir: str, settings: QuickstartSettings) -> dict:
         timings[name] = round(time.perf_counter() - clock, 2)
         clock = time.perf_counter()
 
-    paths = build_tiny_backbones(os.path.join(out_dir, "backbones"))
+    paths = toy_backbones(os.path.join(out_dir, "backbones"))
     data = make_toy_data(settings, out_dir)
     stores = make_target_stores({"train": data.train_captions, "heldout": data.heldout_captions}, paths["sd"],
                                 out_dir)
@@ -301,7 +302,7 @@ def _run(out_dir: str, settings: QuickstartSettings) -> dict:
     model = build_model(paths, settings.seed)
     inputs = heldout_inputs(model, data)
     untrained = measures.caption_outputs(model, inputs, targets).gen_embeds
-    lap("data")
+    lap("backbones_data")
     trainer, history = train_adapter(model, data, stores["train"], settings, out_dir)
     model.eval()
     lap("training")
@@ -310,13 +311,14 @@ def _run(out_dir: str, settings: QuickstartSettings) -> dict:
     trained = measures.caption_outputs(model, inputs, targets)
     pipe = GILLPipeline.from_gill(model, retrieval_index=index)
     pipe.set_progress_bar_config(disable=True)
-    mse, images = measures.image_agreement(pipe, trained.gen_embeds, targets, untrained, settings.seed,
-                                           settings.diffusion_steps, settings.guidance_scale)
+    correct, images = measures.image_correctness(pipe, load_probe(paths["probe"]), data.split.heldout_scenes,
+                                                 trained.gen_embeds, targets, untrained, settings.seed,
+                                                 settings.diffusion_steps, settings.guidance_scale)
     results = {"num_heldout": len(data.heldout_captions),
                "retrieval": {"recall_at_1": measures.recall_at_1(index, trained.text_embeds),
                              "chance": 1 / len(index)},
                "embedding_cosine": measures.embedding_agreement(trained.gen_embeds, targets, untrained),
-               "image_mse": mse}
+               "image_correctness": correct}
     lap("measures")
     results["decision"] = fit_decision(model, decision_split(data, settings), settings)
     lap("decision")
@@ -330,7 +332,9 @@ def _run(out_dir: str, settings: QuickstartSettings) -> dict:
     lap("save_reload")
     report = {"settings": asdict(settings), "results": results, "loss_history": history,
               "reload": {"identical": all(checks.values()), "checks": checks},
-              "heldout_captions": data.heldout_captions, "heldout_paths": data.heldout_paths,
+              "heldout_captions": data.heldout_captions, "heldout_scenes": data.split.heldout_scenes,
+              "heldout_paths": data.heldout_paths,
+              "image_readings": {kind: readings for kind, (_, readings) in images.items()},
               "paths": {"out_dir": out_dir, "adapter": adapter_dir, "index": os.path.join(out_dir, "retrieval_index"),
                         "report_html": os.path.join(out_dir, "report.html"),
                         "report_json": os.path.join(out_dir, "report.json"),

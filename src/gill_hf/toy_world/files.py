@@ -1,11 +1,11 @@
-"""Toy training files on disk (CC3M TSV, VIST SIS JSON) from ``gill_hf.toy_data``'s shapes; nothing is downloaded."""
+"""Toy training files on disk (CC3M TSV, VIST SIS JSON) from the toy world's shapes; nothing is downloaded."""
 
 import json
 import os
 
 from PIL import Image
 
-from ..toy_data import COLOURS, SHAPES, draw_shape
+from .scenes import COLOURS, SHAPES, draw_shape
 
 
 def shape_image(colour: str, shape: str, size: int = 40) -> Image.Image:

@@ -7,6 +7,7 @@ the corpus never draws (:func:`novel_prompts`: other shapes, colours, places, or
 
 import itertools
 import random
+from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
@@ -106,3 +107,36 @@ def novel_prompts(n: int, seed: int = 0) -> list[str]:
     if len(prompts) < n:
         raise ValueError(f"asked for {n} distinct novel prompts, could only make {len(prompts)}")
     return list(prompts)
+
+
+def as_story_steps(texts: list[str], prob: float, rng: random.Random) -> list[str]:
+    """Write each text as a story step ("then a red circle on the left") with probability ``prob``."""
+    return [("then " + text) if rng.random() < prob else text for text in texts]
+
+
+@dataclass
+class ToySplit:
+    """Scenes held out from training (distinct), training captions with their scenes, and stories over the
+    held-out scenes (``[[(text, image, scene), ...], ...]``)."""
+
+    heldout_scenes: list
+    train_scenes: list
+    train_captions: list
+    stories: list
+
+    @property
+    def heldout_captions(self) -> list[str]:
+        return [scene_caption(scene) for scene in self.heldout_scenes]
+
+
+def split_scenes(eval_size: int, train_size: int, then_prob: float, num_stories: int, story_length: int,
+                 seed: int = 0, size: int = 64) -> ToySplit:
+    """Hold out ``eval_size`` of the 72 scenes; ``train_size`` training scenes drawn from the rest (``then_prob``
+    of their captions written as story steps); ``num_stories`` stories of ``story_length`` held-out scenes."""
+    rng = random.Random(seed)
+    scenes = all_scenes()
+    rng.shuffle(scenes)
+    heldout, seen = scenes[:eval_size], scenes[eval_size:]
+    train = [rng.choice(seen) for _ in range(train_size)]
+    captions = as_story_steps([scene_caption(s) for s in train], then_prob, rng)
+    return ToySplit(heldout, train, captions, shape_stories(heldout, num_stories, story_length, seed, size))
