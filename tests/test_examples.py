@@ -1,11 +1,13 @@
 """The example scripts run end to end on tiny backbones (``--tiny``), in-process, with their real argv parsing."""
 
+import json
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 
 from gill_hf.toy_world import shape_corpus
 
@@ -54,6 +56,20 @@ def test_train_decision_and_stage2(tmp_path, tiny_backbones, monkeypatch, capsys
     run_example("train_stage2_lora.py", "--tiny", tmp_path, "--output-dir", tmp_path / "stage2", "--max-steps", 1,
                 "--cpu", monkeypatch=monkeypatch)
     assert (tmp_path / "stage2" / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_train_minigpt5(tmp_path, tiny_backbones, monkeypatch):
+    run_example("train_minigpt5.py", "--tiny", tmp_path, "--output-dir", tmp_path / "out", "--cpu",
+                monkeypatch=monkeypatch)
+    one, two = (safetensors.torch.load_file(tmp_path / "out" / s / "model.safetensors") for s in ("stage1", "stage2"))
+    config = json.loads((tmp_path / "out" / "stage2" / "config.json").read_text())
+    assert config["training_stage"] == "interleaved" and config["use_lora"]
+    assert (tmp_path / "out" / "stage2" / "lora" / "adapter_model.safetensors").is_file()
+    # stage 2 trains the mapper transformer but, as MiniGPT-5, not its input MLP nor the queries
+    for key in ("adapter.mapper.queries", "adapter.mapper.in_proj.0.weight"):
+        assert torch.equal(one[key], two[key]), key
+    assert not torch.equal(one["adapter.mapper.transformer.decoder.norm.weight"],
+                           two["adapter.mapper.transformer.decoder.norm.weight"])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
