@@ -272,3 +272,105 @@ def test_minigpt5_vist_end_to_end_matches_direct_metrics_and_resumes(env, monkey
     assert again["tables"]["narration"]["texts"] == {"generated": 0, "reused": 10}
     assert not tables["final-step"]["fid_reference"]["reused"] and again["tables"]["final-step"]["fid_reference"] == {
         "file": tables["final-step"]["fid_reference"]["file"], "reused": True}
+
+
+def test_cc3m_end_to_end_clip_t_and_cached_reference(env):
+    from gill_hf.cli import main
+
+    tsv, folder = write_cc3m(env["root"], num_images=4)
+    out = str(env["root"] / "cc3m_out")
+    argv = ["eval", "cc3m", env["model"], "--out", out, "--tsv", tsv, "--seeds", "0", "1", "--steps", "1",
+            *_metric_args(env)]
+    assert main(argv) == 0
+    results = _results(out)
+    assert results["images"] == {"generated": 16, "reused": 0} and not results["fid_reference"]["reused"]
+    captions = [line.split("\t")[0] for line in Path(tsv).read_text().splitlines()[1:]]
+    targets = [os.path.join(folder, f"{i:09d}.jpg") for i in range(4)]
+    target_embeds, text_embeds = _clip_embeddings(env, targets, captions)
+    real = ChannelMeans()(uint8_pixels(targets)).double().numpy()
+    for row in results["rows"]:
+        key = "gill-caption" if row["model"] == "GILL" else "sd-caption"
+        clip_i, clip_t, fid = [], [], []
+        for seed in (0, 1):
+            generated = [os.path.join(out, "images", key, str(seed), f"{i:06d}.png") for i in range(4)]
+            embeds = _clip_embeddings(env, generated)[0]
+            clip_i.append(_cosine(embeds, target_embeds).mean())
+            clip_t.append(_cosine(embeds, text_embeds).mean())
+            fid.append(_frechet(real, ChannelMeans()(uint8_pixels(generated)).double().numpy()))
+        np.testing.assert_allclose(row["clip_i"]["values"], clip_i, rtol=1e-4)
+        np.testing.assert_allclose(row["clip_t"]["values"], clip_t, rtol=1e-4)
+        np.testing.assert_allclose(row["fid"]["values"], fid, rtol=1e-3, atol=1e-6)
+        assert len(row["inception_score"]["values"]) == 2
+    assert "| GILL | caption |" in Path(out, "results.md").read_text()
+    assert main(argv) == 0
+    again = _results(out)
+    assert again["images"] == {"generated": 0, "reused": 16} and again["rows"] == results["rows"]
+    assert again["fid_reference"] == {"file": results["fid_reference"]["file"], "reused": True}
+
+
+def _hand_mm_relevance(pairs) -> float:
+    """pairs: per modality (reference has it, prediction has it, cosine); Divter's -1 / -2 rules by hand."""
+    total = sum(c for r, p, c in pairs if r and p)
+    predicted, reference = sum(p for _, p, _ in pairs), sum(r for r, _, _ in pairs)
+    precision, recall = total / predicted if predicted else 0.0, total / reference
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
+    from torchmetrics.functional.text import bleu_score, rouge_score
+
+    from gill_hf.cli import main
+    from gill_hf.evaluation import EvaluatedModels
+
+    real_response, calls = EvaluatedModels.gill_response, []
+
+    def with_images(self, context, seed, max_new_tokens):  # the tiny GILL never emits [IMG0] by itself
+        calls.append(seed)
+        text, image = real_response(self, context, seed, max_new_tokens)
+        return text, image if image is not None or len(calls) == 2 else self.gill(context, seed)
+
+    monkeypatch.setattr(EvaluatedModels, "gill_response", with_images)
+    path, folder = write_mmdialog(env["root"])
+    out = str(env["root"] / "mmdialog_out")
+    argv = ["eval", "mmdialog", env["model"], "--out", out, "--annotations", path, "--seeds", "0", "--steps", "1",
+            "--sbert-model", env["sbert"], "--max-new-tokens", "4", *_metric_args(env)]
+    assert main(argv) == 0
+    results = _results(out)
+    assert results["num_dialogues"] == 2 and results["num_responses"] == 3  # turns 1, 2 of the first, 1 of the second
+    predictions = {}
+    for cid, turn in ((300, 1), (300, 2), (301, 1)):
+        with open(os.path.join(out, "responses", "gill", "0", f"{cid}-turn{turn}.json")) as f:
+            saved = json.load(f)
+        predictions[cid, turn] = (saved["text"], saved["image"] and os.path.join(out, "responses", "gill", "0",
+                                                                                   saved["image"]))
+    sbert = text_metrics.SentenceSimilarity(env["sbert"])
+    expected = {name: [] for name in ("bleu_1", "bleu_2", "rouge_l", "sbert", "mm_relevance")}
+    for c, cid in enumerate((300, 301)):
+        turns = range(1, len(MMDIALOG_TURNS[c]))
+        refs = [MMDIALOG_TURNS[c][t] for t in turns]
+        preds = [predictions[cid, t] for t in turns]
+        expected["bleu_1"].append(np.mean([float(bleu_score([p], [[r]], n_gram=1)) for (p, _), (r, _) in
+                                           zip(preds, refs)]))
+        expected["bleu_2"].append(np.mean([float(bleu_score([p], [[r]], n_gram=2)) for (p, _), (r, _) in
+                                           zip(preds, refs)]))
+        expected["rouge_l"].append(np.mean([float(rouge_score(p, r, rouge_keys="rougeL")["rougeL_fmeasure"])
+                                            for (p, _), (r, _) in zip(preds, refs)]))
+        expected["sbert"].append(np.mean(sbert.scores([p for p, _ in preds], [r for r, _ in refs])))
+        pairs = []
+        for (text, image), (ref_text, media) in zip(preds, refs):
+            text_cos = float(_cosine(*_clip_embeddings(env, texts=[text, ref_text])[1].split(1))[0]) if text else 0
+            pairs.append((True, bool(text), text_cos))
+            image_cos = float(_cosine(*_clip_embeddings(env, [image, os.path.join(folder, f"{media}.jpg")])[0]
+                                      .split(1))[0]) if image and media else 0
+            pairs.append((media is not None, image is not None, image_cos))
+        expected["mm_relevance"].append(_hand_mm_relevance(pairs))
+    images = [predictions[key][1] for key in ((300, 1), (301, 1))]
+    assert predictions[300, 2][1] is None and None not in images  # extra, missing and matched images
+    row = results["rows"][0]
+    assert row["inception_score"]["mean"] == pytest.approx(InceptionScorer(ColourLogits(), 2).score([images]))
+    for name, values in expected.items():
+        assert row[name]["mean"] == pytest.approx(np.mean(values), rel=1e-4, abs=1e-7), name
+    assert "MM-Relevance ↑" in Path(out, "results.md").read_text()
+    assert main(argv) == 0
+    again = _results(out)
+    assert again["responses"] == {"generated": 0, "reused": 3} and again["rows"] == results["rows"]
