@@ -172,3 +172,35 @@ def test_cli(release, tiny_backbones, tmp_path, capsys):
     assert main(args + [str(tmp_path / "out")]) == 0
     assert json.loads(capsys.readouterr().out)["stages"] == [1]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_blip2_input_side_takes_minigpt4s_llama_proj(release, tiny_backbones, tmp_path):
+    from gill_hf.tiny import build_tiny_vision_encoder
+
+    blip2 = build_tiny_vision_encoder(tmp_path / "vision", "blip2")  # Q-Former 48 wide, 6 queries
+    kwargs = {**backbones(tiny_backbones), "vision_model": blip2}
+    g = torch.Generator().manual_seed(5)
+    proj = {"llama_proj.weight": torch.randn(64, 48, generator=g), "llama_proj.bias": torch.randn(64, generator=g)}
+    minigpt4 = tmp_path / "prerained_minigpt4_7b.pth"
+    torch.save({"model": proj, "optimizer": None, "config": Evil(release["marker"]), "epoch": 3}, minigpt4)
+    with pytest.raises(ValueError, match="goes with a BLIP-2 vision backbone and only with one; got no minigpt4"):
+        convert_minigpt5(release["stage1"], tmp_path / "out", **kwargs)
+    with pytest.raises(ValueError, match="got minigpt4 with .*'clip_pooled'"):
+        convert_minigpt5(release["stage1"], tmp_path / "out", minigpt4=minigpt4, **backbones(tiny_backbones))
+    wide = tmp_path / "wide.pth"
+    torch.save({"model": {"llama_proj.weight": torch.ones(64, 32), "llama_proj.bias": torch.ones(64)}}, wide)
+    with pytest.raises(ValueError, match=r"wrong shapes \(1\): llama_proj.weight: \(64, 32\), expected \(64, 48\)"):
+        convert_minigpt5(release["stage1"], tmp_path / "out", minigpt4=wide, **kwargs)
+    assert not (tmp_path / "out").exists()
+
+    summary = convert_minigpt5(release["stage1"], tmp_path / "out", minigpt4=minigpt4, **kwargs)
+    assert summary["visual_encoder"] == "blip2_qformer" and not release["marker"].exists()
+    model = GILLForConditionalGeneration.from_pretrained(tmp_path / "out")
+    cfg = model.config
+    assert (cfg.visual_encoder, cfg.visual_projection, cfg.train_visual_projection, cfg.num_visual_tokens) == \
+        ("blip2_qformer", "linear", False, 6)
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.encode_images(pixels)  # (2, 6, 48) Q-Former outputs
+        expected = torch.nn.functional.linear(features, proj["llama_proj.weight"], proj["llama_proj.bias"])
+        torch.testing.assert_close(model.visual_prefix(features), expected)

@@ -23,10 +23,16 @@ and masks its logit. The config carries MiniGPT-5's switches (``minigpt5_overrid
 predicting positions, no input-embedding add, loss weights 0.01 / 1 / 0.1, CFG 0.1, Min-SNR 5; LoRA r 8, alpha 16,
 dropout 0.05 on q/v for stage 2) and the processor defaults to the ``minigpt5`` chat template.
 
+The input side is MiniGPT-4's (EVA ViT-g + BLIP-2 Q-Former, 32 queries, then a frozen ``llama_proj`` Linear(768 ->
+e)), which the MiniGPT-5 files do not hold. Give a BLIP-2 checkpoint as the vision backbone (``visual_encoder=
+"blip2_qformer"``; transformers' BLIP-2 uses its own EVA-style ViT-g weights, e.g. ``Salesforce/blip2-flan-t5-xxl``,
+the family MiniGPT-4 loads) and MiniGPT-4's aligned checkpoint (``prerained_minigpt4_7b.pth``, ``{"model":
+{"llama_proj.weight", "llama_proj.bias"}}``) as ``minigpt4``: ``llama_proj`` becomes ``adapter.w_cap`` (linear,
+frozen: ``train_visual_projection=False``). With a CLIP vision backbone instead, ``w_cap`` is freshly initialised
+(image *inputs* are then untrained; generation from text is MiniGPT-5's).
+
 Not in MiniGPT-5, so filled in: ``w_t2i``, ``w_i2t`` and ``logit_scale`` as a fresh model initialises them (seed 0;
-MiniGPT-5 has no retrieval, so retrieval scores mean nothing) and a decision head that always generates. The input
-side is MiniGPT-4's (EVA ViT-g + Q-Former + ``llama_proj``), which the MiniGPT-5 files do not hold; with gill_hf's
-default CLIP encoder, ``w_cap`` is freshly initialised (image *inputs* are then untrained).
+MiniGPT-5 has no retrieval, so retrieval scores mean nothing) and a decision head that always generates.
 
 Uncertain (the released files were not available offline; the layout follows the code): the exact stage-2 prefix
 (``base_model.model.`` as peft 0.10 names it), whether ``optimizer_states`` were stripped (they are skipped either
@@ -46,6 +52,7 @@ from collections import Counter
 import torch
 
 from .configuration_gill import GILLConfig
+from .visual_encoders import FOLDER_MODEL_TYPES, vision_fields_from_pretrained
 from .modeling_gill import ADAPTER_PREFIX, ADAPTER_WEIGHTS_NAME, LORA_SUBFOLDER, GILLAdapter
 
 NUM_VOKENS = 8
@@ -60,14 +67,24 @@ EMBED_2 = PEFT_PREFIX + "model.embed_tokens.modules_to_save.default.weight"
 HEAD_2 = PEFT_PREFIX + "lm_head.modules_to_save.default.weight"
 LORA_KEY = PEFT_PREFIX + "model.layers.{layer}.self_attn.{module}.lora_{part}.default.weight"
 FC, MAPPING, QUERIES = "fc.", "llm_to_t2i_mapping.", "t2i_decoder_prompt"
+LLAMA_PROJ = ("llama_proj.weight", "llama_proj.bias")  # MiniGPT-4's aligned checkpoint, under "model"
 _LISTED = 12  # keys named per kind of mismatch
 
 
 # ---------------------------------------------------------------------------------------------- config
+def visual_encoder_of(vision_model: str) -> str:
+    """``"blip2_qformer"`` for a BLIP-2 checkpoint (MiniGPT-4's input side), else ``"clip_pooled"``."""
+    from transformers import PreTrainedConfig
+
+    model_type = PreTrainedConfig.get_config_dict(vision_model)[0].get("model_type")
+    return "blip2_qformer" if model_type in FOLDER_MODEL_TYPES["blip2_qformer"] else "clip_pooled"
+
+
 def minigpt5_config(text_model: str, vision_model: str, diffusion_model: str, tokenizer, stage2: bool) -> GILLConfig:
     """GILLConfig of MiniGPT-5 on these backbones (configs only, no weights): 8 vokens, the mapper at the
-    diffusion text width, the recipe's switches; ``tokenizer`` (GILL tokens added) gives the token ids."""
-    from transformers import AutoConfig, CLIPVisionConfig
+    diffusion text width, the recipe's switches, a frozen linear W_cap for a BLIP-2 vision backbone; ``tokenizer``
+    (GILL tokens added) gives the token ids."""
+    from transformers import AutoConfig
 
     from .diffusion_layouts import layout_of_folder
     from .token_ids import add_gill_tokens
@@ -83,11 +100,15 @@ def minigpt5_config(text_model: str, vision_model: str, diffusion_model: str, to
                          f"does not predict; use a Stable Diffusion 1.x / 2.x folder (MiniGPT-5: SD 2.1 base)")
     image_id, img_ids = add_gill_tokens(tokenizer, NUM_VOKENS)
     width = layout.sequence_dim
-    values = dict(minigpt5_overrides("interleaved" if stage2 else "align"),
+    encoder = visual_encoder_of(vision_model)
+    vision = vision_fields_from_pretrained(encoder, vision_model)
+    if encoder == "blip2_qformer":
+        vision.update(visual_projection="linear", train_visual_projection=False)
+    values = dict(minigpt5_overrides("interleaved" if stage2 else "align"), visual_encoder=encoder, **vision,
                   use_lora=stage2, lora_r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                   lora_target_modules=list(LORA_TARGETS))
     return GILLConfig(
-        text_config=text_config.to_dict(), vision_config=CLIPVisionConfig.from_pretrained(vision_model).to_dict(),
+        text_config=text_config.to_dict(),
         text_model_name_or_path=text_model, vision_model_name_or_path=vision_model,
         diffusion_model_name_or_path=diffusion_model, diffusion_layout=layout.family, gen_emb_dim=width,
         num_img_tokens=NUM_VOKENS, img_token_ids=img_ids, image_token_id=image_id, hidden_layer=-1,
@@ -187,6 +208,27 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     return dict(state), skipped
 
 
+def read_llama_proj(path: str | os.PathLike, config: GILLConfig) -> dict[str, torch.Tensor]:
+    """MiniGPT-4's aligned checkpoint -> ``{"adapter.w_cap.weight", "adapter.w_cap.bias"}``, shapes checked against
+    the Q-Former width and the LLM width (``{"model": {...}}`` as MiniGPT-4 saves it, or the bare dict)."""
+    from .safe_pickle import load_tensor_checkpoint
+
+    path = os.fspath(path)
+    data, _ = load_tensor_checkpoint(path)
+    state = data.get("model", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected MiniGPT-4's checkpoint, a dict with 'model': {{llama_proj.*}}")
+    expected = {LLAMA_PROJ[0]: (config.llm_embed_dim, config.vision_dim), LLAMA_PROJ[1]: (config.llm_embed_dim,)}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    problems = key_problems({k: v for k, v in state.items() if k not in bad}, expected)
+    if bad or problems:
+        raise ValueError(f"{path} is not MiniGPT-4's llama_proj for these backbones (Q-Former width "
+                         f"{config.vision_dim} -> LLM width {config.llm_embed_dim}): "
+                         + "; ".join(problems + ([f"not tensors: {_listed(bad)}"] if bad else [])))
+    return {f"{ADAPTER_PREFIX}w_cap.weight": state[LLAMA_PROJ[0]].contiguous(),
+            f"{ADAPTER_PREFIX}w_cap.bias": state[LLAMA_PROJ[1]].contiguous()}
+
+
 # ---------------------------------------------------------------------------------------------- converting
 def _fresh_tensors(config: GILLConfig) -> dict[str, torch.Tensor]:
     """The adapter tensors MiniGPT-5 has no counterpart for: ``w_cap``, ``w_t2i``, ``w_i2t`` as a fresh model
@@ -206,13 +248,15 @@ def _fresh_tensors(config: GILLConfig) -> dict[str, torch.Tensor]:
 
 
 def convert_state_dicts(stage1: dict[str, torch.Tensor], config: GILLConfig,
-                        stage2: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
-    """Checked MiniGPT-5 tensors -> (``adapter_state_dict()`` tensors, peft LoRA tensors or {}); dtypes kept."""
+                        stage2: dict[str, torch.Tensor] | None = None,
+                        llama_proj: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict]:
+    """Checked MiniGPT-5 tensors (+ :func:`read_llama_proj`'s W_cap) -> (``adapter_state_dict()`` tensors, peft
+    LoRA tensors or {}); dtypes kept."""
     vocab = config.text_config.vocab_size
     vokens = slice(vocab, vocab + NUM_VOKENS)
     embed, head = (stage2[EMBED_2], stage2[HEAD_2]) if stage2 is not None else (stage1[EMBED_1], stage1[HEAD_1])
     mapping = stage2 if stage2 is not None else stage1
-    weights = _fresh_tensors(config)
+    weights = {**_fresh_tensors(config), **(llama_proj or {})}
     weights[f"{ADAPTER_PREFIX}img_embeddings"] = embed[vokens].clone()
     weights[f"{ADAPTER_PREFIX}img_output_embeddings"] = head[vokens].clone()
     weights[f"{ADAPTER_PREFIX}mapper.queries"] = stage1[QUERIES].contiguous()
@@ -242,7 +286,8 @@ def _save_lora(folder: str, config: GILLConfig, tensors: dict[str, torch.Tensor]
 
 
 def convert_minigpt5(stage1: str | os.PathLike, out_dir: str | os.PathLike, stage2: str | os.PathLike | None = None,
-                     *, text_model: str, vision_model: str, diffusion_model: str) -> dict:
+                     *, text_model: str, vision_model: str, diffusion_model: str,
+                     minigpt4: str | os.PathLike | None = None) -> dict:
     """Write a gill_hf model folder from MiniGPT-5's checkpoints; returns a summary (tensors, dtypes, skipped).
 
     Args:
@@ -251,8 +296,11 @@ def convert_minigpt5(stage1: str | os.PathLike, out_dir: str | os.PathLike, stag
         stage2: ``stage2_vist.ckpt`` / ``stage2_mmdialog.ckpt``; adds the LoRA adapter and replaces the voken rows
             and the mapper transformer.
         text_model, vision_model, diffusion_model: the backbones (Hub id or path): Vicuna-7B v0 (MiniGPT-5 uses
-            ``Vision-CAIR/vicuna-7b``), a CLIP vision model, and SD 2.1 base (``stabilityai/stable-diffusion-2-1-base``).
-            Their configs fix every expected width; their tokenizer and image processor are saved as the processor.
+            ``Vision-CAIR/vicuna-7b``), a BLIP-2 checkpoint (MiniGPT-4's input side; needs ``minigpt4``) or a CLIP
+            vision model, and SD 2.1 base (``stabilityai/stable-diffusion-2-1-base``). Their configs fix every
+            expected width; their tokenizer and image processor are saved as the processor.
+        minigpt4: MiniGPT-4's ``prerained_minigpt4_7b.pth`` (its ``llama_proj``); required with a BLIP-2 vision
+            backbone, refused with a CLIP one.
     """
     from .atomic import atomic_folder
     from .processing_gill import GILLProcessor
@@ -264,6 +312,11 @@ def convert_minigpt5(stage1: str | os.PathLike, out_dir: str | os.PathLike, stag
 
     tokenizer = AutoTokenizer.from_pretrained(text_model)
     config = minigpt5_config(text_model, vision_model, diffusion_model, tokenizer, stage2 is not None)
+    if (minigpt4 is not None) != (config.visual_encoder == "blip2_qformer"):
+        raise ValueError(f"minigpt4 (MiniGPT-4's llama_proj) goes with a BLIP-2 vision backbone and only with one; "
+                         f"got {'no ' if minigpt4 is None else ''}minigpt4 with {vision_model} "
+                         f"(visual_encoder {config.visual_encoder!r})")
+    llama_proj = read_llama_proj(minigpt4, config) if minigpt4 is not None else None
     state1, skipped = read_checkpoint(stage1)
     check_stage(state1, config, 1, os.fspath(stage1))
     state2 = None
@@ -271,7 +324,7 @@ def convert_minigpt5(stage1: str | os.PathLike, out_dir: str | os.PathLike, stag
         state2, skipped2 = read_checkpoint(stage2)
         check_stage(state2, config, 2, os.fspath(stage2))
         skipped = sorted(set(skipped) | set(skipped2))
-    weights, lora = convert_state_dicts(state1, config, state2)
+    weights, lora = convert_state_dicts(state1, config, state2, llama_proj)
     processor = GILLProcessor(AutoImageProcessor.from_pretrained(vision_model, backend="pil"), tokenizer,
                               num_visual_tokens=config.num_visual_tokens, num_img_tokens=NUM_VOKENS,
                               chat_template="minigpt5",
@@ -289,7 +342,8 @@ def convert_minigpt5(stage1: str | os.PathLike, out_dir: str | os.PathLike, stag
     dtypes = Counter()
     for tensor in [*weights.values(), *lora.values()]:
         dtypes[str(tensor.dtype).removeprefix("torch.")] += tensor.numel()
-    return {"out_dir": out_dir, "stages": [1, 2] if stage2 is not None else [1], "adapter_tensors": len(weights),
+    return {"out_dir": out_dir, "stages": [1, 2] if stage2 is not None else [1],
+            "visual_encoder": config.visual_encoder, "adapter_tensors": len(weights),
             "lora_tensors": len(lora), "parameters_by_dtype": dict(dtypes), "skipped_globals": skipped,
             "img_token_ids": list(config.img_token_ids), "image_token_id": config.image_token_id,
             "files": sorted(os.path.relpath(os.path.join(root, f), out_dir)

@@ -12,12 +12,12 @@ DEFAULT_DIFFUSION = "stabilityai/stable-diffusion-2-1-base"
 def run(args) -> int:
     from ..convert_minigpt5 import convert_minigpt5
 
-    for name in ("stage1", "stage2"):  # before any file is read
+    for name in ("stage1", "stage2", "minigpt4"):  # before any file is read
         if getattr(args, name):
             existing_path(getattr(args, name), f"--{name}", "file")
     output_path(args.out, "OUT", "folder")
     summary = convert_minigpt5(args.stage1, args.out, args.stage2, text_model=args.llm, vision_model=args.vision,
-                               diffusion_model=args.diffusion)
+                               diffusion_model=args.diffusion, minigpt4=args.minigpt4)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -29,8 +29,10 @@ def register(subparsers):
     parser.add_argument("--stage2", help="stage2_vist.ckpt or stage2_mmdialog.ckpt (LoRA, voken rows, mapper)")
     parser.add_argument("--llm", default=DEFAULT_LLM, help=f"the LLM backbone, Hub id or path (default {DEFAULT_LLM})")
     parser.add_argument("--vision", default=DEFAULT_VISION,
-                        help=f"the CLIP vision backbone (default {DEFAULT_VISION}); MiniGPT-4's EVA ViT-g + "
-                             "Q-Former input side is not in the MiniGPT-5 files")
+                        help=f"the vision backbone: a BLIP-2 checkpoint (MiniGPT-4's ViT-g + Q-Former input side, "
+                             f"with --minigpt4) or a CLIP vision model (default {DEFAULT_VISION}; W_cap then untrained)")
+    parser.add_argument("--minigpt4", help="MiniGPT-4's prerained_minigpt4_7b.pth: its llama_proj becomes the frozen "
+                                           "W_cap (needed with a BLIP-2 --vision; the MiniGPT-5 files lack it)")
     parser.add_argument("--diffusion", default=DEFAULT_DIFFUSION,
                         help=f"the diffusion model, Hub id or path (default {DEFAULT_DIFFUSION})")
     parser.add_argument("out", metavar="OUT", help="new (or empty) output folder")
