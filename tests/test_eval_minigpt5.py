@@ -31,6 +31,7 @@ from gill_hf.evaluation.metrics import FIDScorer, uint8_pixels
 from gill_hf.evaluation.mm_relevance import EXTRA, MISSING, clip_f1, modality_entry
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+REAL_LOAD_WORDNET = text_metrics.load_wordnet  # the module's env fixture replaces it with a stand-in
 
 
 # ---------------------------------------------------------------------------------------------- metrics by hand
@@ -374,3 +375,40 @@ def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
     assert main(argv) == 0
     again = _results(out)
     assert again["responses"] == {"generated": 0, "reused": 3} and again["rows"] == results["rows"]
+
+
+def test_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypatch, tiny_backbones):
+    from gill_hf.cli import main
+
+    model = tmp_path / "not_a_model"  # never read: every error below comes first
+    model.mkdir()
+    common = [str(model), "--out", str(tmp_path / "out"), "--fid-cache", str(tmp_path / "cache")]
+
+    def error(argv) -> str:
+        assert main(["eval", *argv]) in (1, 2)
+        return capsys.readouterr().err
+
+    tsv, _ = write_cc3m(tmp_path, num_images=3)
+    lines = Path(tsv).read_text().splitlines()
+    Path(tsv).write_text("\n".join([*lines[:2], "a caption without an image", lines[3]]) + "\n")
+    assert f"{tsv}, line 3" in error(["cc3m", *common, "--tsv", tsv])
+    conversations, _ = write_mmdialog(tmp_path)
+    first = Path(conversations).read_text().splitlines()[0]
+    Path(conversations).write_text(first + "\n" + '{"conversation_id": 9, "conversation": "hi"}\n')
+    assert f"{conversations}, line 2: 'conversation'" in error(["mmdialog", *common, "--annotations", conversations])
+    not_sis = tmp_path / "sis.json"
+    not_sis.write_text(json.dumps({"images": []}))
+    assert str(not_sis) in error(["minigpt5-vist", *common, "--annotations", str(not_sis), "--image-dir",
+                                  str(tmp_path)])
+    assert "full CLIP" in error(["cc3m", *common, "--tsv", write_cc3m(tmp_path / "ok", 2)[0], "--clip-model",
+                                 tiny_backbones["clip"]])
+    monkeypatch.setattr(text_metrics, "load_wordnet", REAL_LOAD_WORDNET)
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    from eval_fixtures import write_vist
+
+    annotations, image_dir = write_vist(tmp_path, num_stories=1)
+    assert "python -m nltk.downloader wordnet" in error(["minigpt5-vist", *common, "--annotations", annotations,
+                                                         "--image-dir", image_dir, "--tables", "narration"])
+    assert "--is-splits" in error(["cc3m", *common, "--tsv", tsv, "--is-splits", "1"])
