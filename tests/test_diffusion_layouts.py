@@ -278,3 +278,51 @@ def test_the_web_demo_defaults_to_the_familys_guidance_scale(sdxl_model, sdxl):
     assert np.array_equal(images[None], images[5.0]) and not np.array_equal(images[None], images[7.5])
     with pytest.raises(ValueError, match=r"guidance_scale must be >= 0 or None, got -1"):
         DemoSettings(guidance_scale=-1)
+
+
+def _stage2_batch(model, ldm_image_size=None):
+    """One stage-2 example whose answer is an image: a context caption + image, an instruction, a target image."""
+    from gill_hf.training import InterleavedDataCollator
+
+    example = {"index": 0, "context": ["a red circle", Image.new("RGB", (40, 36), "red")],
+               "instruction": "Show the next picture.", "instruction_image": None, "target_text": "a blue square",
+               "output_image": Image.new("RGB", (36, 40), "blue")}
+    return InterleavedDataCollator(model.processor, ldm_image_size=ldm_image_size)([example])
+
+
+def test_sdxl_stage2_takes_pooled_targets_in_l_g_and_the_ldm_loss(tiny_backbones, sdxl, tmp_path):
+    from gill_hf.training import GILLForInterleavedTraining, GILLTrainer
+    from gill_hf.training.trainer import training_arguments
+
+    torch.manual_seed(0)
+    model = GILLForInterleavedTraining.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], sdxl,
+                                                      cfg_dropout_prob=1.0, ldm_loss_weight=1.0, **SMALL_MAPPER)
+    ldm = LatentDiffusionLoss.from_pretrained(sdxl)
+    batch = _stage2_batch(model, ldm.image_size)
+    targets = dict(gen_targets=torch.randn(1, 77, 64), gen_pooled_targets=torch.randn(1, 32))
+    nulls = dict(null_gen_target=torch.randn(77, 64), null_gen_pooled_target=torch.randn(32))
+    out = model.eval()(**{k: v for k, v in batch.items() if k != "ldm_pixel_values"}, **targets, gill_objective=True)
+    with torch.no_grad():
+        pooled = model.adapter.pooled_head.proj(out.gen_embeds.mean(1))
+    by_hand = (out.gen_embeds - targets["gen_targets"]).norm(dim=-1).mean() \
+        + (pooled - targets["gen_pooled_targets"]).norm(dim=-1).mean()
+    assert out.gen_loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    model.train()  # cfg_dropout_prob=1: every block's targets are the null ones, the pooled one included
+    out = model(**{k: v for k, v in batch.items() if k != "ldm_pixel_values"}, **targets, **nulls,
+                gill_objective=True)
+    with torch.no_grad():
+        pooled = model.adapter.pooled_head.proj(out.gen_embeds.mean(1))
+    by_hand = (out.gen_embeds - nulls["null_gen_target"]).norm(dim=-1).mean() \
+        + (pooled - nulls["null_gen_pooled_target"]).norm(dim=-1).mean()
+    assert out.gen_loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"the sdxl layout needs gen_pooled_targets \(N, 32\)"):
+        model(**{k: v for k, v in batch.items() if k != "ldm_pixel_values"}, gen_targets=targets["gen_targets"],
+              **nulls, gill_objective=True)
+    trainer = GILLTrainer(model=model.eval(), args=training_arguments(str(tmp_path), use_cpu=True,
+                                                                     disable_tqdm=True),
+                          ldm_loss=ldm)
+    torch.manual_seed(5)
+    loss, out = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    torch.manual_seed(5)  # the LDM term by hand: the pooled head's vector reaches the SDXL UNet
+    ldm_by_hand = ldm(out.gen_embeds, batch["ldm_pixel_values"], model.gen_pooled_embeddings(out.gen_embeds))
+    assert loss.item() == pytest.approx((out.loss + ldm_by_hand).item(), rel=1e-5)

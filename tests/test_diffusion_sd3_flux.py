@@ -215,3 +215,15 @@ def test_layout_mismatch_is_an_error_at_construction(sd3_model, flux, sd3, make_
     with pytest.raises(ValueError, match=r"trained for the stable_diffusion \(L x 32\).*consumes "
                                          r"sd3 \(L x 96 \+ pooled 64\)"):
         GILLPipeline.from_gill(make_model("opt"), sd3)
+
+
+def test_sd3_empty_negative_is_as_long_as_a_shorter_sequence(tiny_backbones, sd3):
+    model = _gill_on(tiny_backbones, sd3, num_gen_queries=77 + 16)  # L: CLIP's 77, then 16 T5 tokens
+    pipe = GILLPipeline.from_gill(model, sd3)
+    pipe.set_progress_bar_config(disable=True)
+    cond = dict(prompt_embeds=torch.randn(1, 93, 96), pooled_prompt_embeds=torch.randn(1, 64), output_type="np",
+                **DIFFUSION)
+    stock = StableDiffusion3Pipeline.from_pretrained(sd3)
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(**cond, max_sequence_length=16, generator=_seed(0)).images[0]
+    assert np.array_equal(pipe(**cond, generator=_seed(0)).images[0], expected)
