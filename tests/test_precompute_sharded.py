@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -124,15 +125,22 @@ def test_process_share_and_cli_refusals(monkeypatch, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_launched_ranks_return_once_the_store_is_complete(monkeypatch, tmp_path):
+def test_launched_rank_0_waits_for_the_others_and_counts_their_shards(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")  # this thread is rank 0 of a launch; rank 1 starts a second later
-    rank1 = threading.Timer(1.0, precompute_targets, (CAPTIONS, tmp_path, LoggingEncoder()),
-                            dict(process_index=1, num_processes=2, progress=False, **SETTINGS))
-    rank1.start()
-    precompute_targets(CAPTIONS, tmp_path, LoggingEncoder(), progress=False, **SETTINGS)
-    assert len(TargetStore(tmp_path)) == 9  # complete: rank 0 waited for rank 1's shards
-    rank1.join()
+    monkeypatch.setenv("RANK", "0")  # this thread is rank 0 of a launch; rank 1 starts once rank 0's part is done
+
+    def rank1():
+        while not (tmp_path / shard_name(4)).exists():  # rank 0's last shard
+            time.sleep(0.05)
+        precompute_targets(CAPTIONS, tmp_path, LoggingEncoder(), process_index=1, num_processes=2, progress=False,
+                           **SETTINGS)
+
+    thread = threading.Thread(target=rank1)
+    thread.start()
+    precompute_targets(CAPTIONS, tmp_path, LoggingEncoder(), **SETTINGS)
+    assert len(TargetStore(tmp_path)) == 9  # complete on return: rank 0 waited for rank 1's shards
+    assert "targets: 100%|██████████| 9/9 " in capsys.readouterr().err  # its bar counted them (5 of its own)
+    thread.join()
 
 
 def _worker(out_dir: str, run: str):
