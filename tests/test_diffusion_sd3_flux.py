@@ -227,3 +227,25 @@ def test_sd3_empty_negative_is_as_long_as_a_shorter_sequence(tiny_backbones, sd3
     stock.set_progress_bar_config(disable=True)
     expected = stock(**cond, max_sequence_length=16, generator=_seed(0)).images[0]
     assert np.array_equal(pipe(**cond, generator=_seed(0)).images[0], expected)
+
+
+def test_flux_pipeline_round_trips_and_the_cli_precomputes_its_targets(flux_model, flux, tmp_path):
+    from gill_hf.cli import main
+
+    pipe = GILLPipeline.from_gill(flux_model, flux)
+    pipe.set_progress_bar_config(disable=True)
+    cond = dict(prompt_embeds=torch.randn(1, 512, 48), pooled_prompt_embeds=torch.randn(1, 32), output_type="np",
+                **DIFFUSION)
+    before = pipe(**cond, generator=_seed(0)).images[0]
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = GILLPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.transformer).__name__ == "FluxTransformer2DModel" and loaded.text_encoder is None
+    assert np.array_equal(loaded(**cond, generator=_seed(0)).images[0], before)
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("caption\timage\na red circle\tx.png\na star\ty.png\n")
+    assert main(["precompute-targets", str(tsv), str(tmp_path / "t"), "--diffusion-model", flux,
+                 "--dtype", "float32"]) == 0
+    store = TargetStore(tmp_path / "t")
+    embeds, pooled = DiffusionTextEncoder(flux)(["a red circle", "a star"])
+    assert store.shape == (512, 48) and torch.equal(store[0], embeds[0]) and torch.equal(store.pooled(0), pooled[0])

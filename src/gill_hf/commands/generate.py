@@ -59,7 +59,7 @@ def run(args) -> int:
     pipe = GILLPipeline.from_pretrained(args.pipeline)
     if args.index:
         pipe.retrieval_index = RetrievalIndex.load(args.index)
-    generator = torch.Generator(device=pipe.unet.device).manual_seed(args.seed)
+    generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
     out = pipe(items, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
                force_image_after=args.force_image_after, gen_scale_factor=args.gen_scale_factor,

@@ -53,7 +53,7 @@ def register(subparsers):
     parser.add_argument("tsv", help="caption<TAB>image TSV (CC3M format)")
     parser.add_argument("out_dir", help="folder of the target store (resumes if it exists)")
     parser.add_argument("--diffusion-model", required=True,
-                        help="diffusers text-to-image model id or folder: SD 1.x / 2.x or SDXL (its text encoders "
+                        help="diffusers text-to-image model id or folder: SD 1.x / 2.x, SDXL, SD3 or Flux (its text encoders "
                              "give the targets)")
     parser.add_argument("--batch-size", type=bounded(int, 1), default=64)
     parser.add_argument("--shard-size", type=bounded(int, 1), default=4096)
