@@ -178,6 +178,7 @@ def test_hub_round_trip(fake_hub, models, encoder):
     model = models[encoder]
     repo = f"alice/gill-{encoder.replace('_', '-')}"
     model.push_to_hub(repo, remote_code=False)
+    assert f"| visual encoder | {encoder}, linear projection |" in fake_hub.repos[repo].files()["README.md"].decode()
     loaded = GILLForConditionalGeneration.from_pretrained(repo)
     assert loaded.config.visual_encoder == encoder and type(loaded.vision_model) is type(model.vision_model)
     for key, value in model.adapter_state_dict().items():

@@ -162,7 +162,9 @@ def _eval_table(eval_results) -> str:
 
 
 def _architecture_rows(config: GILLConfig) -> list[tuple[str, str]]:
-    rows = [("visual tokens per image (k)", config.num_visual_tokens),
+    rows = [("visual encoder", f"{config.visual_encoder}, {config.visual_projection} projection"
+                               + ("" if config.train_visual_projection else " (frozen)")),
+            ("visual tokens per image (k)", config.num_visual_tokens),
             ("[IMG] tokens (r)", config.num_img_tokens),
             ("retrieval embedding width (p)", config.ret_emb_dim),
             ("mapper", f"{config.mapper_type}, width {config.mapper_hidden_dim}, "
