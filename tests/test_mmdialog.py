@@ -190,3 +190,42 @@ def test_minigpt5_collator_tokenizes_the_reference_strings(tmp_path, image_dir, 
     assert batch["pixel_values"].shape[0] == 2  # one history image per row
     with pytest.raises(ValueError, match="prompt_format must be one of"):
         InterleavedDataCollator(processor, prompt_format="vicuna")
+
+
+# ---------------------------------------------------------------------------------------------- gill-hf train
+def test_train_cli_reads_mmdialog_for_stage2(tmp_path, image_dir, tiny_backbones, monkeypatch, capsys):
+    from torch.utils.data import ConcatDataset
+
+    from gill_hf.cli import main
+    from gill_hf.commands import train
+    from gill_hf.commands.train import load_config
+    from gill_hf.training import VISTTaskDataset
+    from gill_hf.training.mmdialog import MMDialogDataset
+
+    dialog = six_turns(tmp_path, image_dir)
+    vist_dataset(tmp_path, image_dir)
+    base = [f"model.text_model={tiny_backbones['llama']}", f"model.vision_model={tiny_backbones['clip']}",
+            f"training.output_dir={tmp_path / 'run'}", f"data.mmdialog_image_dir={image_dir}"]
+    stage2 = base + ["model.config.training_stage=interleaved", f"data.vist={tmp_path / 'vist.json'}",
+                     f"data.vist_image_dir={image_dir}", "data.prompt_format=minigpt5", "data.mmdialog_max_tokens=3"]
+
+    def argv(sets, *extra):
+        return ["train", *[x for s in sets for x in ("--set", s)], *extra]
+
+    real_build = train.build_trainer
+    monkeypatch.setattr(train, "build_trainer", lambda config: pytest.fail("loaded before checking"))
+    for sets, extra, message in (
+            (base + [f"data.tsv={tmp_path / 'six.txt'}"], ["--mmdialog", str(dialog)], "data.mmdialog is stage-2 data"),
+            (stage2 + ["data.prompt_format=vicuna"], [], "data.prompt_format must be one of ['plain', 'minigpt5']"),
+            (stage2 + ["data.mmdialog_max_tokens=0"], ["--mmdialog", str(dialog)], "mmdialog_max_tokens must be >= 1"),
+            (stage2, ["--mmdialog", str(tmp_path / "nope.txt")], "data.mmdialog: no such file or folder")):
+        assert main(argv(sets, *extra)) == 2
+        assert message in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr("gill_hf.training.train_gill", lambda model, dataset, out, **kw: seen.update(
+        dataset=dataset, collator=kw["data_collator"]))
+    config = load_config(None, stage2, {"mmdialog": str(dialog)})
+    real_build(config)
+    vist, mmdialog = seen["dataset"].datasets if isinstance(seen["dataset"], ConcatDataset) else (None, None)
+    assert isinstance(vist, VISTTaskDataset) and isinstance(mmdialog, MMDialogDataset)
+    assert len(mmdialog) == 4 and seen["collator"].prompt_format == "minigpt5"  # turn 5 (4 tokens) cut

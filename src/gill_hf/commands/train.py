@@ -23,8 +23,12 @@ at the exact sample. Config::
       shuffle_buffer: 0                      # streams: seeded shuffle buffer (training.data_seed or seed)
       image_dir: null                        # default: the TSV's folder
       targets: cc3m_targets/                 # from `gill-hf precompute-targets`
-      vist: null                             # stage 2: VIST SIS JSON (images in vist_image_dir)
+      vist: null                             # stage 2: VIST SIS JSON (images in vist_image_dir), and / or
       vist_image_dir: null
+      mmdialog: null                         #   MMDialog JSONL conversations (--mmdialog; <media_id>.jpg images in
+      mmdialog_image_dir: null               #   mmdialog_image_dir, default the file's folder)
+      mmdialog_max_tokens: 50                # MiniGPT-5's cut: a dialogue stops at a longer turn (null: no cut)
+      prompt_format: plain                   # stage 2: plain (parts in order) or minigpt5 (its ###Human: prompts)
       max_length: 32
     training:                                # TrainingArguments fields, plus:
       output_dir: runs/gill
@@ -49,7 +53,9 @@ STREAM_DEFAULTS = {"shards": None, "dataset": None, "data_files": None, "split":
 DEFAULTS = {"model": {"text_model": None, "vision_model": None, "diffusion_model": None, "from_pretrained": None,
                       "lora": False, "config": {}},
             "data": {"tsv": None, "image_dir": None, "targets": None, "vist": None, "vist_image_dir": None,
-                     "max_length": 32, "vist_tasks": ["gen", "text_image", "text"], **STREAM_DEFAULTS},
+                     "max_length": 32, "vist_tasks": ["gen", "text_image", "text"], "mmdialog": None,
+                     "mmdialog_image_dir": None, "mmdialog_max_tokens": 50, "prompt_format": "plain",
+                     **STREAM_DEFAULTS},
             "training": {"output_dir": None, "activation_checkpointing": False, "mapper_lr_mult": 1.0},
             "resume_from_checkpoint": None}
 # The type of every field of the model / data sections and of the top-level scalars (training: TrainingArguments).
@@ -59,7 +65,8 @@ FIELD_TYPES = {"model": {"text_model": str | None, "vision_model": str | None, "
                         "vist_image_dir": str | None, "max_length": int, "vist_tasks": list[str],
                         "shards": str | list[str] | None, "dataset": str | None,
                         "data_files": str | list[str] | dict | None, "split": str, "streaming": bool,
-                        "columns": dict | None, "shuffle_buffer": int},
+                        "columns": dict | None, "shuffle_buffer": int, "mmdialog": str | None,
+                        "mmdialog_image_dir": str | None, "mmdialog_max_tokens": int | None, "prompt_format": str},
                "resume_from_checkpoint": str | bool | None}
 TRAIN_GILL_FIELDS = {"activation_checkpointing": bool, "mapper_lr_mult": float}  # train_gill's own options
 # GILLConfig fields the model section sets itself (backbones) or the processor fills in.
@@ -214,11 +221,13 @@ def check_config(config: dict):
                                                                 "folder")
     stage = _check_model(model)
     for name, kind in (("tsv", "file"), ("image_dir", "folder"), ("targets", "folder"), ("vist", "file"),
-                       ("vist_image_dir", "folder")):
+                       ("vist_image_dir", "folder"), ("mmdialog", "file"), ("mmdialog_image_dir", "folder")):
         if data.get(name):
             data[name] = existing_path(data[name], f"data.{name}", kind)
-    if stage == "interleaved" and not data.get("vist"):
-        raise UsageError(f"training_stage {stage!r} needs data.vist (a VIST SIS JSON)")
+    if stage == "interleaved" and not (data.get("vist") or data.get("mmdialog")):
+        raise UsageError(f"training_stage {stage!r} needs data.vist (a VIST SIS JSON) and / or data.mmdialog "
+                         f"(MMDialog JSONL)")
+    _check_stage2_data(data, stage)
     if stage != "interleaved":
         _check_pairs_source(data, training)
     if data["max_length"] < 1:
@@ -263,6 +272,19 @@ def _check_pairs_source(data: dict, training: dict):
         raise UsageError("data.targets index a TSV's examples; a stream has no such index (train it without targets)")
     if stream and not training.get("max_steps", -1) > 0:
         raise UsageError("a stream has no length: set training.max_steps")
+
+
+def _check_stage2_data(data: dict, stage: str):
+    """MMDialog and the prompt format are stage-2 settings with their own ranges."""
+    from ..training.data import PROMPT_FORMATS
+
+    if stage != "interleaved" and data.get("mmdialog"):
+        raise UsageError(f"data.mmdialog is stage-2 data; training_stage is {stage!r} (set model.config."
+                         "training_stage=interleaved)")
+    if data["prompt_format"] not in PROMPT_FORMATS:
+        raise UsageError(f"data.prompt_format must be one of {list(PROMPT_FORMATS)}, got {data['prompt_format']!r}")
+    if data["mmdialog_max_tokens"] is not None and data["mmdialog_max_tokens"] < 1:
+        raise UsageError(f"data.mmdialog_max_tokens must be >= 1 or null, got {data['mmdialog_max_tokens']}")
 
 
 def _as_list(value) -> list:
@@ -361,11 +383,16 @@ def build_pairs(data: dict, seed: int):
 
 
 def build_trainer(config: dict):
+    from torch.utils.data import ConcatDataset
+
     from ..training import InterleavedDataCollator, LatentDiffusionLoss, TargetStore, VISTTaskDataset, train_gill
+    from ..training.mmdialog import MMDialogDataset, read_mmdialog
 
     data, training = config["data"], dict(config["training"])
     seed = training.get("data_seed") or training.get("seed", 42)  # TrainingArguments' default seed
-    pairs = build_pairs(data, seed) if not data.get("vist") else None  # stage 1: read before the backbones load
+    stage2 = bool(data.get("vist") or data.get("mmdialog"))
+    pairs = build_pairs(data, seed) if not stage2 else None  # stage 1: read before the backbones load
+    dialogues = read_mmdialog(data["mmdialog"], data.get("mmdialog_image_dir")) if data.get("mmdialog") else None
     model = build_model(config["model"])
     ldm_loss = None
     if model.config.ldm_loss_weight > 0:
@@ -373,8 +400,14 @@ def build_trainer(config: dict):
         ldm_loss = LatentDiffusionLoss.from_pretrained(diffusion, snr_gamma=model.config.ldm_snr_gamma)
     collator, targets = None, None
     if model.config.training_stage == "interleaved":
-        dataset = VISTTaskDataset.from_json(data["vist"], data.get("vist_image_dir"), tasks=data["vist_tasks"])
-        collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_loss.image_size if ldm_loss else None)
+        parts = [VISTTaskDataset.from_json(data["vist"], data.get("vist_image_dir"), tasks=data["vist_tasks"])] \
+            if data.get("vist") else []
+        if dialogues is not None:
+            max_tokens = data["mmdialog_max_tokens"]
+            parts.append(MMDialogDataset(dialogues, model.processor.tokenizer if max_tokens else None, max_tokens))
+        dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_loss.image_size if ldm_loss else None,
+                                           prompt_format=data["prompt_format"])
     else:
         dataset = pairs if pairs is not None else build_pairs(data, seed)
         targets = TargetStore(data["targets"]) if data.get("targets") else None
@@ -384,7 +417,8 @@ def build_trainer(config: dict):
 
 
 def run(args) -> int:
-    flags = {"shards": args.train_shards, "dataset": args.train_dataset, "streaming": args.streaming or None}
+    flags = {"shards": args.train_shards, "dataset": args.train_dataset, "streaming": args.streaming or None,
+             "mmdialog": args.mmdialog}
     config = load_config(args.config, args.set or [], {k: v for k, v in flags.items() if v is not None})
     trainer = build_trainer(config)
     trainer.train(resume_from_checkpoint=config["resume_from_checkpoint"])
@@ -403,4 +437,6 @@ def register(subparsers):
     parser.add_argument("--train-dataset", metavar="DATASET", help="stage-1 pairs from datasets.load_dataset "
                         "(data.dataset; data.data_files / split / columns in the config)")
     parser.add_argument("--streaming", action="store_true", help="stream data.dataset (data.streaming)")
+    parser.add_argument("--mmdialog", metavar="JSONL", help="stage-2 MMDialog conversations (data.mmdialog; images "
+                        "in data.mmdialog_image_dir)")
     parser.set_defaults(func=run)
