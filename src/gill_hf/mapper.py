@@ -79,7 +79,8 @@ class EncoderOnlyMapper(nn.Module):
 
 
 class PooledHead(nn.Module):
-    """The pooled text vector of layouts that need one (SDXL): a linear map of the mean of the L mapper outputs."""
+    """The pooled text vector of layouts that need one (SDXL, SD3, Flux): a linear map of the mean of the L mapper
+    outputs."""
 
     def __init__(self, config: GILLConfig):
         super().__init__()

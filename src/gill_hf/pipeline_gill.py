@@ -538,7 +538,12 @@ class GILLPipeline(DiffusionPipeline):
                                              ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds))
                         if name in family.conditioning}
         if needs_text:  # the encoding of "" as long as the prompt's: CLIP's 77 tokens, then T5's
-            conditioning["max_sequence_length"] = prompt_embeds.shape[1] - (family.sequence_length - family.t5_length)
+            t5_length = prompt_embeds.shape[1] - (family.sequence_length - family.t5_length)
+            if t5_length < 1:
+                raise ValueError(f"the empty negative of the {self.diffusion_layout} layout needs prompt_embeds "
+                                 f"longer than its CLIP part ({family.sequence_length - family.t5_length} tokens), "
+                                 f"got L={prompt_embeds.shape[1]}; pass negative_prompt_embeds")
+            conditioning["max_sequence_length"] = t5_length
         images = pipe(**conditioning, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       height=height, width=width, generator=generator, latents=latents, output_type=output_type,
                       callback_on_step_end=callback_on_step_end,

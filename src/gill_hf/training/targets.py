@@ -3,7 +3,8 @@
 On disk a store is a folder::
 
     index.json          {"num_items", "shard_size", "shape": [L, D], "dtype", "captions_sha256", "shards": [...],
-                         "batch_size", "null_sha256"} (+ "pooled_dim": P for layouts with a pooled vector, SDXL)
+                         "batch_size", "null_sha256"}
+                        (+ "pooled_dim": P for layouts with a pooled vector: SDXL, SD3, Flux)
     null.npy            (L, D) encoding of "" (the CFG target)
     shard-00000.npy     (shard_size, L, D) rows 0..shard_size-1, one file per shard
     null-pooled.npy, pooled-00000.npy   (P,) and (shard_size, P): the pooled vectors, for such layouts
