@@ -4,7 +4,10 @@ workers that keep the single-process batches, skip-and-count of bad samples, and
 import io
 import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 import tarfile
 
 import datasets
@@ -116,6 +119,8 @@ def test_shard_streams_shuffle_by_seed(shards):
     first = shuffled(0)
     assert first == shuffled(0) and first != shuffled(1)
     assert first[:len(every)] != every and set(first) == set(every)
+    one = [_keys(StreamingCaptionDataset.from_shards(shards[1:2], shuffle_buffer=3, seed=seed), 9) for seed in (0, 1)]
+    assert one[0] != one[1]  # one shard, no shard order to draw: the buffer follows the seed too
 
 
 def test_workers_yield_the_single_process_batches(shards):
@@ -195,6 +200,43 @@ def test_datasets_streams_are_split_per_process_and_train(tmp_path, make_model):
     assert isinstance(trainer.train_dataset, StreamingCaptionDataset) and len(seen) == 4
     with pytest.raises(ValueError, match="a stream has no such index"):
         train_gill(make_model(), hf, str(tmp_path / "t"), columns=columns, targets=object(), max_steps=1, **QUIET)
+
+
+TWO_PROCESS_SCRIPT = """
+import json, os, sys
+from gill_hf import GILLForConditionalGeneration
+from gill_hf.training import GILLDataCollator, StreamingCaptionDataset, train_gill
+
+opt, clip, shards, out = sys.argv[1:]
+model = GILLForConditionalGeneration.from_backbones(opt, clip, mapper_hidden_dim=32, mapper_num_heads=4,
+                                                    mapper_ffn_dim=64, mapper_encoder_layers=1,
+                                                    mapper_decoder_layers=1, pack_prob=0.0)
+seen = []
+class Recording(GILLDataCollator):
+    def __call__(self, examples):
+        seen.extend(ex["key"] for ex in examples)
+        return super().__call__(examples)
+trainer = train_gill(model, StreamingCaptionDataset.from_shards(shards), out, use_cpu=True, max_steps=2,
+                     per_device_train_batch_size=2, data_collator=Recording(model.processor, max_length=16),
+                     disable_tqdm=True, dataloader_num_workers=0)
+trainer.train()
+with open(os.path.join(out, f"keys-{trainer.args.process_index}.json"), "w") as f:
+    json.dump(seen, f)
+"""
+
+
+def test_two_processes_train_on_their_own_shards(tmp_path, tiny_backbones):
+    shards = _write_shards(tmp_path / "shards", num_shards=2, per_shard=4)
+    script = tmp_path / "train.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29531", str(script), tiny_backbones["opt"], tiny_backbones["clip"],
+                             str(tmp_path / "shards"), str(tmp_path / "run")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = [json.loads((tmp_path / "run" / f"keys-{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen == [_tar_keys(shards[0]), _tar_keys(shards[1])]  # 2 steps x 2 samples: each rank its own shard
 
 
 def _usage(capsys, argv, message):
