@@ -146,6 +146,21 @@ def test_faiss_option():
         index.use_faiss(faiss.IndexFlatIP(16))
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_saved_fp16_faiss_index_is_memory_mapped_and_exact(tmp_path, mmap):
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(3)
+    candidates, queries = torch.randn(400, 16, generator=g), torch.randn(4, 16, generator=g)
+    index = RetrievalIndex(candidates, [str(i) for i in range(400)], dtype=torch.float16)
+    exact = index.search(queries, k=5)
+    index.use_faiss("fp16").save(tmp_path)
+    loaded = RetrievalIndex.load(tmp_path, mmap=mmap)
+    assert loaded._faiss.codes.is_owned is not mmap  # with mmap the codes stay in faiss.index on disk
+    scores, indices = loaded.search(queries, k=5)
+    assert torch.equal(indices, exact[1])
+    torch.testing.assert_close(scores, exact[0], atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs_raise(tmp_path):
     index = RetrievalIndex(torch.randn(5, 8), list("abcde"))
     with pytest.raises(ValueError, match=r"queries must be \(Q, 8\)"):

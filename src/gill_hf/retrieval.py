@@ -131,9 +131,9 @@ class RetrievalIndex:
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True, faiss_index: bool | None = None
              ) -> "RetrievalIndex":
-        """Open a saved index; with ``mmap`` the embeddings stay on disk and are paged in while searching.
-        ``faiss_index``: search through the saved ``faiss.index`` (default: when the folder holds one; ``True``
-        requires it, ``False`` searches exactly without importing faiss)."""
+        """Open a saved index; with ``mmap`` the embeddings (and the codes of an exact ``faiss.index``) stay on disk
+        and are paged in while searching. ``faiss_index``: search through the saved ``faiss.index`` (default: when
+        the folder holds one; ``True`` requires it, ``False`` searches exactly without importing faiss)."""
         directory = os.fspath(directory)
         file, paths_file = os.path.join(directory, EMBEDDINGS_FILE), os.path.join(directory, PATHS_FILE)
         for name in (file, paths_file):
@@ -151,7 +151,7 @@ class RetrievalIndex:
             raise ValueError(f"{file}: {err}") from err
         if faiss_index is not False and os.path.exists(faiss_file):
             try:
-                index.use_faiss(_read_faiss(faiss_file))
+                index.use_faiss(_read_faiss(faiss_file, mmap))
             except ValueError as err:
                 raise ValueError(f"{faiss_file}: {err}") from err
         return index
@@ -328,11 +328,12 @@ def import_faiss():
     return faiss
 
 
-def _read_faiss(file: str):
-    """A FAISS index read from ``file`` (FAISS's own format, no pickle); a ``ValueError`` naming it if unreadable."""
+def _read_faiss(file: str, mmap: bool = False):
+    """A FAISS index read from ``file`` (FAISS's own format, no pickle), its codes memory-mapped when ``mmap`` (flat
+    and scalar-quantizer kinds: ``IO_FLAG_MMAP_IFC``); a ``ValueError`` naming the file if unreadable."""
     faiss = import_faiss()
     try:
-        return faiss.read_index(file)
+        return faiss.read_index(file, faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as err:
         raise ValueError(f"{file} is not a readable FAISS index: {' '.join(str(err).split())[:300]}") from err
 
