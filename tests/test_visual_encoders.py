@@ -226,8 +226,8 @@ def test_remote_code_loads_the_qformer_encoder_without_gill_hf(fake_hub, models,
     env.update(HF_ENDPOINT=fake_hub.endpoint, HF_TOKEN=fake_hub.token, HF_HUB_OFFLINE="0",
                HF_HOME=str(tmp_path / "home"), HF_MODULES_CACHE=str(tmp_path / "modules"),
                HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", CHILD, "alice/gill-qformer-remote", str(tmp_path / "pixels.safetensors"),
-                             str(tmp_path / "out.safetensors")], env=env, cwd=tmp_path, capture_output=True,
+    args = ["alice/gill-qformer-remote", str(tmp_path / "pixels.safetensors"), str(tmp_path / "out.safetensors")]
+    result = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("transformers_modules.alice.")  # the pushed file ran

@@ -49,9 +49,9 @@ class GILLProcessor(ProcessorMixin):
     """Tokenizer (with ``<|image|>`` and ``[IMG0..r-1]`` added) + CLIP image processor.
 
     Args:
-        image_processor: a CLIP image processor (the vision backbone's own).
+        image_processor: the vision encoder's own image processor (CLIP, SigLIP or BLIP-2's).
         tokenizer: the LLM's tokenizer; the special tokens are added when missing.
-        num_visual_tokens: k, placeholders per input image.
+        num_visual_tokens: k, placeholders per input image (``GILLConfig.num_visual_tokens``: the encoder's count).
         num_img_tokens: r, the ``[IMG]`` tokens appended to captions and produced by the model.
         chat_template: a jinja string, a built-in name (``"gill"``, ``"minigpt5"``) or a dict of named templates;
             default: the tokenizer's own template, else ``"gill"`` (see ``gill_hf.chat_templates``).
