@@ -29,5 +29,5 @@ from .vist import evaluate_vist
 __all__ = ["VIST_SETTINGS", "ClipImageEmbedder", "DiffusionSettings", "EvaluatedModels", "FIDScorer", "ImageExample",
            "ImageMetrics", "ImageStore", "InceptionScorer", "LPIPSScorer", "SentenceSimilarity", "TextScorers",
            "evaluate_cc3m", "evaluate_decision", "evaluate_fid", "evaluate_minigpt5_vist", "evaluate_mmdialog",
-           "evaluate_retrieval", "evaluate_visdial", "evaluate_vist", "load_caption_set", "load_visdial", "load_vist", "recall_at_k", "visdial_context",
-           "vist_context"]
+           "evaluate_retrieval", "evaluate_visdial", "evaluate_vist", "load_caption_set", "load_visdial", "load_vist",
+           "recall_at_k", "visdial_context", "vist_context"]

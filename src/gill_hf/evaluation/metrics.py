@@ -2,14 +2,16 @@
 
 * :class:`ClipImageEmbedder` loads any CLIP image tower: a transformers checkpoint (``CLIPModel`` or
   ``CLIPVisionModelWithProjection``: projected image embeds; a plain ``CLIPVisionModel``: its pooled output) or an
-  open_clip model (``hf-hub:<repo>`` or ``open_clip:<arch>[/<pretrained tag or file>]``).
+  open_clip model (``hf-hub:<repo>`` or ``open_clip:<arch>[/<pretrained tag or file>]``); with ``with_text=True``
+  a full CLIP / open_clip also embeds texts (``embed_text``, MiniGPT-5's CLIP-T and MM-Relevance).
 * :class:`LPIPSScorer` wraps torchmetrics' ``LearnedPerceptualImagePatchSimilarity`` (AlexNet by default, both
   images resized to 256 x 256 as the original). torchmetrics builds the backbone with ImageNet weights that
   torchvision downloads once into ``$TORCH_HOME/hub/checkpoints``; offline, put the file there first or pass
   ``metric=`` (any module taking two ``(N, 3, H, W)`` batches in [-1, 1] and returning ``(N,)`` distances).
 * :func:`frechet_distance` wraps torchmetrics' ``FrechetInceptionDistance``; its default InceptionV3 needs the
   torch-fidelity weights (downloaded on first use); ``feature=`` takes any ``nn.Module`` mapping uint8 images
-  ``(N, 3, 299, 299)`` to ``(N, d)`` features.
+  ``(N, 3, 299, 299)`` to ``(N, d)`` features. Its reference statistics can be saved and loaded
+  (``save_reference`` / ``load_reference``, safetensors).
 """
 
 from collections.abc import Iterable, Sequence
@@ -216,10 +218,10 @@ class FIDScorer:
         """Reference statistics saved by :meth:`save_reference` (their feature width must match)."""
         from safetensors.torch import load_file
 
-        saved = load_file(path)
-        if set(saved) != set(REFERENCE_STATES) or saved["real_features_sum"].shape != self.metric.real_features_sum.shape:
+        saved, width = load_file(path), self.metric.real_features_sum.shape
+        if set(saved) != set(REFERENCE_STATES) or saved["real_features_sum"].shape != width:
             raise ValueError(f"{path}: not FID reference statistics of this feature extractor (expected "
-                             f"{list(REFERENCE_STATES)} of width {self.metric.real_features_sum.shape[0]})")
+                             f"{list(REFERENCE_STATES)} of width {width[0]})")
         for name in REFERENCE_STATES:
             setattr(self.metric, name, saved[name].to(self.device))
         self.num_reference = int(saved["real_features_num_samples"])
