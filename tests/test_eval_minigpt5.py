@@ -412,3 +412,5 @@ def test_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypat
     assert "python -m nltk.downloader wordnet" in error(["minigpt5-vist", *common, "--annotations", annotations,
                                                          "--image-dir", image_dir, "--tables", "narration"])
     assert "--is-splits" in error(["cc3m", *common, "--tsv", tsv, "--is-splits", "1"])
+    assert "no Stable Diffusion baseline" in error(["mmdialog", *common, "--annotations", conversations,
+                                                    "--no-baseline"])

@@ -5,7 +5,7 @@ when the command is run again."""
 
 import argparse
 
-from . import bounded, existing_path, model_source, output_path, torch_device
+from . import UsageError, bounded, existing_path, model_source, output_path, torch_device
 
 BENCHMARKS = ("vist", "visdial", "retrieval", "decision", "fid", "minigpt5-vist", "cc3m", "mmdialog")
 
@@ -163,6 +163,10 @@ def run_minigpt5(args) -> int:
 
     device, dtype = _setup(args)
     args.fid_cache = output_path(args.fid_cache, "--fid-cache", "folder")
+    if args.benchmark == "mmdialog" and not args.baseline:
+        raise UsageError("mmdialog has no Stable Diffusion baseline to skip; drop --no-baseline")
+    if getattr(args, "tables", None) == ["narration"] and args.seeds != [0]:
+        raise UsageError("--seeds drive the diffusion of the image tables; narrations are greedy (one run)")
     if args.benchmark == "minigpt5-vist":
         from ..evaluation.minigpt5_vist import PROMPT_TYPES, evaluate_minigpt5_vist
 
