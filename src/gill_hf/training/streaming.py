@@ -121,6 +121,7 @@ class StreamingCaptionDataset(IterableDataset):
         rows: ``rows(rank, world_size, pass_index)`` -> one pass over a process's part of the source.
         shuffle_buffer: rows in the shuffle buffer (0: source order).
         seed: seed of the buffer and of the per-pass shard order.
+        num_shards: the source's shard count when processes read whole shards (at least one each).
     """
 
     def __init__(self, rows: Callable[[int, int, int], Iterator[dict]], *, shuffle_buffer: int = 0, seed: int = 0,
