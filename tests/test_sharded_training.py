@@ -94,6 +94,43 @@ def test_fsdp2_resume_from_checkpoint_reaches_the_uninterrupted_step(runs):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(fsdp_version=1), "fsdp_version: 2"),
+    (dict(ignored_modules="language_model.*"), "fsdp_ignored_modules is set by GILLTrainer"),
+    (dict(train_llm_row=True), "only the adapter may train"),
+])
+def test_fsdp_plan_problems_are_named(make_model, change, message):
+    from types import SimpleNamespace
+
+    from gill_hf.training.distributed import fsdp_plan_problem
+
+    model = make_model()
+    plugin = SimpleNamespace(fsdp_version=2, ignored_modules=[model.adapter])  # an earlier trainer's choice
+    assert fsdp_plan_problem(model, plugin) is None
+    if change.pop("train_llm_row", False):
+        model.language_model.get_input_embeddings().weight.requires_grad_(True)
+    vars(plugin).update(change)
+    assert message in fsdp_plan_problem(model, plugin)
+
+
+def test_deepspeed_is_refused_naming_fsdp2(make_model, tmp_path, monkeypatch):
+    from PIL import Image
+    from transformers import Trainer
+
+    from gill_hf.training import CaptionImageDataset, train_gill
+
+    create = Trainer.create_accelerator_and_postprocess
+
+    def as_if_deepspeed(self):  # what accelerate launch with a DeepSpeed config leads to
+        create(self)
+        self.is_deepspeed_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_if_deepspeed)
+    data = CaptionImageDataset(["a red square"], [Image.new("RGB", (8, 8), "red")])
+    with pytest.raises(ValueError, match="does not run under DeepSpeed.*fsdp2.yaml"):
+        train_gill(make_model(), data, str(tmp_path), use_cpu=True)
+
+
 def _allow_fsdp_on_cpu():
     """accelerate sets its FSDP plugin only for accelerator devices; apply it to CPU processes as well."""
     import accelerate.state as state

@@ -42,6 +42,12 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
         return local
     return _GatherWithGrad.apply(local)
 
+DEEPSPEED_UNSUPPORTED = (
+    "GILLTrainer does not run under DeepSpeed: its engine cannot broadcast the adapter's 0-dim logit_scale, and "
+    "ZeRO-3 would partition the adapter tensors that GILL's forward reads outside their module (E_img, E_out, "
+    "logit_scale). Shard the frozen LLM with FSDP2 instead: accelerate launch --config_file "
+    "examples/accelerate/fsdp2.yaml ...")
+
 
 def fsdp_plan_problem(model, fsdp_plugin) -> str | None:
     """Why GILL cannot train under ``fsdp_plugin`` (accelerate's FSDP settings), or None.

@@ -21,7 +21,7 @@ from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
 from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, SkippedExamplesCallback, VISTTaskDataset,
                    as_caption_dataset)
-from .distributed import gather_with_grad, replicate_adapter_under_fsdp
+from .distributed import DEEPSPEED_UNSUPPORTED, gather_with_grad, replicate_adapter_under_fsdp
 from .lora import load_lora_weights
 from .streaming import StreamingCaptionDataset, as_training_dataset, streaming_dataloader
 
@@ -146,6 +146,8 @@ class GILLTrainer(Trainer):
 
     def __init__(self, *args, ldm_loss=None, mapper_lr_mult: float = 1.0, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            raise ValueError(DEEPSPEED_UNSUPPORTED)
         self.ldm_loss, self.mapper_lr_mult = ldm_loss, mapper_lr_mult
         self.eval_data_collator = eval_data_collator  # eval batches (e.g. with the eval split's targets)
         self._loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
