@@ -22,7 +22,8 @@ def test_shipped_backbones_pass_their_own_quality_checks(shipped, single_thread)
     checks = toy.quality_checks(shipped)
     assert checks["passed"], json.dumps({k: v for k, v in checks.items() if k != "llm_samples"})
     assert checks["probe_on_rendered"]["scene"] == 1.0
-    assert checks["diffusion_from_caption"]["scene"] >= 0.9 and checks["diffusion_from_story_step"]["scene"] >= 0.9
+    for drawn in (checks["diffusion_from_caption"], checks["diffusion_from_story_step"]):
+        assert drawn["position"] >= 0.9 and drawn["scene"] >= toy.MIN_SCENE_ACCURACY > 20 * checks["chance"]["scene"]
     assert checks["llm_grammatical_continuations"] >= 0.9
 
 

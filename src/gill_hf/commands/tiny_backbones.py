@@ -2,7 +2,7 @@
 
 Without ``--pretrained``: the random OPT / Llama / CLIP / Stable Diffusion checkpoints the unit tests use (seconds).
 With ``--pretrained``: retrain the backbones that know the toy world (an OPT on toy stories, a Stable Diffusion on
-the shapes, the probe that judges images; about 6 minutes on 2 CPU cores) into OUT_DIR: ``weights/*.safetensors``
+the shapes, the probe that judges images; about 16 minutes on 2 busy CPU cores) into OUT_DIR: ``weights/*.safetensors``
 (the fp16 files shipped in ``gill_hf/toy_world/weights``), loadable ``llm/``, ``clip/``, ``sd/`` folders and
 ``checks.json``; exits 1 if their quality checks fail.
 """
@@ -35,5 +35,5 @@ def register(subparsers):
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrained", action="store_true",
-                        help="train the backbones that know the toy world (about 6 minutes on 2 CPU cores)")
+                        help="train the backbones that know the toy world (about 16 minutes on 2 busy CPU cores)")
     parser.set_defaults(func=run)
