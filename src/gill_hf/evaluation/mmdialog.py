@@ -1,8 +1,9 @@
 """Multi-turn multimodal response generation on MMDialog (MiniGPT-5 Table 5).
 
 Dialogues come from :func:`~gill_hf.training.mmdialog.read_mmdialog` (its filtering). Every turn i > 0 is a
-response to predict from MiniGPT-5's history window, turns ``[max(0, 2 * ((i - 2) // 2)), i)`` given as their
-texts and images interleaved; GILL answers freely (greedy text, at most one generated image). Per dialogue: BLEU-1,
+response to predict from MiniGPT-5's history window (``history_window(i)``: the previous exchange, plus the current
+human turn for an assistant response), its texts and images interleaved; GILL answers freely (greedy text, at most
+one generated image). Per dialogue: BLEU-1,
 BLEU-2, ROUGE-L and SBERT averaged over its responses, and MM-Relevance (:mod:`.mm_relevance`, CLIP-F1 over its
 responses' text and image entries); each is then averaged over dialogues. IS is computed over all generated images
 (null when fewer than its splits were generated). Every metric is one value per seed, reported as mean ± std.
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..training.mmdialog import Dialogue
+from ..training.mmdialog import Dialogue, history_window
 from ..html_report import part_html
 from .contexts import context_image
 from .generators import EvaluatedModels
@@ -30,16 +31,10 @@ LABELS = [("inception_score", "IS ↑"), ("bleu_1", "BLEU-1 ↑"), ("bleu_2", "B
           ("sbert", "SBERT ↑"), ("mm_relevance", "MM-Relevance ↑")]
 
 
-def history_start(turn: int) -> int:
-    """First turn of the history window of response ``turn`` (the previous exchange, plus the current human turn
-    for an assistant response)."""
-    return max(0, 2 * ((turn - 2) // 2))
-
-
 def response_context(dialogue: Dialogue, turn: int) -> list:
     """The window before ``turn`` as interleaved text / image (224 px) parts."""
     parts = []
-    for previous in dialogue.turns[history_start(turn):turn]:
+    for previous in (dialogue.turns[i] for i in history_window(turn)):
         parts.append(previous.text)
         if previous.image is not None:
             parts.append(context_image(previous.image))
