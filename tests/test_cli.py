@@ -78,7 +78,9 @@ def test_missing_local_paths_are_named_not_hub_errors(capsys, no_loading, tmp_pa
     _usage(capsys, ["precompute-targets", str(image), "out", "--diffusion-model", "./sd"],
            "--diffusion-model: no such file or folder: ./sd")
     _usage(capsys, ["precompute-targets", str(image), "out", "--diffusion-model", "sd", "--process-index", "1"],
-           "--process-index must be < --num-processes (1), got 1")
+           "give --process-index and --num-processes together")
+    _usage(capsys, ["precompute-targets", str(image), "out", "--diffusion-model", "sd", "--process-index", "1",
+                    "--num-processes", "1"], "--process-index must be < --num-processes (1), got 1")
     _usage(capsys, ["convert-original", "--checkpoint", "ckpt.pth.tar", "--model-args", "m.json", "--out", "o"],
            "--checkpoint: no such file or folder: ckpt.pth.tar")
     _usage(capsys, ["tiny-backbones", str(image)], "is a file, expected a folder")
