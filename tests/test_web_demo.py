@@ -21,6 +21,7 @@ from gill_hf.cli import main as cli_main
 from gill_hf.demo import DemoSettings, build_demo
 from gill_hf.demo import web
 from gill_hf.demo.web import DemoSession, ShownImage, chat_turn, conversation_prompt
+from gill_hf.diffusion_layouts import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,8 +32,12 @@ PROMPT_TEXT = "Show me the same dog at the beach."
 
 
 def _values(settings: DemoSettings) -> tuple:
-    """The Settings controls' values in their order on the page."""
-    return tuple(getattr(settings, name) for name in web.DemoSettings.__dataclass_fields__)
+    """The Settings controls' values in their order on the page. A slider always holds a number: guidance None
+    shows as the tiny SD 1.x pipeline's family default, which is what None means."""
+    values = {name: getattr(settings, name) for name in web.DemoSettings.__dataclass_fields__}
+    if values["guidance_scale"] is None:
+        values["guidance_scale"] = FAMILIES["stable_diffusion"].guidance_scale
+    return tuple(values.values())
 
 
 def _direct(pipe, prompt, settings: DemoSettings):
