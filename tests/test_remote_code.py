@@ -15,6 +15,7 @@ import safetensors.numpy
 import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 from huggingface_hub import ModelCard
+from no_gill import BLOCK_GILL
 from PIL import Image
 
 from gill_hf import GILLPipeline
@@ -27,15 +28,8 @@ PIPE_KWARGS = dict(max_new_tokens=10, force_image_after=2, max_images=1, eos_tok
                    decision="generate", output_type="np")
 
 # Run in a fresh interpreter: gill_hf is blocked on the import path, the Hub is the loopback fake.
-CHILD = textwrap.dedent("""
-    import importlib.abc, json, sys
-
-    class BlockGill(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "gill_hf":
-                raise ImportError("gill_hf is blocked in this process")
-
-    sys.meta_path.insert(0, BlockGill())
+CHILD = BLOCK_GILL + textwrap.dedent("""
+    import json
     import numpy as np, safetensors.numpy, torch
     from diffusers import DiffusionPipeline
     from PIL import Image

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SMALL_MAPPER
 from huggingface_hub.errors import StrictDataclassError
+from no_gill import BLOCK_GILL
 from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Model, CLIPVisionModel, SiglipVisionModel
 
@@ -192,15 +193,7 @@ def test_hub_round_trip(fake_hub, models, encoder):
         assert torch.equal(loaded.image_retrieval_embeddings(features), model.image_retrieval_embeddings(features))
 
 
-CHILD = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class BlockGill(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "gill_hf":
-                raise ImportError("gill_hf is blocked in this process")
-
-    sys.meta_path.insert(0, BlockGill())
+CHILD = BLOCK_GILL + textwrap.dedent("""
     import safetensors.torch, torch
     from transformers import AutoModel
 

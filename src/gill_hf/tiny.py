@@ -185,15 +185,21 @@ TINY_VISION_ENCODERS = {"siglip": _save_siglip, "blip2": _save_blip2}  # name ->
 def build_tiny_vision_encoder(out_dir: str | os.PathLike, kind: str, seed: int = 0) -> str:
     """Write (or reuse) a tiny random vision folder besides ``clip``: ``"siglip"`` (SiglipVisionModel, 16 patches)
     or ``"blip2"`` (a BLIP-2 checkpoint: vision 32 wide, Q-Former 48 wide, 6 queries). Returns its path."""
-    if kind not in TINY_VISION_ENCODERS:
-        raise ValueError(f"unknown tiny vision encoder {kind!r}; expected one of {sorted(TINY_VISION_ENCODERS)}")
+    return _build_once(out_dir, kind, TINY_VISION_ENCODERS, "config.json", seed, "tiny vision encoder")
+
+
+def _build_once(out_dir, kind: str, builders: dict, marker: str, seed: int, what: str) -> str:
+    """``out_dir/kind`` written by ``builders[kind]`` unless its ``marker`` file exists; staged in a temporary folder
+    and renamed, so a crash leaves no half-written model behind."""
+    if kind not in builders:
+        raise ValueError(f"unknown {what} {kind!r}; expected one of {sorted(builders)}")
     path = Path(out_dir) / kind
-    if not (path / "config.json").exists():
+    if not (path / marker).exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=path.parent))
-        TINY_VISION_ENCODERS[kind](tmp)
-        os.replace(tmp, path)  # a crash leaves no half-written model behind
+        builders[kind](tmp)
+        os.replace(tmp, path)
     return str(path)
 
 
@@ -354,16 +360,7 @@ def build_tiny_diffusion(out_dir: str | os.PathLike, kind: str, seed: int = 0) -
     """Write (or reuse) a tiny random diffusers folder of another layout than SD 1.x's ``sd`` backbone:
     ``"sd2"`` (text width 48, v-prediction), ``"sdxl"`` (sequence 64, pooled 32), ``"sd3"`` (sequence 333 x 96,
     pooled 64, flow matching) or ``"flux"`` (sequence 512 x 48, pooled 32, guidance embedding). Returns its path."""
-    if kind not in TINY_DIFFUSION_FAMILIES:
-        raise ValueError(f"unknown tiny diffusion kind {kind!r}; expected one of {sorted(TINY_DIFFUSION_FAMILIES)}")
-    path = Path(out_dir) / kind
-    if not (path / "model_index.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=path.parent))
-        TINY_DIFFUSION_FAMILIES[kind](tmp)
-        os.replace(tmp, path)  # a crash leaves no half-written model behind
-    return str(path)
+    return _build_once(out_dir, kind, TINY_DIFFUSION_FAMILIES, "model_index.json", seed, "tiny diffusion kind")
 
 
 def build_tiny_release(out_dir: str | os.PathLike, backbones: dict[str, str], num_candidates: int = 5,
