@@ -204,3 +204,20 @@ def test_blip2_input_side_takes_minigpt4s_llama_proj(release, tiny_backbones, tm
         features = model.encode_images(pixels)  # (2, 6, 48) Q-Former outputs
         expected = torch.nn.functional.linear(features, proj["llama_proj.weight"], proj["llama_proj.bias"])
         torch.testing.assert_close(model.visual_prefix(features), expected)
+
+
+
+def test_torchscript_archive_is_refused_unloaded(tmp_path):
+    """torch.load hands a zip holding constants.pkl (a TorchScript archive) to torch.jit.load, which runs the
+    archive's code (its __setstate__ methods): refused before torch.load sees it."""
+    import zipfile
+
+    from gill_hf.safe_pickle import load_tensor_checkpoint
+
+    path = tmp_path / "scripted.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, path)
+    assert load_tensor_checkpoint(path)[0]["state_dict"]["w"].tolist() == [1.0, 1.0]
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("scripted/constants.pkl", b"")
+    with pytest.raises(ValueError, match=r"scripted.ckpt is a TorchScript archive .*would run its code"):
+        load_tensor_checkpoint(path)

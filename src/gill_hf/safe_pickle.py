@@ -96,13 +96,17 @@ def load_tensor_checkpoint(path: str | os.PathLike) -> tuple[object, list[str]]:
 
     Nothing the file names is imported or called beyond :data:`TENSOR_GLOBALS`; objects of other classes come
     back as :class:`SkippedObject`. Files that are not torch zip checkpoints (legacy ``torch.save`` format,
-    anything else) raise ``ValueError``.
+    TorchScript archives, anything else) raise ``ValueError``.
     """
     import torch
 
     path = os.fspath(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a torch zip checkpoint (torch.save >= 1.6 / PyTorch Lightning .ckpt)")
+    with zipfile.ZipFile(path) as archive:  # torch.load hands TorchScript archives to torch.jit.load, which runs
+        if any(name.rpartition("/")[2] == "constants.pkl" for name in archive.namelist()):  # their code
+            raise ValueError(f"{path} is a TorchScript archive (it holds constants.pkl), not a torch.save "
+                             f"checkpoint; loading it would run its code")
     skipped: set[str] = set()
     module = types.SimpleNamespace(Unpickler=type("Unpickler", (TensorUnpickler,), {"skipped": skipped}),
                                    load=None, __name__="gill_hf.safe_pickle")
