@@ -2,6 +2,8 @@
 the stock ``StableDiffusion3Pipeline`` / ``FluxPipeline`` to GILLPipeline's pixels, the flow-matching objective,
 save/load, the precompute CLI and the layout-mismatch error."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,10 @@ def test_sd3_flow_matching_loss_regresses_the_velocity_at_logit_normal_times(sd3
         pred = ldm.unet(hidden_states=(1 - sigma) * x0 + sigma * noise, timestep=sigma.flatten() * 1000,
                         encoder_hidden_states=cond, pooled_projections=pooled).sample
     assert loss.item() == pytest.approx(((pred - (noise - x0)) ** 2).mean().item(), rel=1e-5)
+    used = copy.deepcopy(ldm.scheduler)
+    used.set_timesteps(2)  # a scheduler an inference run left behind: the loss still draws from the training schedule
+    torch.manual_seed(3)
+    assert LatentDiffusionLoss(ldm.unet, ldm.vae, used)(cond, pixels, pooled).item() == loss.item()
 
 
 def test_flux_flow_matching_loss_packs_latents_and_embeds_the_guidance(flux):

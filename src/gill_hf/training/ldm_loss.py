@@ -30,9 +30,12 @@ class LatentDiffusionLoss:
         self.unet, self.vae, self.scheduler, self.snr_gamma = unet, vae, scheduler, snr_gamma
         self.layout = layout_of_configs(type(unet).__name__, unet.config, scheduler.config)
         self.family = FAMILIES[self.layout.family]
-        if snr_gamma is not None and self.layout.objective == "flow_matching":
-            raise ValueError(f"snr_gamma (Min-SNR weighting) applies to epsilon / v-prediction; the {self.layout} "
-                             f"layout is trained by flow matching")
+        if self.layout.objective == "flow_matching":
+            if snr_gamma is not None:
+                raise ValueError(f"snr_gamma (Min-SNR weighting) applies to epsilon / v-prediction; the "
+                                 f"{self.layout} layout is trained by flow matching")
+            # a fresh copy holds the training schedule (num_train_timesteps sigmas), whatever set_timesteps did
+            self.scheduler = type(scheduler).from_config(scheduler.config)
         for module in (unet, vae):
             module.requires_grad_(False).eval()
 
