@@ -103,9 +103,7 @@ def run(args) -> int:
         ev.evaluate_visdial(_models(args, device, dtype), examples, args.out, args.seeds, *_scorers(args, device),
                             rounds=args.rounds, curve=args.curve, baseline=args.baseline)
     elif args.benchmark == "fid":
-        import torch
-
-        feature = torch.export.load(args.fid_feature).module().to(device) if args.fid_feature else None
+        feature = _exported_module(args.fid_feature, device)
         scheduler = None if args.scheduler == "default" else args.scheduler
         ev.evaluate_fid(_models(args, device, dtype, scheduler), examples, args.out, args.seeds, feature=feature,
                         device=device, baseline=args.baseline)
