@@ -218,7 +218,9 @@ def test_train_cli_reads_mmdialog_for_stage2(tmp_path, image_dir, tiny_backbones
             (base + [f"data.tsv={tmp_path / 'six.txt'}"], ["--mmdialog", str(dialog)], "data.mmdialog is stage-2 data"),
             (stage2 + ["data.prompt_format=vicuna"], [], "data.prompt_format must be one of ['plain', 'minigpt5']"),
             (stage2 + ["data.mmdialog_max_tokens=0"], ["--mmdialog", str(dialog)], "mmdialog_max_tokens must be >= 1"),
-            (stage2, ["--mmdialog", str(tmp_path / "nope.txt")], "data.mmdialog: no such file or folder")):
+            (stage2, ["--mmdialog", str(tmp_path / "nope.txt")], "data.mmdialog: no such file or folder"),
+            (base + [f"data.tsv={dialog}", f"data.vist={tmp_path / 'vist.json'}"], [], "data.vist is stage-2 data"),
+            (stage2 + [f"data.tsv={dialog}"], [], "['data.tsv'] are stage-1 data")):
         assert main(argv(sets, *extra)) == 2
         assert message in capsys.readouterr().err
     seen = {}

@@ -275,12 +275,20 @@ def _check_pairs_source(data: dict, training: dict):
 
 
 def _check_stage2_data(data: dict, stage: str):
-    """MMDialog and the prompt format are stage-2 settings with their own ranges."""
+    """VIST, MMDialog and the prompt format are stage-2 settings (with their own ranges); the pairs sources and
+    their targets are stage 1's."""
     from ..training.data import PROMPT_FORMATS
 
-    if stage != "interleaved" and data.get("mmdialog"):
-        raise UsageError(f"data.mmdialog is stage-2 data; training_stage is {stage!r} (set model.config."
-                         "training_stage=interleaved)")
+    if stage != "interleaved":
+        for name in ("vist", "mmdialog"):
+            if data.get(name):
+                raise UsageError(f"data.{name} is stage-2 data; training_stage is {stage!r} (set model.config."
+                                 "training_stage=interleaved)")
+    else:
+        given = [f"data.{name}" for name in ("tsv", "shards", "dataset", "targets") if data.get(name)]
+        if given:
+            raise UsageError(f"{given} are stage-1 data; training_stage 'interleaved' reads data.vist / "
+                             "data.mmdialog")
     if data["prompt_format"] not in PROMPT_FORMATS:
         raise UsageError(f"data.prompt_format must be one of {list(PROMPT_FORMATS)}, got {data['prompt_format']!r}")
     if data["mmdialog_max_tokens"] is not None and data["mmdialog_max_tokens"] < 1:
@@ -389,8 +397,8 @@ def build_trainer(config: dict):
     from ..training.mmdialog import MMDialogDataset, read_mmdialog
 
     data, training = config["data"], dict(config["training"])
-    seed = training.get("data_seed") or training.get("seed", 42)  # TrainingArguments' default seed
-    stage2 = bool(data.get("vist") or data.get("mmdialog"))
+    seed = training.get("data_seed") if training.get("data_seed") is not None else training.get("seed", 42)
+    stage2 = bool(data.get("vist") or data.get("mmdialog"))  # check_config: exactly the interleaved stage
     pairs = build_pairs(data, seed) if not stage2 else None  # stage 1: read before the backbones load
     dialogues = read_mmdialog(data["mmdialog"], data.get("mmdialog_image_dir")) if data.get("mmdialog") else None
     model = build_model(config["model"])
@@ -409,7 +417,7 @@ def build_trainer(config: dict):
         collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_loss.image_size if ldm_loss else None,
                                            prompt_format=data["prompt_format"])
     else:
-        dataset = pairs if pairs is not None else build_pairs(data, seed)
+        dataset = pairs
         targets = TargetStore(data["targets"]) if data.get("targets") else None
     output_dir = training.pop("output_dir")
     return train_gill(model, dataset, output_dir, data_collator=collator, targets=targets, ldm_loss=ldm_loss,
