@@ -414,3 +414,8 @@ def test_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypat
     assert "--is-splits" in error(["cc3m", *common, "--tsv", tsv, "--is-splits", "1"])
     assert "no Stable Diffusion baseline" in error(["mmdialog", *common, "--annotations", conversations,
                                                     "--no-baseline"])
+    narration = ["minigpt5-vist", *common, "--annotations", annotations, "--image-dir", image_dir, "--tables",
+                 "narration"]
+    assert "narrations are greedy" in error([*narration, "--seeds", "0", "1"])
+    assert "narration has no Stable Diffusion baseline" in error([*narration, "--no-baseline"])
+    assert "add final-step to --tables" in error([*narration, "all-steps", "--prompt-types", "text"])

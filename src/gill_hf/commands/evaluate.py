@@ -158,15 +158,21 @@ def _text_scorers(args, device: str, meteor: bool):
 def run_minigpt5(args) -> int:
     """``minigpt5-vist``, ``cc3m`` and ``mmdialog``: inputs checked and read first, then the models load."""
     from .. import evaluation as ev
+    from ..evaluation.minigpt5_vist import PROMPT_TYPES
 
     device, dtype = _setup(args)
     args.fid_cache = output_path(args.fid_cache, "--fid-cache", "folder")
     if args.benchmark == "mmdialog" and not args.baseline:
         raise UsageError("mmdialog has no Stable Diffusion baseline to skip; drop --no-baseline")
-    if getattr(args, "tables", None) == ["narration"] and args.seeds != [0]:
+    tables = getattr(args, "tables", None)
+    if tables == ["narration"] and args.seeds != [0]:
         raise UsageError("--seeds drive the diffusion of the image tables; narrations are greedy (one run)")
+    if tables == ["narration"] and not args.baseline:
+        raise UsageError("narration has no Stable Diffusion baseline to skip; drop --no-baseline")
+    if tables is not None and "final-step" not in tables and args.prompt_types != list(PROMPT_TYPES):
+        raise UsageError("--prompt-types choose the final-step table's inputs; add final-step to --tables")
     if args.benchmark == "minigpt5-vist":
-        from ..evaluation.minigpt5_vist import PROMPT_TYPES, evaluate_minigpt5_vist
+        from ..evaluation.minigpt5_vist import evaluate_minigpt5_vist
 
         examples = ev.load_vist(args.annotations, args.image_dir, args.limit)
         narration, image_tables = "narration" in args.tables, [t for t in args.tables if t != "narration"]
