@@ -155,8 +155,12 @@ def test_bad_checkpoints_are_refused_before_writing(release, tiny_backbones, tmp
         convert_minigpt5(narrow, tmp_path / "a", **kwargs)
     evil_tensor = lightning_checkpoint(tmp_path / "evil.ckpt", {"t2i_decoder_prompt": Evil(release["marker"])},
                                        release["marker"])
-    with pytest.raises(ValueError, match=r"not tensors: t2i_decoder_prompt \(<skipped posix.system>\)"):
+    with pytest.raises(ValueError, match=r"not under str keys: t2i_decoder_prompt \(<skipped posix.system>\)"):
         convert_minigpt5(evil_tensor, tmp_path / "a", **kwargs)
+    int_key = lightning_checkpoint(tmp_path / "int_key.ckpt", {**release["state1"], 7: torch.ones(1)},
+                                   release["marker"])
+    with pytest.raises(ValueError, match=r"not under str keys: 7 \(Tensor\)"):
+        convert_minigpt5(int_key, tmp_path / "a", **kwargs)
     assert not (tmp_path / "a").exists() and not release["marker"].exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")

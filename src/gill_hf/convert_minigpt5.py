@@ -192,7 +192,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     """A Lightning ``.ckpt`` -> (its ``state_dict`` of tensors, the names of the globals skipped while reading).
 
     Only ``state_dict`` is used; other entries (``hyper_parameters``, ``optimizer_states``, ``callbacks``...) may
-    hold anything and are never needed. A non-tensor inside ``state_dict`` is an error."""
+    hold anything and are never needed. A key that is not a str or a value that is not a tensor inside
+    ``state_dict`` is an error."""
     from .safe_pickle import SkippedObject, load_tensor_checkpoint
 
     path = os.fspath(path)
@@ -200,11 +201,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     state = data.get("state_dict") if isinstance(data, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} has no 'state_dict' dict; expected a PyTorch Lightning checkpoint "
-                         f"(entries: {sorted(data) if isinstance(data, dict) else type(data).__name__})")
+                         f"(entries: {sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__})")
     bad = [f"{k} ({v!r})" if isinstance(v, SkippedObject) else f"{k} ({type(v).__name__})"
-           for k, v in state.items() if not isinstance(v, torch.Tensor)]
+           for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: state_dict entries that are not tensors: {_listed(bad)}")
+        raise ValueError(f"{path}: state_dict entries that are not tensors or not under str keys: {_listed(bad)}")
     return dict(state), skipped
 
 
@@ -219,12 +220,13 @@ def read_llama_proj(path: str | os.PathLike, config: GILLConfig) -> dict[str, to
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected MiniGPT-4's checkpoint, a dict with 'model': {{llama_proj.*}}")
     expected = {LLAMA_PROJ[0]: (config.llm_embed_dim, config.vision_dim), LLAMA_PROJ[1]: (config.llm_embed_dim,)}
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     problems = key_problems({k: v for k, v in state.items() if k not in bad}, expected)
-    if bad or problems:
+    if bad:
+        problems.append(f"not tensors or not str keys: {_listed([str(k) for k in bad])}")
+    if problems:
         raise ValueError(f"{path} is not MiniGPT-4's llama_proj for these backbones (Q-Former width "
-                         f"{config.vision_dim} -> LLM width {config.llm_embed_dim}): "
-                         + "; ".join(problems + ([f"not tensors: {_listed(bad)}"] if bad else [])))
+                         f"{config.vision_dim} -> LLM width {config.llm_embed_dim}): " + "; ".join(problems))
     return {f"{ADAPTER_PREFIX}w_cap.weight": state[LLAMA_PROJ[0]].contiguous(),
             f"{ADAPTER_PREFIX}w_cap.bias": state[LLAMA_PROJ[1]].contiguous()}
 
