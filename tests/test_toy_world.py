@@ -24,7 +24,7 @@ def test_shipped_backbones_pass_their_own_quality_checks(shipped, single_thread)
     assert checks["probe_on_rendered"]["scene"] == 1.0
     for drawn in (checks["diffusion_from_caption"], checks["diffusion_from_story_step"]):
         assert drawn["position"] >= 0.9 and drawn["scene"] >= toy.MIN_SCENE_ACCURACY > 20 * checks["chance"]["scene"]
-    assert checks["llm_grammatical_continuations"] >= 0.9
+    assert checks["llm_grammatical_continuations"] >= 0.9 and checks["llm_continues_the_story"] >= 0.9
 
 
 def test_shipped_files_are_small_fp16_and_load_into_stock_classes(shipped):
@@ -59,6 +59,20 @@ def test_split_holds_scenes_out_of_training():
     assert all(scene in split.heldout_scenes for story in split.stories for _, _, scene in story)
     again = split_scenes(eval_size=10, train_size=200, then_prob=0.5, num_stories=3, story_length=3, seed=4)
     assert again.heldout_scenes == split.heldout_scenes and again.train_captions == split.train_captions
+
+
+def test_llm_stories_follow_from_their_last_step():
+    """Each step of the LLM's corpus is the last one moved to the next place, or recoloured, or reshaped in place
+    (so the next sentence depends on the context); moves are the likeliest (60%)."""
+    by_caption = {scene_caption(scene): scene for scene in all_scenes()}
+    steps = [[by_caption.get(text) for text in story.split(" then ")] for story in toy.story_corpus(2000, seed=1)]
+    pairs = [(a, b) for story in steps for a, b in zip(story, story[1:]) if a is not None]
+    assert len(pairs) > 2000 and all(b is not None for _, b in pairs)
+    moves = [b == toy.moved(a) for a, b in pairs]
+    assert all(move or (a[2] == b[2] and sum(x != y for x, y in zip(a, b)) == 1)
+               for (a, b), move in zip(pairs, moves))
+    assert sum(moves) / len(pairs) == pytest.approx(0.6, abs=0.03)
+    assert toy.moved(("red", "circle", "bottom")) == ("red", "circle", "left")
 
 
 def test_correctness_counts_attributes_and_whole_scenes():

@@ -1,14 +1,16 @@
 """Backbones that know the toy world, trained by :func:`pretrain_toy_backbones` and shipped as fp16 safetensors.
 
-* a tiny OPT (the random tiny OPT's config and tokenizer, ``gill_hf.tiny``) pretrained on toy captions and stories,
-  so greedy continuations are sentences of the toy grammar ("then a blue square at the top");
+* a tiny OPT (the random tiny OPT's config and tokenizer, ``gill_hf.tiny``) pretrained on toy stories whose next
+  step follows from the last (:func:`story_corpus`), so greedy continuations are sentences of the toy grammar that
+  continue the story ("a red circle on the left" -> "then a red circle at the top") and its states keep the
+  caption's colour, shape and place (which GILL's mappers read);
 * a tiny Stable Diffusion (its own CLIP text encoder, UNet2DConditionModel, AutoencoderKL; 32 x 32 px, latents
   4 x 16 x 16, x0-prediction) trained on the rendered scenes, so a caption draws its shape, colour and place;
 * the :class:`~gill_hf.toy_world.probe.ToyProbe` that judges images.
 
 :func:`toy_backbones` turns the shipped weight files (``weights/``) into loadable ``save_pretrained`` folders;
 ``gill-hf tiny-backbones --pretrained OUT`` reruns the training that made them (16 minutes measured on 2 CPU cores
-shared with other jobs at load ~10; LLM 49 s, VAE 242 s, diffusion 637 s, probe 10 s).
+shared with other jobs at load ~10: VAE 242 s, diffusion 637 s, probe 10 s; the LLM, 1200 steps, 31 s at load ~2).
 """
 
 import json
@@ -33,6 +35,7 @@ LOG_EVERY = 100  # optimizer steps between logged losses
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped fp16 files
 WEIGHT_FILES = ("llm", "text_encoder", "unet", "vae", "probe")
 IMAGE_SIZE = 32  # px the diffusion model draws
+PLACE_CYCLE = ("left", "top", "right", "bottom")  # where a moving thing goes next in a story
 MIN_SCENE_ACCURACY = 0.4  # share of captions drawn with colour, shape and place all right (chance: 1/72)
 STEP_PATTERN = re.compile(rf"then an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
                           rf"(on the (left|right)|at the (top|bottom))")
@@ -42,7 +45,7 @@ STEP_PATTERN = re.compile(rf"then an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})
 class PretrainSettings:
     """Steps and rates of the three trainings; the defaults pass :func:`quality_checks`."""
 
-    llm_steps: int = 400
+    llm_steps: int = 1200
     vae_steps: int = 600
     diffusion_steps: int = 800
     probe_steps: int = 400
@@ -56,15 +59,41 @@ class PretrainSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def moved(scene: tuple[str, str, str]) -> tuple[str, str, str]:
+    """The same thing at the next place of :data:`PLACE_CYCLE`."""
+    colour, shape, position = scene
+    return colour, shape, PLACE_CYCLE[(PLACE_CYCLE.index(position) + 1) % len(PLACE_CYCLE)]
+
+
+def next_scene(scene: tuple[str, str, str], rng: random.Random) -> tuple[str, str, str]:
+    """The scene a story moves to from ``scene``, so the next step depends on the last: the same thing at the next
+    place (left, top, right, bottom, left, ...; 60%), or the same place with another colour or another shape
+    (20% each)."""
+    colour, shape, position = scene
+    kind = rng.random()
+    if kind < 0.6:
+        return moved(scene)
+    if kind < 0.8:
+        return rng.choice([c for c in COLOURS if c != colour]), shape, position
+    return colour, rng.choice([s for s in SHAPES if s != shape]), position
+
+
 def story_corpus(n: int, seed: int) -> list[str]:
-    """``n`` toy stories of 1-4 steps ("a red circle on the left then a blue square at the top"); about one step
-    in six is a description the corpus never draws, so the LLM also reads those."""
+    """``n`` toy stories of 1-4 steps ("a red circle on the left then a red circle at the top"), each step
+    following from the one before (:func:`next_scene`), so the LLM must keep a step's colour, shape and place in
+    its states; about one story in six starts with a description the corpus never draws, so the LLM also reads
+    those."""
     rng = random.Random(seed)
     scenes, novel = all_scenes(), novel_prompts(200, seed=seed)
     stories = []
     for _ in range(n):
-        steps = [rng.choice(novel) if rng.random() < 1 / 6 else scene_caption(rng.choice(scenes))
-                 for _ in range(rng.randint(1, 4))]
+        scene = rng.choice(scenes)
+        steps = [scene_caption(scene)]
+        for _ in range(rng.randint(0, 3)):
+            scene = next_scene(scene, rng)
+            steps.append(scene_caption(scene))
+        if rng.random() < 1 / 6:
+            steps.insert(0, rng.choice(novel))
         stories.append(" then ".join(steps))
     return stories
 
@@ -334,20 +363,25 @@ def quality_checks(paths: dict[str, str]) -> dict:
     """What the knowing backbones must do, measured: the probe reads rendered scenes right; the diffusion model's
     images of every caption (plain and as a story step) are read by the probe at the right place (>= 90%) and as
     the whole scene (>= ``MIN_SCENE_ACCURACY``; the shipped model: place 100%, shape 76%, colour 56%); greedy LLM
-    continuations of held-out-style prompts start with a toy-grammar story step. ``passed`` holds the verdict."""
+    continuations of held-out-style prompts start with a toy-grammar story step, and those of corpus captions with
+the story's likeliest next step (the same thing at the next place, :func:`moved`), so the LLM's states carry the
+caption's colour and shape. ``passed`` holds the verdict."""
     scenes = all_scenes()
     probe = load_probe(paths["probe"])
     rendered = correctness(probe.predict(scene_tensor(scenes)), scenes)
     drawn = correctness(probe.predict(draw_captions(paths["sd"], [scene_caption(s) for s in scenes])), scenes)
     drawn_then = correctness(probe.predict(draw_captions(paths["sd"], ["then " + scene_caption(s) for s in scenes],
                                                          seed=1)), scenes)
-    prompts = [scene_caption(s) for s in scenes[::6]] + novel_prompts(6, seed=11)
+    story_scenes = scenes[::6]
+    prompts = [scene_caption(s) for s in story_scenes] + novel_prompts(6, seed=11)
     continuations = llm_continuations(paths["llm"], prompts)
     grammatical = sum(bool(STEP_PATTERN.match(text.strip())) for text in continuations) / len(prompts)
+    follows = sum(text.strip().startswith("then " + scene_caption(moved(scene)))
+                  for scene, text in zip(story_scenes, continuations)) / len(story_scenes)
     checks = {"probe_on_rendered": rendered, "diffusion_from_caption": drawn, "diffusion_from_story_step": drawn_then,
               "chance": chance_correctness(), "llm_grammatical_continuations": grammatical,
-              "llm_samples": dict(zip(prompts, continuations))}
-    checks["passed"] = (rendered["scene"] == 1.0 and grammatical >= 0.9
+              "llm_continues_the_story": follows, "llm_samples": dict(zip(prompts, continuations))}
+    checks["passed"] = (rendered["scene"] == 1.0 and grammatical >= 0.9 and follows >= 0.9
                         and all(d["position"] >= 0.9 and d["scene"] >= MIN_SCENE_ACCURACY for d in (drawn, drawn_then)))
     return checks
 
