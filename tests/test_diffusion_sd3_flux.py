@@ -235,10 +235,15 @@ def test_sd3_empty_negative_is_as_long_as_a_shorter_sequence(tiny_backbones, sd3
     assert np.array_equal(pipe(**cond, generator=_seed(0)).images[0], expected)
 
 
-def test_flux_pipeline_round_trips_and_the_cli_precomputes_its_targets(flux_model, flux, tmp_path):
+def test_flux_pipeline_round_trips_and_the_cli_precomputes_its_targets(flux_model, flux, tmp_path, monkeypatch):
+    from transformers import CLIPTextModel, T5EncoderModel
+
     from gill_hf.cli import main
 
-    pipe = GILLPipeline.from_gill(flux_model, flux)
+    with monkeypatch.context() as patch:  # no CFG, so no empty negative: its text encoders are not even loaded
+        for encoder in (CLIPTextModel, T5EncoderModel):
+            patch.setattr(encoder, "from_pretrained", lambda *a, **k: pytest.fail("a text encoder was loaded"))
+        pipe = GILLPipeline.from_gill(flux_model, flux)
     pipe.set_progress_bar_config(disable=True)
     cond = dict(prompt_embeds=torch.randn(1, 512, 48), pooled_prompt_embeds=torch.randn(1, 32), output_type="np",
                 **DIFFUSION)

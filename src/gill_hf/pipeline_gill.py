@@ -35,7 +35,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .decision import Decision, decide
 from .diffusion_layouts import FAMILIES, DiffusionLayout, check_layout, denoiser_of, layout_of_config, \
-    layout_of_configs, layout_of_pipeline
+    layout_of_configs, layout_of_folder, layout_of_pipeline
 from .generation_gill import GeneratedImageSlot, GILLGenerateOutput, image_conditioning
 from .configuration_gill import GILLConfig
 from .modeling_gill import GILLForConditionalGeneration
@@ -89,6 +89,12 @@ def _has_text(sample) -> bool:
 
 def _check_index_width(index: RetrievalIndex, config: GILLConfig):
     index.check_width(config.ret_emb_dim, "the GILL model's retrieval width (config.ret_emb_dim, W_t2i's outputs)")
+
+
+def _with_tokenizers(text_encoders) -> list[str]:
+    """Pipeline component names: each text encoder and its tokenizer (``text_encoder_2`` -> ``tokenizer_2``)."""
+    return [name for encoder in sorted(text_encoders) for name in (encoder, encoder.replace("text_encoder",
+                                                                                             "tokenizer"))]
 
 
 class GILLPipeline(DiffusionPipeline):
@@ -159,11 +165,12 @@ class GILLPipeline(DiffusionPipeline):
         if not source:
             raise ValueError("no diffusion model: pass diffusion_model= or set config.diffusion_model_name_or_path")
         components = DiffusionPipeline.load_config(source, **hub_kwargs)
-        no_checker = {"safety_checker": None} if "safety_checker" in components else {}
-        sd = DiffusionPipeline.from_pretrained(source, dtype=dtype, **no_checker, **hub_kwargs)
-        family = FAMILIES[layout_of_pipeline(sd).family]
-        text = {name: getattr(sd, name, None) for encoder in family.empty_prompt_encoders
-                for name in (encoder, encoder.replace("text_encoder", "tokenizer"))}
+        family = FAMILIES[layout_of_folder(source, **hub_kwargs).family]
+        skipped = {name: None for name in ("safety_checker", *_with_tokenizers(set(family.components)
+                                                                               - set(family.empty_prompt_encoders)))
+                   if name in components}  # not loaded: text encoders only the empty negative would need
+        sd = DiffusionPipeline.from_pretrained(source, dtype=dtype, **skipped, **hub_kwargs)
+        text = {name: getattr(sd, name, None) for name in _with_tokenizers(family.empty_prompt_encoders)}
         return cls(gill_model=gill_model, processor=gill_model.processor, vae=sd.vae, scheduler=sd.scheduler,
                    retrieval_index=retrieval_index, **{family.denoiser: denoiser_of(sd)}, **text)
 
