@@ -29,7 +29,8 @@ class GILLForInterleavedTraining(GILLForConditionalGeneration):
         ``img_token_loss_weight``), ``gen_embeds`` ``(n_blocks, L, D)`` per [IMG] block (CFG-dropped ones use the null
         features) and, when ``gen_targets`` ``(n_blocks, L, D)`` are given, ``gen_loss`` (lambda_3); layouts with a
         pooled vector (SDXL, SD3, Flux) take ``gen_pooled_targets`` ``(n_blocks, P)`` with them (and
-        ``null_gen_pooled_target`` ``(P,)`` under CFG dropout), counted by l_g as one more token, as in stage 1."""
+        ``null_gen_pooled_target`` ``(P,)`` under CFG dropout): their own l_g term (the pooled head against them) is
+        added to the sequence's, as in stage 1 (so it weighs as much as all L tokens together)."""
         if labels is None:
             return super().gill_objective(input_ids, attention_mask, pixel_values, gen_targets=gen_targets,
                                           null_gen_target=null_gen_target, pack=pack,
@@ -66,7 +67,7 @@ class GILLForInterleavedTraining(GILLForConditionalGeneration):
             out["gen_embeds"] = self.adapter.mapper(states)
             if gen_targets is not None:
                 out["gen_loss"] = generation_loss(out["gen_embeds"], gen_targets, cfg.gen_loss_type)
-                if gen_pooled_targets is not None:  # one more token: the pooled head's output
+                if gen_pooled_targets is not None:  # the pooled head's output, its own l_g term
                     pooled = self.gen_pooled_embeddings(out["gen_embeds"])[:, None]  # (n_blocks, 1, P)
                     out["gen_loss"] = out["gen_loss"] + generation_loss(pooled, gen_pooled_targets[:, None],
                                                                         cfg.gen_loss_type)
