@@ -631,7 +631,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
         return self.adapter.w_cap(image_features).view(n, k, -1)
 
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids with ``<|image|>`` placeholders + ``(N, d)`` image features -> ``(B, T, e)`` inputs_embeds."""
+        """Token ids with ``<|image|>`` placeholders + :meth:`encode_images` features (``(N, d)`` or ``(N, k, d)``)
+        -> ``(B, T, e)`` inputs_embeds."""
         prefix = None if image_features is None or image_features.shape[0] == 0 else self.visual_prefix(image_features)
         return self.merge_visual_prefix(self.embed_tokens(input_ids), input_ids, prefix)
 
