@@ -823,7 +823,8 @@ class GILLForConditionalGeneration(GILLPreTrainedModel, GILLGenerationMixin):
             gen_targets: ``(N, L, D)`` precomputed diffusion text-encoder outputs for the captions; enables l_g.
             null_gen_target: ``(L, D)`` text-encoder output of ``""``, the target of CFG-dropped examples.
             gen_pooled_targets / null_gen_pooled_target: ``(N, P)`` / ``(P,)`` pooled text vectors, with
-                ``gen_targets`` for layouts that take one (SDXL): l_g counts the pooled vector as one more token.
+                ``gen_targets`` for layouts that take one (SDXL, SD3, Flux): the pooled head's own l_g term is
+                added to the sequence's (so it weighs as much as all L tokens together).
             pack: force (True) or forbid (False) packing pairs of examples; None samples it with ``pack_prob``
                 in training mode, independently for the two passes, as the paper does.
         """
