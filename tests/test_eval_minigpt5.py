@@ -174,9 +174,9 @@ def _results(out) -> dict:
         return json.load(f)
 
 
-def _metric_args(env) -> list[str]:
-    return ["--clip-model", env["clip"], "--fid-feature", env["fid"], "--is-feature", env["is"], "--is-splits", "2",
-            "--fid-cache", env["cache"]]
+def _metric_args(env, fid: bool = True) -> list[str]:
+    fid_args = ["--fid-feature", env["fid"], "--fid-cache", env["cache"]] if fid else []
+    return ["--clip-model", env["clip"], "--is-feature", env["is"], "--is-splits", "2", *fid_args]
 
 
 def _clip_embeddings(env, images=(), texts=()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,7 +334,7 @@ def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
     path, folder = write_mmdialog(env["root"])
     out = str(env["root"] / "mmdialog_out")
     argv = ["eval", "mmdialog", env["model"], "--out", out, "--annotations", path, "--seeds", "0", "--steps", "1",
-            "--sbert-model", env["sbert"], "--max-new-tokens", "4", *_metric_args(env)]
+            "--sbert-model", env["sbert"], "--max-new-tokens", "4", *_metric_args(env, fid=False)]
     assert main(argv) == 0
     results = _results(out)
     assert results["num_dialogues"] == 2 and results["num_responses"] == 3  # turns 1, 2 of the first, 1 of the second
@@ -375,6 +375,8 @@ def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
     assert main(argv) == 0
     again = _results(out)
     assert again["responses"] == {"generated": 0, "reused": 3} and again["rows"] == results["rows"]
+    assert "fid_feature" not in results  # MMDialog has no FID, nor its options
+    assert main([*argv, "--fid-cache", env["cache"]]) == 2
 
 
 def test_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypatch, tiny_backbones):
@@ -395,7 +397,8 @@ def test_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypat
     conversations, _ = write_mmdialog(tmp_path)
     first = Path(conversations).read_text().splitlines()[0]
     Path(conversations).write_text(first + "\n" + '{"conversation_id": 9, "conversation": "hi"}\n')
-    assert f"{conversations}, line 2: 'conversation'" in error(["mmdialog", *common, "--annotations", conversations])
+    no_fid = common[:3]  # mmdialog has no --fid-cache
+    assert f"{conversations}, line 2: 'conversation'" in error(["mmdialog", *no_fid, "--annotations", conversations])
     not_sis = tmp_path / "sis.json"
     not_sis.write_text(json.dumps({"images": []}))
     assert str(not_sis) in error(["minigpt5-vist", *common, "--annotations", str(not_sis), "--image-dir",
@@ -412,7 +415,7 @@ def test_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypat
     assert "python -m nltk.downloader wordnet" in error(["minigpt5-vist", *common, "--annotations", annotations,
                                                          "--image-dir", image_dir, "--tables", "narration"])
     assert "--is-splits" in error(["cc3m", *common, "--tsv", tsv, "--is-splits", "1"])
-    assert "no Stable Diffusion baseline" in error(["mmdialog", *common, "--annotations", conversations,
+    assert "no Stable Diffusion baseline" in error(["mmdialog", *no_fid, "--annotations", conversations,
                                                     "--no-baseline"])
     narration = ["minigpt5-vist", *common, "--annotations", annotations, "--image-dir", image_dir, "--tables",
                  "narration"]

@@ -138,13 +138,16 @@ def _file_digest(path: str) -> str:
 
 
 def _minigpt5_metrics(args, device: str, with_text: bool):
+    """The run's image scorers; FID only where the benchmark has the --fid-* options (not mmdialog)."""
     from ..evaluation import ClipImageEmbedder, FIDScorer
     from ..evaluation.image_quality import INCEPTION_FEATURE, ImageMetrics, InceptionScorer
 
+    clip = ClipImageEmbedder(args.clip_model, device, with_text=with_text)
+    inception = InceptionScorer(_exported_module(args.is_feature, device), args.is_splits, device)
+    if not hasattr(args, "fid_cache"):
+        return ImageMetrics(clip, None, inception, None, None)
     fid_feature = _exported_module(args.fid_feature, device)
-    return ImageMetrics(ClipImageEmbedder(args.clip_model, device, with_text=with_text), FIDScorer(fid_feature, device),
-                        InceptionScorer(_exported_module(args.is_feature, device), args.is_splits, device),
-                        args.fid_cache,
+    return ImageMetrics(clip, FIDScorer(fid_feature, device), inception, args.fid_cache,
                         INCEPTION_FEATURE if fid_feature is None else f"file-sha256-{_file_digest(args.fid_feature)}")
 
 
@@ -161,7 +164,8 @@ def run_minigpt5(args) -> int:
     from ..evaluation.minigpt5_vist import PROMPT_TYPES
 
     device, dtype = _setup(args)
-    args.fid_cache = output_path(args.fid_cache, "--fid-cache", "folder")
+    if hasattr(args, "fid_cache"):
+        args.fid_cache = output_path(args.fid_cache, "--fid-cache", "folder")
     if args.benchmark == "mmdialog" and not args.baseline:
         raise UsageError("mmdialog has no Stable Diffusion baseline to skip; drop --no-baseline")
     tables = getattr(args, "tables", None)
@@ -199,7 +203,8 @@ def run_minigpt5(args) -> int:
     return 0
 
 
-def _minigpt5_options(parser, clip: str, text: bool):
+def _minigpt5_options(parser, clip: str, text: bool, fid: bool = True):
+    """The scorer options; ``fid``: the --fid-* options (MMDialog has no FID)."""
     from huggingface_hub import constants
 
     from ..evaluation.text_metrics import DEFAULT_SBERT
@@ -207,15 +212,16 @@ def _minigpt5_options(parser, clip: str, text: bool):
     parser.add_argument("--clip-model", default=clip,
                         help=f"CLIP for CLIP-I / CLIP-T / MM-Relevance (default {clip}, as MiniGPT-5): open_clip "
                              f"'open_clip:<arch>/<tag>' / 'hf-hub:<repo>', or a transformers CLIP id/folder")
-    parser.add_argument("--fid-feature", default=None,
-                        help="a torch.export FID feature extractor (.pt2; uint8 (N, 3, 299, 299) -> (N, d)); "
-                             "default: torchmetrics' InceptionV3 2048-d features (torch-fidelity weights)")
     parser.add_argument("--is-feature", default=None,
                         help="a torch.export Inception Score classifier (.pt2; uint8 (N, 3, 299, 299) -> (N, "
                              "classes) logits); default: torchmetrics' InceptionV3 logits")
     parser.add_argument("--is-splits", type=bounded(int, 2), default=10, help="Inception Score splits (>= 2)")
-    parser.add_argument("--fid-cache", default=f"{constants.HF_HOME}/gill_hf/fid_reference",
-                        help="folder of cached FID reference statistics, keyed by image set and feature extractor")
+    if fid:
+        parser.add_argument("--fid-feature", default=None,
+                            help="a torch.export FID feature extractor (.pt2; uint8 (N, 3, 299, 299) -> (N, d)); "
+                                 "default: torchmetrics' InceptionV3 2048-d features (torch-fidelity weights)")
+        parser.add_argument("--fid-cache", default=f"{constants.HF_HOME}/gill_hf/fid_reference",
+                            help="folder of cached FID reference statistics, keyed by image set and feature extractor")
     if text:
         parser.add_argument("--sbert-model", default=DEFAULT_SBERT, help="sentence-transformers model for SBERT")
         parser.add_argument("--max-new-tokens", type=bounded(int, 1), default=32, help="tokens per generated text")
@@ -243,7 +249,7 @@ def _register_minigpt5(benchmarks):
                                      help="MiniGPT-5 Table 5: MMDialog multi-turn responses")
     mmdialog.add_argument("--annotations", required=True, help="MMDialog JSONL (e.g. test/test_conversations.txt)")
     mmdialog.add_argument("--image-dir", default=None, help="folder of <media id>.jpg (default: the file's)")
-    _minigpt5_options(mmdialog, "open_clip:ViT-B-32/openai", text=True)
+    _minigpt5_options(mmdialog, "open_clip:ViT-B-32/openai", text=True, fid=False)
     for sub in (vist, cc3m, mmdialog):
         sub.set_defaults(func=run_minigpt5)
 

@@ -85,21 +85,25 @@ def reference_statistics(scorer: FIDScorer, images: Sequence[str], feature_name:
 
 @dataclass
 class ImageMetrics:
-    """The scorers of one run; ``fid_feature`` names ``fid``'s feature extractor in the reference cache key."""
+    """The scorers of one run; ``fid_feature`` names ``fid``'s feature extractor in the reference cache key.
+    ``fid`` (and ``fid_cache``, ``fid_feature``) None: a benchmark without FID (MMDialog)."""
 
     clip: ClipImageEmbedder
-    fid: FIDScorer
+    fid: FIDScorer | None
     inception: InceptionScorer
-    fid_cache: str
-    fid_feature: str = INCEPTION_FEATURE
+    fid_cache: str | None
+    fid_feature: str | None = INCEPTION_FEATURE
     batch_size: int = 32
 
     def set_reference(self, images: Sequence[str]) -> dict:
         """FID's reference set (cached, see :func:`reference_statistics`); ``{"file", "reused"}``."""
+        if self.fid is None:
+            raise ValueError("these ImageMetrics have no FID scorer (fid=None)")
         return reference_statistics(self.fid, images, self.fid_feature, self.fid_cache, self.batch_size)
 
     def describe(self) -> dict:
-        return {"clip_model": self.clip.name, "fid_feature": self.fid_feature,
+        fid = {"fid_feature": self.fid_feature} if self.fid is not None else {}
+        return {"clip_model": self.clip.name, **fid,
                 "inception_feature": "inception-v3-logits" if self.inception.feature is None else
                 type(self.inception.feature).__name__, "inception_splits": self.inception.splits}
 
@@ -116,6 +120,8 @@ def score_images(rows: Sequence[Row], paths: dict, examples: Sequence[ImageExamp
     unknown = [name for name in names if name not in IMAGE_METRICS]
     if unknown:
         raise ValueError(f"unknown image metric(s) {unknown}; choose from {list(IMAGE_METRICS)}")
+    if "fid" in names and metrics.fid is None:
+        raise ValueError("the fid metric needs ImageMetrics(fid=FIDScorer(...))")
     target_embeds = metrics.clip.embed([ex.target for ex in examples]) if "clip_i" in names else None  # (N, d)
     text_embeds = metrics.clip.embed_text([ex.texts[-1] for ex in examples]) if "clip_t" in names else None
     results = []
