@@ -113,24 +113,6 @@ def test_fsdp_plan_problems_are_named(make_model, change, message):
     assert message in fsdp_plan_problem(model, plugin)
 
 
-def test_deepspeed_is_refused_naming_fsdp2(make_model, tmp_path, monkeypatch):
-    from PIL import Image
-    from transformers import Trainer
-
-    from gill_hf.training import CaptionImageDataset, train_gill
-
-    create = Trainer.create_accelerator_and_postprocess
-
-    def as_if_deepspeed(self):  # what accelerate launch with a DeepSpeed config leads to
-        create(self)
-        self.is_deepspeed_enabled = True
-
-    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_if_deepspeed)
-    data = CaptionImageDataset(["a red square"], [Image.new("RGB", (8, 8), "red")])
-    with pytest.raises(ValueError, match="does not run under DeepSpeed.*fsdp2.yaml"):
-        train_gill(make_model(), data, str(tmp_path), use_cpu=True)
-
-
 def _allow_fsdp_on_cpu():
     """accelerate sets its FSDP plugin only for accelerator devices; apply it to CPU processes as well."""
     import accelerate.state as state

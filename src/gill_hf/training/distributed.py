@@ -1,7 +1,11 @@
 """Global-batch InfoNCE under data parallelism: all-gather embeddings, gradients flowing back to each local shard."""
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+from torch import nn
+from transformers import TrainerCallback
 
 from ..modeling_gill import GILLAdapter
 
@@ -42,13 +46,6 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
         return local
     return _GatherWithGrad.apply(local)
 
-DEEPSPEED_UNSUPPORTED = (
-    "GILLTrainer does not run under DeepSpeed: its engine cannot broadcast the adapter's 0-dim logit_scale, and "
-    "ZeRO-3 would partition the adapter tensors that GILL's forward reads outside their module (E_img, E_out, "
-    "logit_scale). Shard the frozen LLM with FSDP2 instead: accelerate launch --config_file "
-    "examples/accelerate/fsdp2.yaml ...")
-
-
 def fsdp_plan_problem(model, fsdp_plugin) -> str | None:
     """Why GILL cannot train under ``fsdp_plugin`` (accelerate's FSDP settings), or None.
 
@@ -62,11 +59,15 @@ def fsdp_plan_problem(model, fsdp_plugin) -> str | None:
                                                            for m in fsdp_plugin.ignored_modules):
         return ("fsdp_ignored_modules is set by GILLTrainer (the adapter stays unsharded); remove it from the "
                 "accelerate config")
+    return _trainable_outside_adapter(model, "FSDP")
+
+
+def _trainable_outside_adapter(model, sharding: str) -> str | None:
     outside = [name for name, param in model.named_parameters()
                if param.requires_grad and not name.startswith("adapter.")]
     if outside:
-        return (f"under FSDP only the adapter may train, but {len(outside)} other tensors require grad (e.g. "
-                f"{outside[0]}; LoRA on the LLM is not supported with FSDP yet)")
+        return (f"under {sharding} only the adapter may train, but {len(outside)} other tensors require grad (e.g. "
+                f"{outside[0]}; LoRA on the LLM is not supported with {sharding} yet)")
     return None
 
 
@@ -95,3 +96,87 @@ def replicate_adapter_under_fsdp(model, fsdp_plugin, sync_gradients) -> None:
         if param.requires_grad and not getattr(param, "_gill_grad_average", False):
             param.register_post_accumulate_grad_hook(average)
             param._gill_grad_average = True
+
+
+def deepspeed_plan_problem(model, deepspeed_config: dict) -> str | None:
+    """Why GILL cannot train under ``deepspeed_config`` (the DeepSpeed config dict), or None.
+
+    GILL partitions the frozen backbones with ZeRO-3 (``zero_optimization.stage: 3``) and trains the adapter
+    only (LoRA on the LLM is not supported under DeepSpeed)."""
+    stage = deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        return (f"GILL runs DeepSpeed as ZeRO-3 (the frozen LLM partitioned): set zero_optimization.stage to 3 in "
+                f"the DeepSpeed config (got {stage}); see examples/accelerate/deepspeed_zero3.json")
+    return _trainable_outside_adapter(model, "DeepSpeed")
+
+
+def prepare_for_zero3(model, deepspeed_config: dict) -> None:
+    """Make ``model`` (a GILL model) trainable under DeepSpeed ZeRO-3; call before the engine is built.
+
+    DeepSpeed cannot broadcast or partition a 0-dim tensor, so ``adapter.logit_scale`` becomes shape ``(1,)``
+    while its state dict keeps the saved shape ``()`` (state-dict hooks reshape on save and load). The adapter's
+    own tensors (E_img, E_out, logit_scale), which GILL's forward reads outside any submodule's forward, are
+    registered as external parameters of the model, so ZeRO-3 gathers them for each forward.
+    Raises ``ValueError`` with :func:`deepspeed_plan_problem`'s reason."""
+    import deepspeed
+
+    problem = deepspeed_plan_problem(model, deepspeed_config)
+    if problem:
+        raise ValueError(problem)
+    adapter = model.adapter
+    if adapter.logit_scale.dim() == 0:
+        scale = adapter.logit_scale
+        adapter.logit_scale = nn.Parameter(scale.detach().reshape(1), requires_grad=scale.requires_grad)
+        adapter.register_state_dict_post_hook(_scalar_logit_scale)
+        adapter.register_load_state_dict_pre_hook(_vector_logit_scale)
+    for param in adapter.parameters(recurse=False):
+        deepspeed.zero.register_external_parameter(model, param)
+
+
+def _scalar_logit_scale(module, state_dict, prefix, local_metadata) -> None:
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].numel() == 1:  # not a ZeRO-3 placeholder (empty while partitioned)
+        state_dict[key] = state_dict[key].reshape(())
+
+
+def _vector_logit_scale(module, state_dict, prefix, *args) -> None:
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].numel() == 1:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """Context in which ZeRO-3-partitioned ``params`` are whole (``deepspeed.zero.GatheredParameters``; with
+    ``modifier_rank`` that rank's in-place changes are kept everywhere); a no-op for plain tensors."""
+    params = [p for p in params if p is not None]
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def renormalize_under_zero3(model) -> None:
+    """``model.renormalize_img_embeddings()`` with its tensors partitioned by ZeRO-3: the [IMG] rows and the LLM
+    tables are gathered, changed on rank 0 and re-partitioned, and the optimizer's fp32 master copies of the
+    rows are set to the new values (else the next step would start from the old ones)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    rows = [p for p in (model.adapter.img_embeddings, model.adapter.img_output_embeddings) if p is not None]
+    llm = model.language_model
+    tables = [m.weight for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None]
+    with gathered(rows + tables, modifier_rank=0):
+        model.renormalize_img_embeddings()
+        new = [row.detach().clone() for row in rows]
+    for row, value in zip(rows, new):
+        if row.requires_grad:
+            safe_set_full_fp32_param(row, value)
+
+
+class Zero3RenormalizeCallback(TrainerCallback):
+    """:class:`~gill_hf.training.callbacks.RenormalizeImgEmbeddingsCallback` under ZeRO-3 (see
+    :func:`renormalize_under_zero3`)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            renormalize_under_zero3(model)

@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from transformers.utils import logging
 
@@ -21,7 +22,8 @@ from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
 from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, SkippedExamplesCallback, VISTTaskDataset,
                    as_caption_dataset)
-from .distributed import DEEPSPEED_UNSUPPORTED, gather_with_grad, replicate_adapter_under_fsdp
+from .distributed import (Zero3RenormalizeCallback, gathered, gather_with_grad, prepare_for_zero3,
+                          replicate_adapter_under_fsdp)
 from .lora import load_lora_weights
 from .streaming import StreamingCaptionDataset, as_training_dataset, streaming_dataloader
 
@@ -146,8 +148,10 @@ class GILLTrainer(Trainer):
 
     def __init__(self, *args, ldm_loss=None, mapper_lr_mult: float = 1.0, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.is_deepspeed_enabled:
-            raise ValueError(DEEPSPEED_UNSUPPORTED)
+        if self.is_deepspeed_enabled:  # ZeRO-3 partitions the frozen backbones; the adapter trains
+            prepare_for_zero3(self.model, self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            if self.callback_handler.pop_callback(RenormalizeImgEmbeddingsCallback) is not None:
+                self.add_callback(Zero3RenormalizeCallback())
         self.ldm_loss, self.mapper_lr_mult = ldm_loss, mapper_lr_mult
         self.eval_data_collator = eval_data_collator  # eval batches (e.g. with the eval split's targets)
         self._loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -322,15 +326,25 @@ class GILLTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the adapter folder (``save_pretrained``); under FSDP too: the adapter is whole on every process,
-        so nothing is gathered and the frozen LLM's full or sharded weights are never written."""
-        if not self.is_fsdp_enabled:
+        so nothing is gathered and the frozen LLM's full or sharded weights are never written. Under ZeRO-3 the
+        adapter alone is gathered (every process takes part)."""
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             return super().save_model(output_dir, _internal_call)
         model = self.accelerator.unwrap_model(self.model)
-        self._save(output_dir, state_dict=model.adapter_state_dict())
+        with gathered(model.adapter.parameters()):
+            state_dict = {k: v.detach().clone() for k, v in model.adapter_state_dict().items()}
+        self._save(output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_deepspeed_enabled:  # the engine's checkpoint: adapter partitions and optimizer state only
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            from accelerate.utils import DeepSpeedSchedulerWrapper
+
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+            return
         with self._adapter_as_plain_model():  # the optimizer holds only the replicated adapter
             super()._save_optimizer_and_scheduler(output_dir)
 
