@@ -15,6 +15,7 @@ import os
 import runpy
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,21 +88,27 @@ def test_zero3_checkpoints_hold_only_the_adapter(runs):
         torch.testing.assert_close(value, final[key], rtol=0, atol=0, msg=key)
 
 
+ZERO3 = {"zero_optimization": {"stage": 3}}
+ARGS = SimpleNamespace(load_best_model_at_end=False)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(stage=2), "zero_optimization.stage to 3"),
     (dict(train_llm_row=True), "only the adapter may train"),
+    (dict(load_best_model_at_end=True), "load_best_model_at_end=True: resuming under DeepSpeed is not supported"),
 ])
 def test_deepspeed_plan_problems_are_named(make_model, change, message):
     from gill_hf.training.distributed import deepspeed_plan_problem, prepare_for_zero3
 
     model = make_model()
-    assert deepspeed_plan_problem(model, {"zero_optimization": {"stage": 3}}) is None
+    assert deepspeed_plan_problem(model, ZERO3, ARGS) is None
     if change.get("train_llm_row"):
         model.language_model.get_input_embeddings().weight.requires_grad_(True)
     config = {"zero_optimization": {"stage": change.get("stage", 3)}}
-    assert message in deepspeed_plan_problem(model, config)
+    args = SimpleNamespace(load_best_model_at_end=change.get("load_best_model_at_end", False))
+    assert message in deepspeed_plan_problem(model, config, args)
     with pytest.raises(ValueError, match=message):
-        prepare_for_zero3(model, config)
+        prepare_for_zero3(model, config, args)
     assert model.adapter.logit_scale.dim() == 0  # nothing changed before the error
 
 
@@ -112,7 +119,7 @@ def test_zero3_logit_scale_keeps_its_saved_shape(make_model, tmp_path):
     model = make_model()
     with torch.no_grad():
         model.adapter.logit_scale.fill_(2.5)
-    prepare_for_zero3(model, {"zero_optimization": {"stage": 3}})
+    prepare_for_zero3(model, ZERO3, ARGS)
     assert model.adapter.logit_scale.shape == (1,)  # DeepSpeed cannot broadcast or partition a 0-dim tensor
     external = {id(p) for p in model._external_params.values()}  # gathered for every GILL forward
     assert external == {id(p) for p in model.adapter.parameters(recurse=False)}
@@ -122,6 +129,19 @@ def test_zero3_logit_scale_keeps_its_saved_shape(make_model, tmp_path):
     assert GILLForConditionalGeneration.from_pretrained(tmp_path).adapter.logit_scale.item() == 2.5
     model.load_adapter_state_dict({**model.adapter_state_dict(), "adapter.logit_scale": torch.tensor(1.5)})
     assert model.adapter.logit_scale.tolist() == [1.5]
+
+
+def test_resume_under_deepspeed_is_refused_before_training(make_model, tmp_path):
+    from PIL import Image
+
+    from gill_hf.training import CaptionImageDataset, train_gill
+
+    data = CaptionImageDataset(["a red square"], [Image.new("RGB", (8, 8), "red")])
+    trainer = train_gill(make_model(), data, str(tmp_path), use_cpu=True, max_steps=1)
+    trainer.is_deepspeed_enabled = True  # what accelerate launch with deepspeed_zero3.yaml leads to
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True: resuming under DeepSpeed is not supported"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0 and not os.listdir(tmp_path)
 
 
 def _allow_deepspeed_on_cpu():

@@ -98,19 +98,27 @@ def replicate_adapter_under_fsdp(model, fsdp_plugin, sync_gradients) -> None:
             param._gill_grad_average = True
 
 
-def deepspeed_plan_problem(model, deepspeed_config: dict) -> str | None:
-    """Why GILL cannot train under ``deepspeed_config`` (the DeepSpeed config dict), or None.
+DEEPSPEED_NO_RESUME = ("resuming under DeepSpeed is not supported yet (its engine checkpoints would be unpickled and "
+                       "must hold every frozen tensor); checkpoints' model.safetensors load with from_pretrained")
+
+
+def deepspeed_plan_problem(model, deepspeed_config: dict, args) -> str | None:
+    """Why GILL cannot train under ``deepspeed_config`` (the DeepSpeed config dict) with ``args``
+    (``TrainingArguments``), or None.
 
     GILL partitions the frozen backbones with ZeRO-3 (``zero_optimization.stage: 3``) and trains the adapter
-    only (LoRA on the LLM is not supported under DeepSpeed)."""
+    only (LoRA on the LLM is not supported under DeepSpeed); it does not resume DeepSpeed checkpoints, so neither
+    ``load_best_model_at_end``."""
     stage = deepspeed_config.get("zero_optimization", {}).get("stage", 0)
     if stage != 3:
         return (f"GILL runs DeepSpeed as ZeRO-3 (the frozen LLM partitioned): set zero_optimization.stage to 3 in "
                 f"the DeepSpeed config (got {stage}); see examples/accelerate/deepspeed_zero3.json")
+    if args.load_best_model_at_end:
+        return f"load_best_model_at_end=True: {DEEPSPEED_NO_RESUME}"
     return _trainable_outside_adapter(model, "DeepSpeed")
 
 
-def prepare_for_zero3(model, deepspeed_config: dict) -> None:
+def prepare_for_zero3(model, deepspeed_config: dict, args) -> None:
     """Make ``model`` (a GILL model) trainable under DeepSpeed ZeRO-3; call before the engine is built.
 
     DeepSpeed cannot broadcast or partition a 0-dim tensor, so ``adapter.logit_scale`` becomes shape ``(1,)``
@@ -120,7 +128,7 @@ def prepare_for_zero3(model, deepspeed_config: dict) -> None:
     Raises ``ValueError`` with :func:`deepspeed_plan_problem`'s reason."""
     import deepspeed
 
-    problem = deepspeed_plan_problem(model, deepspeed_config)
+    problem = deepspeed_plan_problem(model, deepspeed_config, args)
     if problem:
         raise ValueError(problem)
     adapter = model.adapter

@@ -22,7 +22,7 @@ from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
 from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, SkippedExamplesCallback, VISTTaskDataset,
                    as_caption_dataset)
-from .distributed import (Zero3RenormalizeCallback, gathered, gather_with_grad, prepare_for_zero3,
+from .distributed import (DEEPSPEED_NO_RESUME, Zero3RenormalizeCallback, gathered, gather_with_grad, prepare_for_zero3,
                           replicate_adapter_under_fsdp)
 from .lora import load_lora_weights
 from .streaming import StreamingCaptionDataset, as_training_dataset, streaming_dataloader
@@ -149,7 +149,7 @@ class GILLTrainer(Trainer):
     def __init__(self, *args, ldm_loss=None, mapper_lr_mult: float = 1.0, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:  # ZeRO-3 partitions the frozen backbones; the adapter trains
-            prepare_for_zero3(self.model, self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            prepare_for_zero3(self.model, self.accelerator.state.deepspeed_plugin.deepspeed_config, self.args)
             if self.callback_handler.pop_callback(RenormalizeImgEmbeddingsCallback) is not None:
                 self.add_callback(Zero3RenormalizeCallback())
         self.ldm_loss, self.mapper_lr_mult = ldm_loss, mapper_lr_mult
@@ -297,7 +297,10 @@ class GILLTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         """``Trainer.train`` that never resumes from an incomplete checkpoint (a run killed mid-write):
         ``resume_from_checkpoint=True`` takes the newest complete one in ``args.output_dir``; a path to an
-        incomplete one is a ``ValueError`` saying what is missing (see :func:`checkpoint_problem`)."""
+        incomplete one is a ``ValueError`` saying what is missing (see :func:`checkpoint_problem`). Under
+        DeepSpeed, resuming is a ``ValueError`` (not supported yet)."""
+        if self.is_deepspeed_enabled and resume_from_checkpoint not in (None, False):
+            raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r}: {DEEPSPEED_NO_RESUME}")
         return super().train(resume_from_checkpoint=self._complete_checkpoint(resume_from_checkpoint), trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval)
 
