@@ -61,6 +61,7 @@ def test_zero3_steps_equal_single_process(runs):
         assert zero3["loss"] == pytest.approx(one["loss"], rel=1e-5)
         assert zero3["ret_loss"] == pytest.approx(one["ret_loss"], rel=1e-5)  # InfoNCE over all 4 pairs
     assert logs[1][0]["grad_norm"] == pytest.approx(logs[0][0]["grad_norm"], rel=1e-5)  # same averaged gradient
+    assert json.loads((runs / "zero3" / "sizes.json").read_text())["master_gap"] == 0  # renormalised in ZeRO too
     # as in test_distributed: Adam's first step moves pure-rounding-noise gradients by a fraction of lr
     for folder in ("checkpoint-1", "checkpoint-2"):
         one = load_file(runs / "one" / folder / "model.safetensors")
@@ -161,6 +162,18 @@ def _allow_deepspeed_on_cpu():
     state.PartialState._prepare_backend = patched
 
 
+def _master_gap(model) -> float:
+    """Largest |ZeRO's fp32 master - the model's tensor| over the [IMG] rows (renormalised after each step)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from gill_hf.training.distributed import gathered
+
+    rows = [row for row in (model.adapter.img_embeddings, model.adapter.img_output_embeddings) if row is not None]
+    masters = [safe_get_full_fp32_param(row) for row in rows]
+    with gathered(rows):
+        return max((master - row.detach()).abs().max().item() for master, row in zip(masters, rows))
+
+
 def _partition_report(model) -> dict:
     return {name: {"partitioned": hasattr(p, "ds_id"), "full": getattr(p, "ds_numel", p.numel()),
                    "local": p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()}
@@ -195,6 +208,7 @@ def main():
                          disable_tqdm=True, use_cpu=not distributed, save_strategy="steps", save_steps=1)
     trainer.train()
     trainer.save_model()
+    gap = _master_gap(trainer.model) if distributed else None
     if trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
@@ -202,7 +216,7 @@ def main():
             with open(os.path.join(args.output_dir, "sharding.json"), "w") as f:
                 json.dump(_partition_report(trainer.model), f)
             with open(os.path.join(args.output_dir, "sizes.json"), "w") as f:
-                json.dump({"llm_bytes": llm_bytes}, f)
+                json.dump({"llm_bytes": llm_bytes, "master_gap": gap}, f)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
