@@ -124,7 +124,8 @@ def prepare_for_zero3(model, deepspeed_config: dict, args) -> None:
     DeepSpeed cannot broadcast or partition a 0-dim tensor, so ``adapter.logit_scale`` becomes shape ``(1,)``
     while its state dict keeps the saved shape ``()`` (state-dict hooks reshape on save and load). The adapter's
     own tensors (E_img, E_out, logit_scale), which GILL's forward reads outside any submodule's forward, are
-    registered as external parameters of the model, so ZeRO-3 gathers them for each forward.
+    registered as external parameters of the model, so ZeRO-3 gathers them for each forward (DeepSpeed 0.19 would
+    also register them on first access; registering them up front is its documented way).
     Raises ``ValueError`` with :func:`deepspeed_plan_problem`'s reason."""
     import deepspeed
 
