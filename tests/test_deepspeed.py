@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-3 through accelerate's DeepSpeed plugin (examples/accelerate/deepspeed_zero3.yaml), 2 CPU processes
 on gloo: the frozen LLM is partitioned, the adapter trains; the first two steps equal one process on the same global
-batches (the second checks the [IMG]-row renormalisation reaches ZeRO's fp32 masters); checkpoints hold the adapter
-only and load with ``from_pretrained``; ``logit_scale`` keeps its saved shape ``()``.
+batches, and the [IMG]-row renormalisation reaches ZeRO's fp32 masters (no gap to the rows); checkpoints hold the
+adapter only and load with ``from_pretrained``; ``logit_scale`` keeps its saved shape ``()``; resuming is refused.
 
 Run as a script, this file lifts two CPU-only gates and patches nothing else: accelerate picks no communication
 backend for DeepSpeed processes without an accelerator device (they get gloo, as accelerate's multi-CPU runs), and
