@@ -21,6 +21,14 @@ SMALL_MAPPER = dict(mapper_hidden_dim=32, mapper_num_heads=4, mapper_ffn_dim=64,
                     mapper_decoder_layers=2)
 
 
+def gill_on(tiny_backbones, diffusion: str, **overrides):
+    """A seeded GILL model (SMALL_MAPPER) on the tiny OPT + CLIP and a diffusion folder, its layout recorded, in eval
+    mode."""
+    torch.manual_seed(0)
+    return GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], diffusion,
+                                                       **SMALL_MAPPER, **overrides).eval()
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny models run many small ops: one thread avoids OpenMP stalls on a shared machine (restored after)."""

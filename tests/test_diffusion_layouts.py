@@ -16,7 +16,7 @@ from gill_hf.tiny import build_tiny_diffusion
 from gill_hf.training import (DiffusionTextEncoder, GILLDataCollator, LatentDiffusionLoss, TargetStore,
                               precompute_targets)
 
-from conftest import SMALL_MAPPER
+from conftest import SMALL_MAPPER, gill_on
 
 PROMPT = ["A photo of my dog.", Image.new("RGB", (40, 36), "red"), "Show me the same dog at the beach."]
 LLM = dict(max_new_tokens=14, force_image_after=2, max_images=1, eos_token_id=[])
@@ -28,13 +28,6 @@ def _seed(n=0):
     return torch.Generator().manual_seed(n)
 
 
-def _gill_on(tiny_backbones, diffusion: str):
-    """A seeded GILL model on the tiny OPT + CLIP and the diffusion folder (its layout recorded), in eval mode."""
-    torch.manual_seed(0)
-    return GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], diffusion,
-                                                       **SMALL_MAPPER).eval()
-
-
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
     return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "sd2")
@@ -42,7 +35,7 @@ def sd2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd2_model(tiny_backbones, sd2):
-    return _gill_on(tiny_backbones, sd2)
+    return gill_on(tiny_backbones, sd2)
 
 
 def test_sd2_layout_is_read_from_the_folder_and_recorded(sd2, sd2_model, tiny_backbones):
@@ -107,7 +100,7 @@ def sdxl(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_model(tiny_backbones, sdxl):
-    return _gill_on(tiny_backbones, sdxl)
+    return gill_on(tiny_backbones, sdxl)
 
 
 def test_sdxl_layout_is_read_from_the_folder_and_recorded(sdxl, sdxl_model):

@@ -11,12 +11,12 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 
-from gill_hf import GILLConfig, GILLForConditionalGeneration, GILLPipeline
+from gill_hf import GILLConfig, GILLPipeline
 from gill_hf.diffusion_layouts import DiffusionLayout, layout_of_folder, layout_of_pipeline
 from gill_hf.tiny import build_tiny_diffusion
 from gill_hf.training import DiffusionTextEncoder, LatentDiffusionLoss, TargetStore
 
-from conftest import SMALL_MAPPER
+from conftest import gill_on
 
 PROMPT = ["A photo of my dog.", Image.new("RGB", (40, 36), "red"), "Show me the same dog at the beach."]
 LLM = dict(max_new_tokens=14, force_image_after=2, max_images=1, eos_token_id=[])
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def _seed(n=0):
     return torch.Generator().manual_seed(n)
-
-
-def _gill_on(tiny_backbones, diffusion: str, **overrides):
-    torch.manual_seed(0)
-    return GILLForConditionalGeneration.from_backbones(tiny_backbones["opt"], tiny_backbones["clip"], diffusion,
-                                                       **SMALL_MAPPER, **overrides).eval()
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +42,12 @@ def flux(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd3_model(tiny_backbones, sd3):
-    return _gill_on(tiny_backbones, sd3)
+    return gill_on(tiny_backbones, sd3)
 
 
 @pytest.fixture(scope="module")
 def flux_model(tiny_backbones, flux):
-    return _gill_on(tiny_backbones, flux)
+    return gill_on(tiny_backbones, flux)
 
 
 def test_layouts_are_read_from_the_folders_and_recorded(sd3, flux, sd3_model, flux_model):
@@ -88,7 +82,7 @@ def test_targets_are_the_stock_pipelines_embeds(sd3, flux):
 
 @pytest.mark.parametrize("cfg_dropout_prob", [0.0, 0.1])
 def test_sd3_encode_prompt_drives_the_stock_pipeline_to_the_same_image(tiny_backbones, sd3, cfg_dropout_prob):
-    model = _gill_on(tiny_backbones, sd3, cfg_dropout_prob=cfg_dropout_prob)
+    model = gill_on(tiny_backbones, sd3, cfg_dropout_prob=cfg_dropout_prob)
     pipe = GILLPipeline.from_gill(model, sd3)
     pipe.set_progress_bar_config(disable=True)
     kwargs = pipe.encode_prompt(PROMPT, return_dict=True, **LLM)
@@ -224,7 +218,7 @@ def test_layout_mismatch_is_an_error_at_construction(sd3_model, flux, sd3, make_
 
 
 def test_sd3_empty_negative_is_as_long_as_a_shorter_sequence(tiny_backbones, sd3):
-    model = _gill_on(tiny_backbones, sd3, num_gen_queries=77 + 16)  # L: CLIP's 77, then 16 T5 tokens
+    model = gill_on(tiny_backbones, sd3, num_gen_queries=77 + 16)  # L: CLIP's 77, then 16 T5 tokens
     pipe = GILLPipeline.from_gill(model, sd3)
     pipe.set_progress_bar_config(disable=True)
     cond = dict(prompt_embeds=torch.randn(1, 93, 96), pooled_prompt_embeds=torch.randn(1, 64), output_type="np",
