@@ -13,12 +13,18 @@ from huggingface_hub import constants, hf_api  # noqa: E402
 from transformers.utils import hub as transformers_hub  # noqa: E402
 
 from gill_hf import GILLForConditionalGeneration, GILLPipeline, build_tiny_backbones  # noqa: E402
+from gill_hf.tiny import build_tiny_diffusion  # noqa: E402
 
 torch.set_num_threads(2)
 
 # A paper-shaped GILL (k=4, r=8, p=256, 4+4 mapper layers, L=77) scaled down in width so tests stay fast.
 SMALL_MAPPER = dict(mapper_hidden_dim=32, mapper_num_heads=4, mapper_ffn_dim=64, mapper_encoder_layers=2,
                     mapper_decoder_layers=2)
+
+
+def seeded(n: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``n`` (diffusion noise in pixel-equality tests)."""
+    return torch.Generator().manual_seed(n)
 
 
 def gill_on(tiny_backbones, diffusion: str, **overrides):
@@ -43,6 +49,22 @@ def tiny_backbones(tmp_path_factory) -> dict[str, str]:
     """Paths of the tiny random OPT (tied), Llama (untied), CLIP vision and Stable Diffusion checkpoints."""
     return build_tiny_backbones(tmp_path_factory.mktemp("backbones"))
 
+
+
+class _TinyDiffusion(dict):
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, kind: str) -> str:
+        self[kind] = build_tiny_diffusion(self.root, kind)
+        return self[kind]
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion(tmp_path_factory) -> dict:
+    """``tiny_diffusion["sd2" | "sdxl" | "sd3" | "flux"]``: a tiny diffusers folder of that family, built on first use."""
+    return _TinyDiffusion(tmp_path_factory.mktemp("diffusion"))
 
 @pytest.fixture(scope="session")
 def make_model(tiny_backbones):

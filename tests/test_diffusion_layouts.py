@@ -12,11 +12,10 @@ from PIL import Image
 
 from gill_hf import GILLConfig, GILLForConditionalGeneration, GILLPipeline
 from gill_hf.diffusion_layouts import DiffusionLayout, layout_of_folder, layout_of_pipeline
-from gill_hf.tiny import build_tiny_diffusion
 from gill_hf.training import (DiffusionTextEncoder, GILLDataCollator, LatentDiffusionLoss, TargetStore,
                               precompute_targets)
 
-from conftest import SMALL_MAPPER, gill_on
+from conftest import SMALL_MAPPER, gill_on, seeded
 
 PROMPT = ["A photo of my dog.", Image.new("RGB", (40, 36), "red"), "Show me the same dog at the beach."]
 LLM = dict(max_new_tokens=14, force_image_after=2, max_images=1, eos_token_id=[])
@@ -24,13 +23,9 @@ LLM = dict(max_new_tokens=14, force_image_after=2, max_images=1, eos_token_id=[]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _seed(n=0):
-    return torch.Generator().manual_seed(n)
-
-
 @pytest.fixture(scope="module")
-def sd2(tmp_path_factory):
-    return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "sd2")
+def sd2(tiny_diffusion):
+    return tiny_diffusion["sd2"]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +53,10 @@ def test_sd2_encode_prompt_drives_the_stock_pipeline_to_the_same_image(sd2_model
     pipe.set_progress_bar_config(disable=True)
     prompt_embeds, negative = pipe.encode_prompt(PROMPT, **LLM)
     assert prompt_embeds.shape == (1, 77, 48) and negative is None
-    full = pipe(PROMPT, generator=_seed(0), num_inference_steps=2, **LLM)
+    full = pipe(PROMPT, generator=seeded(0), num_inference_steps=2, **LLM)
     stock = StableDiffusionPipeline.from_pretrained(sd2, safety_checker=None)
     stock.set_progress_bar_config(disable=True)
-    image = stock(prompt_embeds=prompt_embeds, num_inference_steps=2, generator=_seed(0)).images[0]
+    image = stock(prompt_embeds=prompt_embeds, num_inference_steps=2, generator=seeded(0)).images[0]
     assert np.array_equal(np.asarray(image), np.asarray(full.images[0]))
 
 
@@ -94,8 +89,8 @@ def test_layout_mismatch_is_an_error_at_construction(make_model, sd2_model, sd2,
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "sdxl")
+def sdxl(tiny_diffusion):
+    return tiny_diffusion["sdxl"]
 
 
 @pytest.fixture(scope="module")
@@ -132,16 +127,16 @@ def test_sdxl_encode_prompt_drives_the_stock_pipeline_to_the_same_image(tiny_bac
             assert torch.equal(negative_pooled, model.adapter.pooled_head.proj(null.mean(1)))
     else:
         assert negative is None and negative_pooled is None
-    full = pipe(PROMPT, generator=_seed(0), num_inference_steps=2, **LLM)
+    full = pipe(PROMPT, generator=seeded(0), num_inference_steps=2, **LLM)
     stock = StableDiffusionXLPipeline.from_pretrained(sdxl)
     stock.set_progress_bar_config(disable=True)
     kwargs = pipe.encode_prompt(PROMPT, return_dict=True, **LLM)
     assert list(kwargs) == ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                             "negative_pooled_prompt_embeds"]
-    image = stock(**kwargs, num_inference_steps=2, generator=_seed(0)).images[0]
+    image = stock(**kwargs, num_inference_steps=2, generator=seeded(0)).images[0]
     assert np.array_equal(np.asarray(image), np.asarray(full.images[0]))
     direct = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
-                  negative_pooled_prompt_embeds=negative_pooled, generator=_seed(0), num_inference_steps=2)
+                  negative_pooled_prompt_embeds=negative_pooled, generator=seeded(0), num_inference_steps=2)
     assert np.array_equal(np.asarray(direct.images[0]), np.asarray(full.images[0]))
 
 
@@ -231,12 +226,12 @@ def test_sdxl_pipeline_round_trips_and_the_cli_precomputes_its_targets(sdxl_mode
     pipe.set_progress_bar_config(disable=True)
     cond = dict(prompt_embeds=torch.randn(1, 77, 64), pooled_prompt_embeds=torch.randn(1, 32), num_inference_steps=2,
                 output_type="np")
-    before = pipe(**cond, generator=_seed(0)).images[0]
+    before = pipe(**cond, generator=seeded(0)).images[0]
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = GILLPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
     assert (loaded.gill_model.config.diffusion_layout, loaded.gill_model.config.gen_pooled_dim) == ("sdxl", 32)
-    assert np.array_equal(loaded(**cond, generator=_seed(0)).images[0], before)
+    assert np.array_equal(loaded(**cond, generator=seeded(0)).images[0], before)
     tsv = tmp_path / "c.tsv"
     tsv.write_text("caption\timage\na red circle\tx.png\na star\ty.png\n")
     assert main(["precompute-targets", str(tsv), str(tmp_path / "t"), "--diffusion-model", sdxl,
@@ -267,7 +262,7 @@ def test_the_web_demo_defaults_to_the_familys_guidance_scale(sdxl_model, sdxl):
     assert kwargs["guidance_scale"] is None and pipe.default_guidance_scale == 5.0
     cond = dict(prompt_embeds=torch.randn(1, 77, 64), pooled_prompt_embeds=torch.randn(1, 32), num_inference_steps=2,
                 output_type="np")
-    images = {scale: pipe(**cond, guidance_scale=scale, generator=_seed(0)).images[0] for scale in (None, 5.0, 7.5)}
+    images = {scale: pipe(**cond, guidance_scale=scale, generator=seeded(0)).images[0] for scale in (None, 5.0, 7.5)}
     assert np.array_equal(images[None], images[5.0]) and not np.array_equal(images[None], images[7.5])
     with pytest.raises(ValueError, match=r"guidance_scale must be >= 0 or None, got -1"):
         DemoSettings(guidance_scale=-1)

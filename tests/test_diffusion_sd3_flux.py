@@ -13,10 +13,9 @@ from PIL import Image
 
 from gill_hf import GILLConfig, GILLPipeline
 from gill_hf.diffusion_layouts import DiffusionLayout, layout_of_folder, layout_of_pipeline
-from gill_hf.tiny import build_tiny_diffusion
 from gill_hf.training import DiffusionTextEncoder, LatentDiffusionLoss, TargetStore
 
-from conftest import gill_on
+from conftest import gill_on, seeded
 
 PROMPT = ["A photo of my dog.", Image.new("RGB", (40, 36), "red"), "Show me the same dog at the beach."]
 LLM = dict(max_new_tokens=14, force_image_after=2, max_images=1, eos_token_id=[])
@@ -26,18 +25,14 @@ CAPTIONS = ["a red circle", "a blue square at the top"]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _seed(n=0):
-    return torch.Generator().manual_seed(n)
+@pytest.fixture(scope="module")
+def sd3(tiny_diffusion):
+    return tiny_diffusion["sd3"]
 
 
 @pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "sd3")
-
-
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    return build_tiny_diffusion(tmp_path_factory.mktemp("diffusion"), "flux")
+def flux(tiny_diffusion):
+    return tiny_diffusion["flux"]
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +85,10 @@ def test_sd3_encode_prompt_drives_the_stock_pipeline_to_the_same_image(tiny_back
                             "negative_pooled_prompt_embeds"]
     assert kwargs["prompt_embeds"].shape == (1, 333, 96) and kwargs["pooled_prompt_embeds"].shape == (1, 64)
     assert (kwargs["negative_prompt_embeds"] is None) == (cfg_dropout_prob == 0)
-    full = pipe(PROMPT, generator=_seed(0), output_type="np", **DIFFUSION, **LLM)
+    full = pipe(PROMPT, generator=seeded(0), output_type="np", **DIFFUSION, **LLM)
     stock = StableDiffusion3Pipeline.from_pretrained(sd3)  # embeds "" for a missing negative, as GILLPipeline's
     stock.set_progress_bar_config(disable=True)
-    image = stock(**kwargs, generator=_seed(0), output_type="np", **DIFFUSION).images[0]
+    image = stock(**kwargs, generator=seeded(0), output_type="np", **DIFFUSION).images[0]
     assert np.array_equal(image, full.images[0])
     assert stock.guidance_scale == 7.0  # the family default both used
 
@@ -105,16 +100,16 @@ def test_flux_encode_prompt_drives_the_stock_pipeline_to_the_same_image(flux_mod
     embeds, pooled = pipe.encode_prompt(PROMPT, **LLM)
     assert embeds.shape == (1, 512, 48) and pooled.shape == (1, 32)
     assert torch.equal(pooled, flux_model.adapter.pooled_head.proj(embeds.mean(1)))
-    full = pipe(PROMPT, generator=_seed(0), output_type="np", **DIFFUSION, **LLM)
+    full = pipe(PROMPT, generator=seeded(0), output_type="np", **DIFFUSION, **LLM)
     stock = FluxPipeline.from_pretrained(flux)
     stock.set_progress_bar_config(disable=True)
-    image = stock(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_seed(0), output_type="np",
+    image = stock(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=seeded(0), output_type="np",
                   **DIFFUSION).images[0]
     assert np.array_equal(image, full.images[0])
-    other = stock(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_seed(0), output_type="np",
+    other = stock(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=seeded(0), output_type="np",
                   guidance_scale=1.0, **DIFFUSION).images[0]
     assert not np.array_equal(other, image)  # the embedded guidance (3.5 by default) reaches the transformer
-    direct = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=_seed(0), output_type="np",
+    direct = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=seeded(0), output_type="np",
                   guidance_scale=1.0, **DIFFUSION)
     assert np.array_equal(direct.images[0], other)
     with pytest.raises(ValueError, match="no classifier-free guidance: negative_prompt_embeds"):
@@ -188,13 +183,13 @@ def test_sd3_pipeline_round_trips_and_the_cli_precomputes_its_targets(sd3_model,
     assert pipe.text_encoder_3 is not None  # no mapped null: the T5 and both CLIPs embed the empty negative
     cond = dict(prompt_embeds=torch.randn(1, 333, 96), pooled_prompt_embeds=torch.randn(1, 64), output_type="np",
                 **DIFFUSION)
-    before = pipe(**cond, generator=_seed(0)).images[0]
+    before = pipe(**cond, generator=seeded(0)).images[0]
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = GILLPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
     assert loaded.unet is None and type(loaded.transformer).__name__ == "SD3Transformer2DModel"
     assert (loaded.gill_model.config.diffusion_layout, loaded.gill_model.config.gen_pooled_dim) == ("sd3", 64)
-    assert np.array_equal(loaded(**cond, generator=_seed(0)).images[0], before)
+    assert np.array_equal(loaded(**cond, generator=seeded(0)).images[0], before)
     loaded.text_encoder_3 = None
     with pytest.raises(ValueError, match=r"lacks \['text_encoder_3'\] to embed the empty prompt"):
         loaded(**cond)
@@ -225,8 +220,8 @@ def test_sd3_empty_negative_is_as_long_as_a_shorter_sequence(tiny_backbones, sd3
                 **DIFFUSION)
     stock = StableDiffusion3Pipeline.from_pretrained(sd3)
     stock.set_progress_bar_config(disable=True)
-    expected = stock(**cond, max_sequence_length=16, generator=_seed(0)).images[0]
-    assert np.array_equal(pipe(**cond, generator=_seed(0)).images[0], expected)
+    expected = stock(**cond, max_sequence_length=16, generator=seeded(0)).images[0]
+    assert np.array_equal(pipe(**cond, generator=seeded(0)).images[0], expected)
 
 
 def test_flux_pipeline_round_trips_and_the_cli_precomputes_its_targets(flux_model, flux, tmp_path, monkeypatch):
@@ -241,12 +236,12 @@ def test_flux_pipeline_round_trips_and_the_cli_precomputes_its_targets(flux_mode
     pipe.set_progress_bar_config(disable=True)
     cond = dict(prompt_embeds=torch.randn(1, 512, 48), pooled_prompt_embeds=torch.randn(1, 32), output_type="np",
                 **DIFFUSION)
-    before = pipe(**cond, generator=_seed(0)).images[0]
+    before = pipe(**cond, generator=seeded(0)).images[0]
     pipe.save_pretrained(tmp_path / "pipe")
     loaded = GILLPipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.transformer).__name__ == "FluxTransformer2DModel" and loaded.text_encoder is None
-    assert np.array_equal(loaded(**cond, generator=_seed(0)).images[0], before)
+    assert np.array_equal(loaded(**cond, generator=seeded(0)).images[0], before)
     tsv = tmp_path / "c.tsv"
     tsv.write_text("caption\timage\na red circle\tx.png\na star\ty.png\n")
     assert main(["precompute-targets", str(tsv), str(tmp_path / "t"), "--diffusion-model", flux,

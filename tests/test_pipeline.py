@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import seeded
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -19,10 +20,6 @@ FAST = dict(max_new_tokens=14, force_image_after=2, max_images=1, eos_token_id=[
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _seed(n=0):
-    return torch.Generator().manual_seed(n)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +46,14 @@ class _CountCalls:
 
 
 def test_end_to_end_generation_is_seeded(pipe):
-    out = pipe(PROMPT, generator=_seed(0), **FAST)
+    out = pipe(PROMPT, generator=seeded(0), **FAST)
     kinds = [type(p).__name__ for p in out.parts]
     assert kinds == ["str", "ImagePart", "str"]
     part = out.parts[1]
     assert part.kind == "generated" and part.decision.mode == "gen" and part.decision.forced  # no index
     assert isinstance(part.image, Image.Image) and part.image.size == (32, 32)
-    again = pipe(PROMPT, generator=_seed(0), **FAST)
-    other = pipe(PROMPT, generator=_seed(1), **FAST)
+    again = pipe(PROMPT, generator=seeded(0), **FAST)
+    other = pipe(PROMPT, generator=seeded(1), **FAST)
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(again.images[0]))
     assert not np.array_equal(np.asarray(out.images[0]), np.asarray(other.images[0]))
     assert out.parts[0] == again.parts[0] and out.generation.new_tokens.shape[1] == FAST["max_new_tokens"]
@@ -103,7 +100,7 @@ def test_auto_decision_uses_the_head_with_max_cosine(pipe, index):
     pipe.retrieval_index = index
     counter = _CountCalls(pipe.unet)
     try:
-        out = pipe(PROMPT, decision="auto", decision_threshold=1.0, generator=_seed(0), **FAST)  # never retrieve
+        out = pipe(PROMPT, decision="auto", decision_threshold=1.0, generator=seeded(0), **FAST)  # never retrieve
     finally:
         counter.restore()
         pipe.retrieval_index = None
@@ -112,7 +109,7 @@ def test_auto_decision_uses_the_head_with_max_cosine(pipe, index):
     linear = pipe.gill_model.adapter.decision_head[1]
     expected = torch.softmax(linear(out.generation.img0_hidden_states()), -1)[0, 1].item()
     assert part.decision.p_retrieve == pytest.approx(expected, abs=1e-6)
-    plain = pipe(PROMPT, generator=_seed(0), **FAST)
+    plain = pipe(PROMPT, generator=seeded(0), **FAST)
     assert np.array_equal(np.asarray(part.image), np.asarray(plain.images[0]))
 
 
@@ -120,8 +117,8 @@ def test_precomputed_embeddings_give_the_same_image(pipe):
     generation_only = {k: v for k, v in FAST.items() if k != "num_inference_steps"}
     prompt_embeds, negative = pipe.encode_prompt(PROMPT, **generation_only)
     assert prompt_embeds.shape == (1, 77, 32) and negative is None
-    direct = pipe(prompt_embeds=prompt_embeds, generator=_seed(0), num_inference_steps=2)
-    full = pipe(PROMPT, generator=_seed(0), **FAST)
+    direct = pipe(prompt_embeds=prompt_embeds, generator=seeded(0), num_inference_steps=2)
+    full = pipe(PROMPT, generator=seeded(0), **FAST)
     assert np.array_equal(np.asarray(direct.images[0]), np.asarray(full.images[0]))
     assert isinstance(direct.parts[0], ImagePart)
     # the same embeddings drive a stock Stable Diffusion pipeline to the same pixels
@@ -129,7 +126,7 @@ def test_precomputed_embeddings_give_the_same_image(pipe):
                                     unet=pipe.unet, scheduler=pipe.scheduler, safety_checker=None,
                                     feature_extractor=None, requires_safety_checker=False)
     stock.set_progress_bar_config(disable=True)
-    stock_image = stock(prompt_embeds=prompt_embeds, num_inference_steps=2, generator=_seed(0)).images[0]
+    stock_image = stock(prompt_embeds=prompt_embeds, num_inference_steps=2, generator=seeded(0)).images[0]
     assert np.array_equal(np.asarray(stock_image), np.asarray(full.images[0]))
 
 
@@ -139,7 +136,7 @@ def test_empty_prompt_embedding_is_computed_once_and_mapped_null_replaces_it(pip
     try:
         pipe(PROMPT, **FAST)
         pipe(PROMPT, **FAST)
-        no_cfg = pipe(PROMPT, guidance_scale=1.0, generator=_seed(0), **FAST)
+        no_cfg = pipe(PROMPT, guidance_scale=1.0, generator=seeded(0), **FAST)
     finally:
         counter.restore()
     assert counter.calls == 1
@@ -179,7 +176,7 @@ def test_callbacks_and_output_types(pipe):
 
 
 def test_batch_of_prompts(pipe):
-    out = pipe([PROMPT, ["a cat"]], generator=_seed(0), **FAST)
+    out = pipe([PROMPT, ["a cat"]], generator=seeded(0), **FAST)
     assert len(out.parts) == 2 and all(isinstance(row, list) for row in out.parts)
     assert len(out.images) == 2 and all(img.size == (32, 32) for img in out.images)
 
@@ -198,8 +195,8 @@ def test_save_load_round_trip(pipe, index, tmp_path):
     assert loaded.retrieval_index is not None and loaded.retrieval_index.paths == index.paths
     for key, value in pipe.gill_model.adapter_state_dict().items():
         assert torch.equal(loaded.gill_model.adapter_state_dict()[key], value), key
-    a = pipe(PROMPT, generator=_seed(0), **FAST)
-    b = loaded(PROMPT, generator=_seed(0), decision="generate", **FAST)
+    a = pipe(PROMPT, generator=seeded(0), **FAST)
+    b = loaded(PROMPT, generator=seeded(0), decision="generate", **FAST)
     assert a.parts[0] == b.parts[0]
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
 
