@@ -109,9 +109,9 @@ def stage2(paths: dict, args, stage1_dir: str, out: str, ldm: LatentDiffusionLos
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", metavar="DIR", help="tiny random backbones and toy data under DIR")
-    parser.add_argument("--text-model", default="Vision-CAIR/vicuna-7b")
-    parser.add_argument("--vision-model", default="openai/clip-vit-large-patch14")
-    parser.add_argument("--diffusion-model", default="stabilityai/stable-diffusion-2-1-base")
+    parser.add_argument("--text-model", help="default: Vision-CAIR/vicuna-7b")
+    parser.add_argument("--vision-model", help="default: openai/clip-vit-large-patch14")
+    parser.add_argument("--diffusion-model", help="default: stabilityai/stable-diffusion-2-1-base")
     parser.add_argument("--cc3m", help="stage 1: caption<TAB>image_path TSV (MiniGPT-5's CC3M format)")
     parser.add_argument("--cc3m-images", help="folder the TSV's image paths are relative to (default: its folder)")
     parser.add_argument("--targets", help="target store of the TSV's captions (caption MSE; none: LDM + text only)")
@@ -129,14 +129,18 @@ def main():
     parser.add_argument("--cpu", action="store_true", help="train on CPU (gloo backend when distributed)")
     args = parser.parse_args()
     if args.tiny:
-        given = [name for name in ("cc3m", "targets", "vist", "mmdialog") if getattr(args, name)]
+        given = [name for name in ("text_model", "vision_model", "diffusion_model", "cc3m", "cc3m_images", "targets",
+                                   "vist", "vist_images", "mmdialog", "mmdialog_images") if getattr(args, name)]
         if given:
-            parser.error(f"--tiny writes its own data; drop {', '.join('--' + n for n in given)}")
+            parser.error(f"--tiny builds its own backbones and data; drop "
+                         f"{', '.join('--' + n.replace('_', '-') for n in given)}")
         paths = tiny_data(args.tiny)
     else:
         if not args.cc3m or not (args.vist or args.mmdialog):
             parser.error("give --tiny, or --cc3m and at least one of --vist / --mmdialog")
-        paths = {"text": args.text_model, "vision": args.vision_model, "diffusion": args.diffusion_model,
+        paths = {"text": args.text_model or "Vision-CAIR/vicuna-7b",
+                 "vision": args.vision_model or "openai/clip-vit-large-patch14",
+                 "diffusion": args.diffusion_model or "stabilityai/stable-diffusion-2-1-base",
                  "cc3m": args.cc3m, "targets": args.targets, "vist": args.vist, "mmdialog": args.mmdialog}
     ldm = LatentDiffusionLoss.from_pretrained(paths["diffusion"], snr_gamma=5.0)
     stage1_dir, stage2_dir = (os.path.join(args.output_dir, name) for name in ("stage1", "stage2"))

@@ -72,6 +72,14 @@ def test_train_minigpt5(tmp_path, tiny_backbones, monkeypatch):
                            two["adapter.mapper.transformer.decoder.norm.weight"])
 
 
+def test_train_minigpt5_tiny_refuses_backbone_and_data_options(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_example("train_minigpt5.py", "--tiny", tmp_path, "--output-dir", tmp_path / "out", "--text-model", "x",
+                    "--vist-images", "y", monkeypatch=monkeypatch)
+    assert exit_info.value.code == 2
+    assert "--tiny builds its own backbones and data; drop --text-model, --vist-images" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.py")))
 def test_every_example_documents_its_tiny_run(name):
     source = (EXAMPLES / name).read_text()
