@@ -412,13 +412,18 @@ def test_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypat
     from eval_fixtures import write_vist
 
     annotations, image_dir = write_vist(tmp_path, num_stories=1)
-    assert "python -m nltk.downloader wordnet" in error(["minigpt5-vist", *common, "--annotations", annotations,
+    assert "python -m nltk.downloader wordnet" in error(["minigpt5-vist", *no_fid, "--annotations", annotations,
                                                          "--image-dir", image_dir, "--tables", "narration"])
     assert "--is-splits" in error(["cc3m", *common, "--tsv", tsv, "--is-splits", "1"])
     assert "no Stable Diffusion baseline" in error(["mmdialog", *no_fid, "--annotations", conversations,
                                                     "--no-baseline"])
-    narration = ["minigpt5-vist", *common, "--annotations", annotations, "--image-dir", image_dir, "--tables",
+    narration = ["minigpt5-vist", *no_fid, "--annotations", annotations, "--image-dir", image_dir, "--tables",
                  "narration"]
     assert "narrations are greedy" in error([*narration, "--seeds", "0", "1"])
     assert "narration has no Stable Diffusion baseline" in error([*narration, "--no-baseline"])
     assert "add final-step to --tables" in error([*narration, "all-steps", "--prompt-types", "text"])
+    assert "--clip-model, --is-splits, --fid-cache do not apply to --tables narration" in error(
+        [*narration, "--clip-model", "open_clip:ViT-B-32/openai", "--is-splits", "4", *common[3:]])
+    assert "--sbert-model do not apply to --tables final-step" in error(
+        ["minigpt5-vist", *common, "--annotations", annotations, "--image-dir", image_dir, "--tables", "final-step",
+         "--sbert-model", "x"])

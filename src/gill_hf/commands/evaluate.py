@@ -164,11 +164,18 @@ def run_minigpt5(args) -> int:
     from ..evaluation.minigpt5_vist import PROMPT_TYPES
 
     device, dtype = _setup(args)
+    tables = getattr(args, "tables", None)
+    if tables is not None:  # minigpt5-vist: each scorer option belongs to the image tables or to the narrations
+        for needed, options in ((any(t != "narration" for t in tables), IMAGE_SCORER_OPTIONS),
+                                ("narration" in tables, TEXT_SCORER_OPTIONS)):
+            given = [option for option in options if not needed and
+                     getattr(args, option[2:].replace("-", "_")) != args.scorer_defaults[option]]
+            if given:
+                raise UsageError(f"{', '.join(given)} do not apply to --tables {' '.join(tables)}")
     if hasattr(args, "fid_cache"):
         args.fid_cache = output_path(args.fid_cache, "--fid-cache", "folder")
     if args.benchmark == "mmdialog" and not args.baseline:
         raise UsageError("mmdialog has no Stable Diffusion baseline to skip; drop --no-baseline")
-    tables = getattr(args, "tables", None)
     if tables == ["narration"] and args.seeds != [0]:
         raise UsageError("--seeds drive the diffusion of the image tables; narrations are greedy (one run)")
     if tables == ["narration"] and not args.baseline:
@@ -203,8 +210,13 @@ def run_minigpt5(args) -> int:
     return 0
 
 
+IMAGE_SCORER_OPTIONS = ("--clip-model", "--is-feature", "--is-splits", "--fid-feature", "--fid-cache")
+TEXT_SCORER_OPTIONS = ("--sbert-model", "--max-new-tokens")
+
+
 def _minigpt5_options(parser, clip: str, text: bool, fid: bool = True):
-    """The scorer options; ``fid``: the --fid-* options (MMDialog has no FID)."""
+    """The scorer options; ``fid``: the --fid-* options (MMDialog has no FID). Their defaults are kept as
+    ``args.scorer_defaults`` so a run can refuse the ones its tables do not use."""
     from huggingface_hub import constants
 
     from ..evaluation.text_metrics import DEFAULT_SBERT
@@ -225,6 +237,8 @@ def _minigpt5_options(parser, clip: str, text: bool, fid: bool = True):
     if text:
         parser.add_argument("--sbert-model", default=DEFAULT_SBERT, help="sentence-transformers model for SBERT")
         parser.add_argument("--max-new-tokens", type=bounded(int, 1), default=32, help="tokens per generated text")
+    parser.set_defaults(scorer_defaults={option: parser.get_default(option[2:].replace("-", "_"))
+                                         for option in IMAGE_SCORER_OPTIONS + TEXT_SCORER_OPTIONS})
 
 
 def _register_minigpt5(benchmarks):
