@@ -561,16 +561,17 @@ class InterleavedDataCollator(SkipCounter):
         examples = self.keep(examples)
         proc, tok = self.processor, self.processor.tokenizer
         img_ids = proc.img_token_ids
+        minigpt5 = self.prompt_format == "minigpt5"
+        end = tok(" " + MINIGPT5_STOP, add_special_tokens=False)["input_ids"] if minigpt5 else [tok.eos_token_id]
         rows, labels, images, outputs = [], [], [], []
         for ex in examples:
             items = ex["context"] + [ex["instruction"]] + \
                 ([ex["instruction_image"]] if ex["instruction_image"] is not None else [])
-            if self.prompt_format == "minigpt5":
+            if minigpt5:
                 text, items = _minigpt5_prompt(ex), [x for x in items if isinstance(x, Image.Image)]
                 prompt = proc(text=text, images=items or None, return_tensors=None)["input_ids"][0]
-                end = tok(" " + MINIGPT5_STOP, add_special_tokens=False)["input_ids"]
             else:
-                prompt, end = proc(items, return_tensors=None)["input_ids"][0], [tok.eos_token_id]
+                prompt = proc(items, return_tensors=None)["input_ids"][0]
             answer = tok(" " + ex["target_text"], add_special_tokens=False, split_special_tokens=True)["input_ids"] \
                 if ex["target_text"] else []
             has_image = ex["output_image"] is not None
