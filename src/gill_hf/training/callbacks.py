@@ -2,13 +2,16 @@
 
 from transformers import TrainerCallback
 
+from .distributed import renormalize_img_embeddings
+
 
 class RenormalizeImgEmbeddingsCallback(TrainerCallback):
-    """After every optimizer step, rescale the [IMG] rows to the mean norm of the frozen vocabulary (as GILL)."""
+    """After every optimizer step, rescale the [IMG] rows to the mean norm of the frozen vocabulary (as GILL; gathered
+    under ZeRO-3)."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            model.renormalize_img_embeddings()
+            renormalize_img_embeddings(model)
 
 
 class StopAtStepCallback(TrainerCallback):

@@ -5,7 +5,6 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import TrainerCallback
 
 from ..modeling_gill import GILLAdapter
 
@@ -165,15 +164,18 @@ def gathered(params, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def renormalize_under_zero3(model) -> None:
-    """``model.renormalize_img_embeddings()`` with its tensors partitioned by ZeRO-3: the [IMG] rows and the LLM
-    tables are gathered, changed on rank 0 and re-partitioned, and the optimizer's fp32 master copies of the
+def renormalize_img_embeddings(model) -> None:
+    """``model.renormalize_img_embeddings()``, also when ZeRO-3 partitions its tensors: then the [IMG] rows and the
+    LLM tables are gathered, changed on rank 0 and re-partitioned, and the optimizer's fp32 master copies of the
     rows are set to the new values (else the next step would start from the old ones)."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     rows = [p for p in (model.adapter.img_embeddings, model.adapter.img_output_embeddings) if p is not None]
     llm = model.language_model
     tables = [m.weight for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None]
+    if not any(hasattr(p, "ds_id") for p in rows + tables):
+        model.renormalize_img_embeddings()
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+
     with gathered(rows + tables, modifier_rank=0):
         model.renormalize_img_embeddings()
         new = [row.detach().clone() for row in rows]
@@ -182,10 +184,3 @@ def renormalize_under_zero3(model) -> None:
             safe_set_full_fp32_param(row, value)
 
 
-class Zero3RenormalizeCallback(TrainerCallback):
-    """:class:`~gill_hf.training.callbacks.RenormalizeImgEmbeddingsCallback` under ZeRO-3 (see
-    :func:`renormalize_under_zero3`)."""
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            renormalize_under_zero3(model)

@@ -22,7 +22,7 @@ from ..loading import unknown_kwargs_error
 from .callbacks import RenormalizeImgEmbeddingsCallback
 from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, SkippedExamplesCallback, VISTTaskDataset,
                    as_caption_dataset)
-from .distributed import (DEEPSPEED_NO_RESUME, Zero3RenormalizeCallback, gathered, gather_with_grad, prepare_for_zero3,
+from .distributed import (DEEPSPEED_NO_RESUME, gathered, gather_with_grad, prepare_for_zero3,
                           replicate_adapter_under_fsdp)
 from .lora import load_lora_weights
 from .streaming import StreamingCaptionDataset, as_training_dataset, streaming_dataloader
@@ -150,8 +150,6 @@ class GILLTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:  # ZeRO-3 partitions the frozen backbones; the adapter trains
             prepare_for_zero3(self.model, self.accelerator.state.deepspeed_plugin.deepspeed_config, self.args)
-            if self.callback_handler.pop_callback(RenormalizeImgEmbeddingsCallback) is not None:
-                self.add_callback(Zero3RenormalizeCallback())
         self.ldm_loss, self.mapper_lr_mult = ldm_loss, mapper_lr_mult
         self.eval_data_collator = eval_data_collator  # eval batches (e.g. with the eval split's targets)
         self._loss_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
