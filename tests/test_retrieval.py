@@ -1,9 +1,12 @@
 """RetrievalIndex: exact top-k vs brute force, scores as the original computes them, persistence, import, errors."""
 
+import functools
 import json
 import math
+import multiprocessing
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from gill_hf import retrieval
 from gill_hf.retrieval import EMBEDDINGS_FILE, PATHS_FILE, RetrievalIndex
 
 
@@ -146,6 +150,75 @@ def test_faiss_option():
         index.use_faiss(faiss.IndexFlatIP(16))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("queries", [1, 2, 5])
+def test_faiss_scan_equals_fp32_brute_force_over_the_fp16_rows(monkeypatch, threads, queries):
+    """Blocks shorter than k (block 7, k 10) leave empty heap slots that the merge must drop."""
+    monkeypatch.setattr(retrieval, "_FAISS_SCAN_BLOCK", 7)
+    g = torch.Generator().manual_seed(4)
+    index = RetrievalIndex(torch.randn(101, 24, generator=g), [str(i) for i in range(101)], logit_scale=1.5,
+                           dtype=torch.float16)
+    query = torch.randn(queries, 24, generator=g)
+    ref = (F.normalize(query, dim=-1) @ index.embeddings.float().t() * math.exp(1.5)).topk(10, dim=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        scores, indices = index.search(query, k=10, scan="faiss")
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(indices, ref.indices)
+    torch.testing.assert_close(scores, ref.values, atol=1e-6, rtol=1e-6)
+    torch_scores, torch_indices = index.search(query, k=10, scan="torch")
+    assert torch.equal(torch_indices, indices)
+    torch.testing.assert_close(torch_scores, scores, atol=1e-6, rtol=1e-6)
+    assert torch.equal(index.search(query, k=500, scan="faiss")[1], index.search(query, k=500, scan="torch")[1])
+
+
+def test_auto_scan_takes_faiss_for_one_or_two_fp16_queries_on_cpu(monkeypatch):
+    calls = []
+    real = retrieval._faiss_fp16_topk
+    monkeypatch.setattr(retrieval, "_faiss_fp16_topk", lambda *args: calls.append(args[1].shape[0]) or real(*args))
+    g = torch.Generator().manual_seed(5)
+    half = RetrievalIndex(torch.randn(64, 8, generator=g), [str(i) for i in range(64)], dtype=torch.float16)
+    for queries in (1, 2, 3):
+        half.search(torch.randn(queries, 8, generator=g), k=3)
+    half.search(torch.randn(8, generator=g), k=3, scan="torch")
+    half.search(torch.randn(1, 8, generator=g), k=3, exclude=torch.zeros(1, 64, dtype=torch.bool))
+    full = RetrievalIndex(half.embeddings.float(), half.paths, normalized=True)
+    full.search(torch.randn(1, 8, generator=g), k=3)
+    assert calls == [1, 2]
+
+
+def test_faiss_scan_refuses_what_it_cannot_do(monkeypatch):
+    index = RetrievalIndex(torch.randn(20, 8), [str(i) for i in range(20)], dtype=torch.float32)
+    with pytest.raises(ValueError, match="not fp16"):
+        index.search(torch.randn(8), scan="faiss")
+    half = RetrievalIndex(index.embeddings, index.paths, dtype=torch.float16, normalized=True)
+    with pytest.raises(ValueError, match="exclude mask"):
+        half.search(torch.randn(1, 8), scan="faiss", exclude=torch.zeros(1, 20, dtype=torch.bool))
+    with pytest.raises(ValueError, match="scan must be one of"):
+        half.search(torch.randn(8), scan="blas")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # faiss not installed
+    monkeypatch.setattr(retrieval, "_faiss_installed", functools.cache(retrieval._faiss_installed.__wrapped__))
+    with pytest.raises(ImportError, match="faiss-cpu"):
+        half.search(torch.randn(8), scan="faiss")
+    assert torch.equal(half.search(torch.randn(8), k=20)[1].sort().values, torch.arange(20))  # auto: torch
+
+
+def test_faiss_scan_runs_in_a_forked_child_after_the_parent_scanned():
+    """The parent's scan threads do not survive a fork; the child must get a pool of its own, not hang."""
+    index = RetrievalIndex(torch.randn(5000, 8), [str(i) for i in range(5000)], dtype=torch.float16)
+    query = torch.randn(8)
+    expected = index.search(query, k=3, scan="faiss")[1]
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        found = pool.apply_async(_search_in_child, (index, query)).get(timeout=60)
+    assert torch.equal(found, expected)
+
+
+def _search_in_child(index, query):
+    return index.search(query, k=3, scan="faiss")[1]
+
+
 @pytest.mark.parametrize("mmap", [True, False])
 def test_saved_fp16_faiss_index_is_memory_mapped_and_exact(tmp_path, mmap):
     pytest.importorskip("faiss")
@@ -156,9 +229,14 @@ def test_saved_fp16_faiss_index_is_memory_mapped_and_exact(tmp_path, mmap):
     index.use_faiss("fp16").save(tmp_path)
     loaded = RetrievalIndex.load(tmp_path, mmap=mmap)
     assert loaded._faiss.codes.is_owned is not mmap  # with mmap the codes stay in faiss.index on disk
-    scores, indices = loaded.search(queries, k=5)
+    scores, indices = loaded.search(queries, k=5)  # 4 queries: FAISS's own search
     assert torch.equal(indices, exact[1])
     torch.testing.assert_close(scores, exact[0], atol=1e-5, rtol=1e-5)
+    for one in queries:  # one query: the index's codes scanned in parallel row blocks
+        own = loaded._faiss.search(F.normalize(one, dim=0)[None].numpy(), 5)
+        scores, indices = loaded.search(one, k=5)
+        assert torch.equal(indices, torch.from_numpy(own[1][0]))
+        torch.testing.assert_close(scores, torch.from_numpy(own[0][0]), atol=1e-6, rtol=1e-6)
 
 
 def test_bad_inputs_raise(tmp_path):

@@ -7,9 +7,12 @@ Rows holding NaN / inf are refused when an index is built or loaded (one pass ov
 so are such queries: a NaN row would otherwise come back as the top-1 candidate.
 
 An optional FAISS index over the same rows (exact ``IndexFlatIP`` or a trained IVF-PQ, see :meth:`use_faiss`) is
-saved beside them as ``faiss.index`` and loaded with them; ``faiss`` is imported only when one is used.
+saved beside them as ``faiss.index`` and loaded with them. Where faiss is installed, one or two queries over fp16 rows
+on the CPU are scanned exactly with FAISS's SIMD fp16 kernel in parallel row blocks (``search(scan=...)``): at this
+width torch's fp16 matrix-vector product is compute-bound at about half the memory bandwidth.
 """
 
+import functools
 import json
 import math
 import os
@@ -18,6 +21,7 @@ import struct
 import tempfile
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import safetensors.torch
@@ -29,10 +33,13 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 PATHS_FILE = "paths.json"
 FAISS_FILE = "faiss.index"
 FAISS_KINDS = ("flat", "fp16", "ivfpq")
+SCANS = ("auto", "torch", "faiss")
 _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32}
 _SCAN_ROWS = 1 << 16  # rows checked for NaN / inf at a time
 _LISTED = 10  # row numbers named in an error
 _ADD_ROWS = 1 << 16  # rows handed to FAISS at a time (bounded memory over a memory-mapped index)
+_FAISS_SCAN_QUERIES = 2  # FAISS's per-query scan beats torch's one GEMM over all queries up to here (bench/)
+_FAISS_SCAN_BLOCK = 1 << 16  # rows per FAISS scan call: 32 MiB of 256-d fp16, a few calls per thread
 
 
 class RetrievalIndex:
@@ -199,17 +206,23 @@ class RetrievalIndex:
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError("the FAISS index must use the inner-product metric (scores are cosines of unit rows)")
         self._faiss = index
-        exact = isinstance(index, faiss.IndexFlat) or (isinstance(index, faiss.IndexScalarQuantizer)
-                                                        and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16)
-        self._rerank = 1 if exact else rerank
+        self._rerank = 1 if isinstance(index, faiss.IndexFlat) or _is_fp16_flat(index) else rerank
         return self
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int = 5, chunk_size: int = 1 << 20,
-               exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               exclude: torch.Tensor | None = None, scan: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k: ``(Q, p)`` or ``(p,)`` queries -> scores ``(Q, k)`` (exp(logit_scale) * cosine, fp32)
         and row indices ``(Q, k)``. ``exclude``: a bool ``(Q, N)`` mask of candidates to skip (e.g. images
-        already shown; it bypasses FAISS). Rows are scanned ``chunk_size`` at a time, so memory stays bounded."""
+        already shown; it bypasses FAISS). Rows are scanned ``chunk_size`` at a time, so memory stays bounded.
+
+        ``scan`` picks the kernel of the exact scan over the stored rows (a FAISS index in use searches itself):
+        ``"torch"`` matmuls; ``"faiss"`` FAISS's fp16 scanner over row blocks in ``torch.get_num_threads()``
+        threads (fp16 rows on the CPU, no ``exclude``; scores are fp32 dot products of the fp16 rows, as the torch
+        path's re-scoring gives); ``"auto"`` the FAISS scanner for up to two queries when it applies and faiss is
+        installed, else torch."""
+        if scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
         single = queries.dim() == 1
         queries = queries.unsqueeze(0) if single else queries
         if queries.dim() != 2 or queries.shape[1] != self.dim:
@@ -225,15 +238,19 @@ class RetrievalIndex:
             scores, indices = self._faiss_topk(unit.cpu(), k)
             short = (indices < 0).any(dim=1)  # an approximate index found fewer than k candidates
             if short.any():
-                scores[short], indices[short] = self._exact_topk(unit[short], k, chunk_size, None)
+                scores[short], indices[short] = self._exact_topk(unit[short], k, chunk_size, None, scan)
         else:
-            scores, indices = self._exact_topk(unit, k, chunk_size, exclude)
+            scores, indices = self._exact_topk(unit, k, chunk_size, exclude, scan)
         scores = scores * math.exp(self.logit_scale)
         return (scores[0], indices[0]) if single else (scores, indices)
 
     def _faiss_topk(self, unit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """FAISS's top-k cosines and rows (-1 where it found too few), re-ranked exactly when ``_rerank > 1``."""
-        cos, idx = self._faiss.search(unit.numpy(), min(k * self._rerank, len(self)))
+        index = self._faiss
+        if _is_fp16_flat(index) and unit.shape[0] <= _FAISS_SCAN_QUERIES:  # its codes in parallel row blocks
+            codes = import_faiss().rev_swig_ptr(index.codes.data(), index.ntotal * index.code_size)
+            return _faiss_fp16_topk(codes.view(np.float16).reshape(index.ntotal, index.d), unit.numpy(), k)
+        cos, idx = index.search(unit.numpy(), min(k * self._rerank, len(self)))
         scores, indices = torch.from_numpy(cos).float(), torch.from_numpy(idx).long()
         if self._rerank == 1:
             return scores, indices
@@ -243,12 +260,15 @@ class RetrievalIndex:
         top = exact.topk(k, dim=1)
         return top.values, indices.gather(1, top.indices).masked_fill(top.values == float("-inf"), -1)
 
-    def _exact_topk(self, unit: torch.Tensor, k: int, chunk_size: int, exclude):
-        """Top-k of ``(Q, p)`` unit queries over the rows, ``chunk_size`` rows per matmul in the storage dtype.
+    def _exact_topk(self, unit: torch.Tensor, k: int, chunk_size: int, exclude, scan: str):
+        """Top-k of ``(Q, p)`` unit queries over the rows: FAISS's scanner where ``scan`` asks for it (see
+        :meth:`search`), else ``chunk_size`` rows per matmul in the storage dtype.
 
         A matmul per chunk (fp16 inputs, fp32 accumulation) shortlists ``2k`` rows per query; fp16 shortlists are
         re-scored in fp32, so returned scores do not carry fp16 output rounding and near-ties are ordered right.
         """
+        if self._faiss_scans(unit.shape[0], exclude, scan):
+            return _faiss_fp16_topk(self.embeddings.numpy(), unit.cpu().numpy(), k)
         device = self.embeddings.device
         q32 = unit.to(device)  # (Q, p) fp32
         q = q32.to(self.embeddings.dtype)
@@ -270,6 +290,22 @@ class RetrievalIndex:
             keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1)
             best_scores, best_idx = keep.values, best_idx.gather(1, keep.indices)
         return best_scores.cpu(), best_idx.cpu()
+
+    def _faiss_scans(self, queries: int, exclude, scan: str) -> bool:
+        """Whether the exact scan of ``queries`` queries runs on FAISS's fp16 scanner (``scan="faiss"`` refuses
+        what it cannot do)."""
+        if scan == "torch":
+            return False
+        unfit = ("the index rows are not fp16" if self.embeddings.dtype != torch.float16
+                 else "the index rows are not on the CPU" if self.embeddings.device.type != "cpu"
+                 else "an exclude mask is given" if exclude is not None
+                 else "the index rows are not contiguous" if not self.embeddings.is_contiguous() else None)
+        if scan == "faiss":
+            if unfit:
+                raise ValueError(f"scan='faiss' scans contiguous fp16 rows on the CPU without an exclude mask: {unfit}")
+            import_faiss()
+            return True
+        return unfit is None and queries <= _FAISS_SCAN_QUERIES and _faiss_installed()
 
 @torch.no_grad()
 def embed_images(model, images: Sequence) -> torch.Tensor:
@@ -302,6 +338,59 @@ def build_ivfpq(embeddings: torch.Tensor, nlist: int | None = None, pq_m: int | 
     index.train(embeddings[torch.from_numpy(sample)].float().numpy())
     index.nprobe = min(nprobe, nlist)
     return _add_rows(index, embeddings)
+
+
+def _faiss_fp16_topk(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``(Q, p)`` fp32 unit ``queries`` over ``(N, p)`` fp16 ``rows`` with FAISS's SIMD fp16
+    scanner: blocks of rows scanned in ``torch.get_num_threads()`` threads (FAISS frees the GIL), a k-heap per
+    query and block, merged by one topk. -> fp32 scores ``(Q, k)``, row indices ``(Q, k)``."""
+    faiss = import_faiss()
+    n, dim = rows.shape
+    threads = torch.get_num_threads()
+    block = min(_FAISS_SCAN_BLOCK, -(-n // threads))
+    codes = rows.view(np.uint8)  # (N, 2p): the fp16 scalar quantizer's codes are the rows' own bytes
+    quantizer = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+
+    def scan(start: int) -> tuple[np.ndarray, np.ndarray]:
+        stop = min(n, start + block)
+        scanner = quantizer.select_InvertedListScanner(faiss.METRIC_INNER_PRODUCT, None, True, None, False)
+        scanner.set_list(0, 0.0)  # store_pairs: labels are row offsets in the block
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        labels = np.full((len(queries), k), -1, dtype=np.int64)
+        for q in range(len(queries)):
+            scanner.set_query(faiss.swig_ptr(queries[q]))
+            scanner.scan_codes(stop - start, faiss.swig_ptr(codes[start:stop]), None, faiss.swig_ptr(scores[q]),
+                               faiss.swig_ptr(labels[q]), k)
+        return scores, labels + start  # a block shorter than k leaves -inf entries that the merge drops
+
+    starts = range(0, n, block)
+    parts = list(_scan_pool(threads, os.getpid()).map(scan, starts)) if threads > 1 and len(starts) > 1 \
+        else map(scan, starts)
+    scores, labels = (torch.from_numpy(np.concatenate(part, axis=1)) for part in zip(*parts))
+    top = scores.topk(min(k, n), dim=1)
+    return top.values, labels.gather(1, top.indices)
+
+
+@functools.cache
+def _scan_pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per thread count and process (a forked child gets a pool of its own, not its parent's dead one)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="gill-faiss-scan")
+
+
+@functools.cache
+def _faiss_installed() -> bool:
+    try:
+        import_faiss()
+    except ImportError:
+        return False
+    return True
+
+
+def _is_fp16_flat(index) -> bool:
+    """Whether a FAISS index is the exact fp16 ``IndexScalarQuantizer`` (its codes are fp16 rows)."""
+    faiss = import_faiss()
+    return isinstance(index, faiss.IndexScalarQuantizer) and index.sq.qtype == faiss.ScalarQuantizer.QT_fp16
 
 
 def _exact_faiss(faiss, kind: str, dim: int):
