@@ -150,25 +150,24 @@ def test_faiss_option():
         index.use_faiss(faiss.IndexFlatIP(16))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("queries", [1, 2, 5])
-def test_faiss_scan_equals_fp32_brute_force_over_the_fp16_rows(monkeypatch, threads, queries):
-    """Blocks shorter than k (block 7, k 10) leave empty heap slots that the merge must drop."""
-    monkeypatch.setattr(retrieval, "_FAISS_SCAN_BLOCK", 7)
+def test_faiss_scan_equals_fp32_brute_force_over_the_fp16_rows(threads, queries):
+    """k=40 over 101 rows in 3 blocks of 34: blocks shorter than k leave empty heap slots that the merge must drop."""
     g = torch.Generator().manual_seed(4)
     index = RetrievalIndex(torch.randn(101, 24, generator=g), [str(i) for i in range(101)], logit_scale=1.5,
                            dtype=torch.float16)
     query = torch.randn(queries, 24, generator=g)
-    ref = (F.normalize(query, dim=-1) @ index.embeddings.float().t() * math.exp(1.5)).topk(10, dim=1)
+    ref = (F.normalize(query, dim=-1) @ index.embeddings.float().t() * math.exp(1.5)).topk(40, dim=1)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        scores, indices = index.search(query, k=10, scan="faiss")
+        scores, indices = index.search(query, k=40, scan="faiss")
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(indices, ref.indices)
     torch.testing.assert_close(scores, ref.values, atol=1e-6, rtol=1e-6)
-    torch_scores, torch_indices = index.search(query, k=10, scan="torch")
+    torch_scores, torch_indices = index.search(query, k=40, scan="torch")
     assert torch.equal(torch_indices, indices)
     torch.testing.assert_close(torch_scores, scores, atol=1e-6, rtol=1e-6)
     assert torch.equal(index.search(query, k=500, scan="faiss")[1], index.search(query, k=500, scan="torch")[1])
@@ -217,6 +216,40 @@ def test_faiss_scan_runs_in_a_forked_child_after_the_parent_scanned():
 
 def _search_in_child(index, query):
     return index.search(query, k=3, scan="faiss")[1]
+
+
+def test_large_in_memory_rows_live_in_huge_pages(tmp_path, monkeypatch):
+    monkeypatch.setattr(retrieval, "_HUGE_PAGE_BYTES", 1 << 22)
+    g = torch.Generator().manual_seed(6)
+    rows, queries = torch.randn(8192, 256, generator=g), torch.randn(3, 256, generator=g)  # 4 MiB of fp16
+    index = RetrievalIndex(rows, [str(i) for i in range(8192)], dtype=torch.float16)
+    assert _huge_page_advised(index.embeddings)
+    torch.testing.assert_close(index.embeddings, F.normalize(rows, dim=-1).half(), atol=0, rtol=0)
+    ref = (F.normalize(queries, dim=-1) @ index.embeddings.float().t()).topk(4, dim=1)
+    assert torch.equal(index.search(queries, k=4)[1], ref.indices)
+    index.save(tmp_path)
+    loaded = RetrievalIndex.load(tmp_path, mmap=False)  # read straight into huge pages
+    assert _huge_page_advised(loaded.embeddings) and torch.equal(loaded.embeddings, index.embeddings)
+    assert not _huge_page_advised(RetrievalIndex.load(tmp_path).embeddings)  # memory-mapped: the file's own pages
+    assert not _huge_page_advised(RetrievalIndex(rows[:100], [str(i) for i in range(100)]).embeddings)  # small
+    file = tmp_path / EMBEDDINGS_FILE
+    file.write_bytes(file.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=f"{EMBEDDINGS_FILE}: .*cut short"):
+        RetrievalIndex.load(tmp_path, mmap=False)
+
+
+def _huge_page_advised(tensor: torch.Tensor) -> bool:
+    """Whether the mapping holding ``tensor`` carries madvise(MADV_HUGEPAGE) (``hg`` in /proc/self/smaps)."""
+    address, inside = tensor.data_ptr(), False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, stop = (int(bound, 16) for bound in head.split("-"))
+                inside = start <= address < stop
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+    raise AssertionError("no mapping holds the tensor")
 
 
 @pytest.mark.parametrize("mmap", [True, False])

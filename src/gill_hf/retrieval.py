@@ -15,6 +15,7 @@ width torch's fp16 matrix-vector product is compute-bound at about half the memo
 import functools
 import json
 import math
+import mmap as mmap_module
 import os
 import shutil
 import struct
@@ -39,7 +40,7 @@ _SCAN_ROWS = 1 << 16  # rows checked for NaN / inf at a time
 _LISTED = 10  # row numbers named in an error
 _ADD_ROWS = 1 << 16  # rows handed to FAISS at a time (bounded memory over a memory-mapped index)
 _FAISS_SCAN_QUERIES = 2  # FAISS's per-query scan beats torch's one GEMM over all queries up to here (bench/)
-_FAISS_SCAN_BLOCK = 1 << 16  # rows per FAISS scan call: 32 MiB of 256-d fp16, a few calls per thread
+_HUGE_PAGE_BYTES = 1 << 25  # in-memory rows from this size live in transparent huge pages (Linux)
 
 
 class RetrievalIndex:
@@ -68,9 +69,11 @@ class RetrievalIndex:
         bad = _nonfinite_rows(embeddings)
         if bad:
             raise ValueError(f"embedding rows {_rows(bad)} of {embeddings.shape[0]} hold NaN or inf values")
+        copied = not normalized or embeddings.dtype != dtype  # else the rows stay the caller's (or a file's) memory
         if not normalized:
             embeddings = F.normalize(embeddings.float(), dim=-1)
-        self.embeddings = embeddings.to(dtype)  # (N, p), unit rows
+        rows = _huge_page_empty(embeddings.shape, dtype) if copied and embeddings.device.type == "cpu" else None
+        self.embeddings = embeddings.to(dtype) if rows is None else rows.copy_(embeddings)  # (N, p), unit rows
         self.paths = list(paths)
         self.logit_scale = float(logit_scale)
         self._faiss, self._rerank = None, 1
@@ -342,12 +345,13 @@ def build_ivfpq(embeddings: torch.Tensor, nlist: int | None = None, pq_m: int | 
 
 def _faiss_fp16_topk(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``(Q, p)`` fp32 unit ``queries`` over ``(N, p)`` fp16 ``rows`` with FAISS's SIMD fp16
-    scanner: blocks of rows scanned in ``torch.get_num_threads()`` threads (FAISS frees the GIL), a k-heap per
-    query and block, merged by one topk. -> fp32 scores ``(Q, k)``, row indices ``(Q, k)``."""
+    scanner: one block of rows per thread, ``torch.get_num_threads()`` threads (FAISS frees the GIL; one call per
+    thread, as smaller blocks lose time handing work over), a k-heap per query and block, merged by one topk.
+    -> fp32 scores ``(Q, k)``, row indices ``(Q, k)``."""
     faiss = import_faiss()
     n, dim = rows.shape
     threads = torch.get_num_threads()
-    block = min(_FAISS_SCAN_BLOCK, -(-n // threads))
+    block = -(-n // threads)
     codes = rows.view(np.uint8)  # (N, 2p): the fp16 scalar quantizer's codes are the rows' own bytes
     quantizer = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -427,6 +431,18 @@ def _read_faiss(file: str, mmap: bool = False):
         raise ValueError(f"{file} is not a readable FAISS index: {' '.join(str(err).split())[:300]}") from err
 
 
+def _huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """An empty CPU tensor in private anonymous memory advised for transparent huge pages, or None below
+    ``_HUGE_PAGE_BYTES`` or where ``madvise(MADV_HUGEPAGE)`` is unavailable. A scan of 4 KiB pages takes a TLB miss
+    every 4 KiB; on huge pages the 1M x 256 fp16 scan runs about 1.4x faster (2-core VM, bench/)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < max(_HUGE_PAGE_BYTES, 1) or not hasattr(mmap_module, "MADV_HUGEPAGE"):
+        return None
+    memory = mmap_module.mmap(-1, nbytes, flags=mmap_module.MAP_PRIVATE | mmap_module.MAP_ANONYMOUS)
+    memory.madvise(mmap_module.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps the map alive
+
+
 def _nonfinite_rows(matrix: torch.Tensor) -> list[int]:
     """Row numbers of a ``(N, p)`` tensor holding NaN or inf, scanned ``_SCAN_ROWS`` rows at a time."""
     bad = []
@@ -460,9 +476,20 @@ def _open_safetensors(file: str, name: str, mmap: bool) -> tuple[torch.Tensor, d
     if name not in header:
         raise ValueError(f"no tensor named {name!r}")
     entry = header[name]
+    begin, end = entry["data_offsets"]
+    rows = None if mmap or entry["dtype"] not in _NUMPY_DTYPES else _huge_page_empty(
+        tuple(entry["shape"]), torch.from_numpy(np.empty(0, _NUMPY_DTYPES[entry["dtype"]])).dtype)
+    if rows is not None:  # read straight into huge pages
+        data = memoryview(rows.numpy()).cast("B")
+        if data.nbytes != end - begin:
+            raise ValueError(f"tensor {name!r} has {end - begin} bytes, its shape and dtype say {data.nbytes}")
+        with open(file, "rb") as handle:
+            handle.seek(8 + header_len + begin)
+            if handle.readinto(data) != data.nbytes:
+                raise ValueError(f"tensor {name!r} is cut short: the file ends inside its {data.nbytes} bytes")
+        return rows, metadata
     if not mmap or entry["dtype"] not in _NUMPY_DTYPES:
         return safetensors.torch.load_file(file)[name], metadata
-    begin, end = entry["data_offsets"]
     array = np.memmap(file, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r", offset=8 + header_len + begin,
                       shape=tuple(entry["shape"]))
     if array.nbytes != end - begin:
