@@ -120,6 +120,35 @@ def test_flux_encode_prompt_drives_the_stock_pipeline_to_the_same_image(flux_mod
         pipe(prompt_embeds=embeds[..., :32], pooled_prompt_embeds=pooled, **DIFFUSION)
 
 
+def test_a_flux_transformer_without_guidance_embedding_refuses_guidance_scale(flux_model, flux):
+    """FLUX.1-schnell has no guidance embedding: an explicit guidance_scale would be silently dropped, so it is
+    refused; None runs as the stock pipeline does. The web demo hides its guidance control and passes None."""
+    from diffusers import FluxTransformer2DModel
+
+    from gill_hf.demo.web import DemoSettings
+
+    pipe = GILLPipeline.from_gill(flux_model, flux)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.guidance_applies
+    assert DemoSettings(guidance_scale=2.0).pipeline_kwargs(pipe)["guidance_scale"] == 2.0
+    config = dict(FluxTransformer2DModel.load_config(flux, subfolder="transformer"), guidance_embeds=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        schnell = FluxTransformer2DModel.from_config(config)
+    pipe.register_modules(transformer=schnell)
+    assert not pipe.guidance_applies
+    embeds, pooled = pipe.encode_prompt(PROMPT, **LLM)
+    with pytest.raises(ValueError, match="guidance_scale=1.0 does not apply: .*no guidance embedding"):
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, guidance_scale=1.0, **DIFFUSION)
+    image = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=seeded(0), output_type="np",
+                 **DIFFUSION).images[0]
+    stock = FluxPipeline.from_pretrained(flux, transformer=schnell)
+    stock.set_progress_bar_config(disable=True)
+    assert np.array_equal(image, stock(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=seeded(0),
+                                       output_type="np", **DIFFUSION).images[0])
+    assert DemoSettings(guidance_scale=2.0).pipeline_kwargs(pipe)["guidance_scale"] is None
+
+
 def _latents(ldm, pixels):
     """The VAE's latents as SD3 / Flux training uses them: (sample - shift_factor) * scaling_factor."""
     config = ldm.vae.config

@@ -180,6 +180,13 @@ class GILLPipeline(DiffusionPipeline):
         return layout_of_pipeline(self)
 
     @property
+    def guidance_applies(self) -> bool:
+        """Whether ``guidance_scale`` acts: classifier-free guidance (UNet families, SD3), or a Flux transformer with
+        a guidance embedding (FLUX.1-dev; FLUX.1-schnell has none, so there it must stay None)."""
+        family = FAMILIES[self.diffusion_layout.family]
+        return family.classifier_free_guidance or bool(getattr(self.transformer.config, "guidance_embeds", False))
+
+    @property
     def default_guidance_scale(self) -> float:
         """``guidance_scale=None``: the layout's diffusers pipeline default (7.5 SD 1.x / 2.x, 5.0 SDXL, 7.0 SD3,
         3.5 Flux)."""
@@ -339,8 +346,9 @@ class GILLPipeline(DiffusionPipeline):
             num_inference_steps, guidance_scale, height, width, generator, latents, output_type,
                 callback_on_step_end, callback_on_step_end_tensor_inputs: as in Stable Diffusion; ``guidance_scale``
                 defaults to the layout's diffusers pipeline default (7.5 for Stable Diffusion, 5.0 for SDXL, 7.0 for
-                SD3, 3.5 for Flux, where it is the transformer's embedded guidance, not CFG). ``generator`` also
-                drives LLM sampling.
+                SD3, 3.5 for Flux, where it is the transformer's embedded guidance, not CFG; a Flux transformer
+                without a guidance embedding, as FLUX.1-schnell, refuses one: see ``guidance_applies``).
+                ``generator`` also drives LLM sampling.
             generation_kwargs: ``gill_model.generate`` options: every transformers one (``max_new_tokens``,
                 ``do_sample``, ``temperature``, ``top_p``, ``num_beams``, ``stop_strings``, ``streamer``...) and
                 GILL's (``force_image_after``, ``min_text_tokens``, ``max_images``, ``gen_scale_factor``, ...).
@@ -353,6 +361,9 @@ class GILLPipeline(DiffusionPipeline):
         bad = [k for k in callback_on_step_end_tensor_inputs if k not in allowed]
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {allowed}")
+        if guidance_scale is not None and not self.guidance_applies:
+            raise ValueError(f"guidance_scale={guidance_scale} does not apply: this {type(self.transformer).__name__} "
+                             f"has no guidance embedding (guidance_embeds=False, as FLUX.1-schnell); leave it None")
         if guidance_scale is None:
             guidance_scale = self.default_guidance_scale
         diffusion = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,

@@ -85,6 +85,8 @@ def register(subparsers):
     parser.add_argument("--gen-scale-factor", type=bounded(float, 0.0, open_min=True), default=1.0)
     parser.add_argument("--decision", choices=["auto", "generate", "retrieve"], default="auto")
     parser.add_argument("--steps", type=bounded(int, 1), default=50)
-    parser.add_argument("--guidance-scale", type=bounded(float, 0.0), default=7.5)
+    parser.add_argument("--guidance-scale", type=bounded(float, 0.0), default=None,
+                        help="default: the diffusion family's (7.5 SD 1.x / 2.x, 5.0 SDXL, 7.0 SD3, 3.5 Flux); a Flux "
+                             "transformer without a guidance embedding (schnell) takes none")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run, inputs=[])

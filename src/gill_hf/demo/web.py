@@ -98,7 +98,8 @@ class DemoSettings:
     def pipeline_kwargs(self, pipe: GILLPipeline) -> dict:
         """Keyword arguments of ``pipe(...)`` for these settings (a fresh seeded generator each call)."""
         kwargs = dict(decision=self.decision, max_new_tokens=self.max_new_tokens,
-                      guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+                      guidance_scale=self.guidance_scale if pipe.guidance_applies else None,
+                      num_inference_steps=self.num_inference_steps,
                       generator=torch.Generator(device=pipe.device).manual_seed(self.seed), num_candidates=3)
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
@@ -423,7 +424,8 @@ def build_demo(pipeline_or_path=None, index=None, *, device=None, settings: Demo
                     gr.Slider(0.05, 1, value=settings.top_p, step=0.05, label="Top-p"),
                     gr.Slider(1, 256, value=settings.max_new_tokens, step=1, label="Max new tokens"),
                     gr.Slider(0, 20, value=pipe.default_guidance_scale if settings.guidance_scale is None
-                              else settings.guidance_scale, step=0.5, label="Guidance scale"),
+                              else settings.guidance_scale, step=0.5, label="Guidance scale",
+                              visible=pipe.guidance_applies),  # hidden (and unused) without a guidance embedding
                     gr.Slider(1, 100, value=settings.num_inference_steps, step=1, label="Diffusion steps"),
                     gr.Number(value=settings.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"),
                 ]
