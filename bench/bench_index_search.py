@@ -7,16 +7,18 @@ query), each over rows in memory and over a saved index loaded memory-mapped; th
 (``use_faiss("fp16")``) in memory and memory-mapped. Each search's floor is the time to read the very bytes it
 scans once: the best single run of three read kernels over them (fp16 ``sum``, ``sum`` of the bytes viewed as
 int64, ``amax`` of them viewed as int16; the fastest reads at the memory bandwidth, the others are partly
-compute-bound). Pages of the same size can read at different speeds (on a 2-core VM, page-cache pages of a
-memory-mapped file read about 1.4x faster than anonymous memory), so each search is held to its own bytes. An exact
+compute-bound). Memory reads at different speeds by its pages (on a 2-core VM, 4 KiB anonymous pages about 1.4x
+slower than the huge pages the index's in-memory rows use, or than the page cache), so each search is held to its own
+bytes (the in-memory ``faiss fp16`` index keeps its codes in FAISS's own 4 KiB-page memory). An exact
 search reads every row once, so fraction = floor / latency (goal >= 80%). Runs alternate between the probes and the
 searches so load drift hits all alike, and each run follows a cache flush: a read of --evict-mib MiB of other memory
 (numpy on the CPU: single-threaded, so no torch OpenMP worker is left spin-waiting, which right after a torch op
-takes a share of a core from the FAISS scan threads for ~16 ms; ``OMP_WAIT_POLICY=PASSIVE`` avoids that). CPU time (all threads) is printed beside wall time: on a machine shared with other jobs it tracks
-the work done rather than the share of the cores received. (2) Synthetic clustered unit rows (real embeddings
+takes a share of a core from the FAISS scan threads for ~16 ms; ``OMP_WAIT_POLICY=PASSIVE`` avoids that). CPU time
+(all threads) is printed beside wall time: on a machine shared with other jobs it tracks the work done rather than
+the share of the cores received. (2) Synthetic clustered unit rows (real embeddings
 cluster; i.i.d. Gaussian rows in 256-d have no meaningful neighbours), queries near random rows; IVF-PQ with the
 default re-rank of candidates over the stored rows and with FAISS's own PQ scores (``rerank=1``). Training and
-adding 1M rows take about a minute on 2 cores.
+adding 1M rows take about 20 s on 2 cores.
 
     python bench/bench_index_search.py                    # both, CPU
     python bench/bench_index_search.py --skip-ivfpq --device cuda --rows 10000000
