@@ -151,3 +151,38 @@ def write_mmdialog(root) -> tuple[str, str]:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path, folder
+
+
+def part_values(parts: list) -> list:
+    """Interleaved parts as comparable values: texts as they are, images as (size, RGB bytes)."""
+    return [part if isinstance(part, str) else (part.size, part.convert("RGB").tobytes()) for part in parts]
+
+
+def as_context_image(image: Image.Image) -> Image.Image:
+    """A training item's image as the evaluations feed it (``contexts.context_image``'s size and resampling)."""
+    from gill_hf.evaluation.contexts import CONTEXT_IMAGE_SIZE
+
+    return image.convert("RGB").resize((CONTEXT_IMAGE_SIZE, CONTEXT_IMAGE_SIZE), Image.BICUBIC)
+
+
+def minigpt5_training_prompt(example: dict, collator) -> tuple[str, list, list[int]]:
+    """What stage-2 training feeds for a VIST / MMDialog dataset item, built independently of the evaluation:
+    (MiniGPT-5's prompt string from ``chat_templates``, its images in placeholder order, the prompt's ids in the
+    ``prompt_format="minigpt5"`` collator's row, i.e. the row minus the answer it appends)."""
+    from gill_hf.chat_templates import MINIGPT5_STOP, minigpt5_dialogue_prompt, minigpt5_story_prompt
+
+    if example["task"] == "dialogue":
+        text = minigpt5_dialogue_prompt([(t["role"], t["text"], t["has_image"]) for t in example["turns"]],
+                                        example["role"])
+    else:
+        text = minigpt5_story_prompt([p for p in example["context"] if isinstance(p, str)], example["instruction"],
+                                     example["instruction_image"] is not None)
+    images = [p for p in example["context"] if not isinstance(p, str)] + \
+        ([example["instruction_image"]] if example["instruction_image"] is not None else [])
+    tok, processor = collator.processor.tokenizer, collator.processor
+    answer = (tok(" " + example["target_text"], add_special_tokens=False)["input_ids"] if example["target_text"]
+              else []) + (processor.img_token_ids if example["output_image"] is not None else []) + \
+        tok(" " + MINIGPT5_STOP, add_special_tokens=False)["input_ids"]
+    row = collator([example])["input_ids"][0].tolist()
+    assert row[len(row) - len(answer):] == answer
+    return text, images, row[:len(row) - len(answer)]

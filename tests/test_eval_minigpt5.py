@@ -15,8 +15,11 @@ from minigpt5_fixtures import (
     ChannelMeans,
     ColourLogits,
     StandInWordNet,
+    as_context_image,
     build_tiny_sbert,
     export_module,
+    minigpt5_training_prompt,
+    part_values,
     register_tiny_open_clip,
     write_cc3m,
     write_mmdialog,
@@ -156,6 +159,82 @@ def test_fid_reference_statistics_are_cached_by_image_set_and_feature(tmp_path):
     assert len(os.listdir(cache)) == 3
 
 
+# ---------------------------------------------------------------------------------------------- prompts
+def _flat(parts: list) -> str:
+    """Parts -> the text with ``<|image|>`` per image."""
+    from gill_hf.chat_templates import IMAGE_TOKEN
+
+    return "".join(part if isinstance(part, str) else IMAGE_TOKEN for part in parts)
+
+
+def test_minigpt5_vist_prompts_are_what_stage2_training_builds(tmp_path):
+    from eval_fixtures import write_vist
+
+    from gill_hf import GILLProcessor
+    from gill_hf.chat_templates import MINIGPT5_VIST_SYSTEM_PROMPT as SYSTEM
+    from gill_hf.evaluation import load_vist
+    from gill_hf.evaluation.contexts import context_image
+    from gill_hf.evaluation.minigpt5_vist import minigpt5_narration_prompt, minigpt5_step_prompt, story_steps
+    from gill_hf.tiny import build_tiny_tokenizer, tiny_image_processor
+    from gill_hf.training import InterleavedDataCollator, VISTTaskDataset
+
+    annotations, image_dir = write_vist(tmp_path, num_stories=2)
+    processor = GILLProcessor(tiny_image_processor(), build_tiny_tokenizer())
+    collator = InterleavedDataCollator(processor, max_length=4096, prompt_format="minigpt5")
+    steps = [step for example in load_vist(annotations, image_dir) for step in story_steps(example)]
+    training = VISTTaskDataset.from_json(annotations, image_dir)
+    items = {key: training[i] for i, key in enumerate(training.examples)}  # (story, step, task) -> item
+    checked = 0
+    for (s, j, task), item in items.items():
+        if task == "text_image":  # MiniGPT-5's text + image task has no evaluation here
+            continue
+        step = steps[5 * s + j]
+        parts = minigpt5_step_prompt(step, "image-text context") if task == "gen" else minigpt5_narration_prompt(step)
+        text, images, ids = minigpt5_training_prompt(item, collator)
+        assert _flat(parts) == text, (s, j, task)
+        assert part_values([p for p in parts if not isinstance(p, str)]) == part_values(
+            [as_context_image(image) for image in images])  # the same images in placeholder order
+        assert processor(parts, return_tensors=None)["input_ids"][0] == ids  # the ids the model is fed
+        checked += 1
+    assert checked == 2 * (5 + 4)  # every step's image, every later step's narration
+    final = steps[4]
+    image = "<Img><|image|></Img>"
+    instruction = " Generate an image with the scene description: "
+    # the other final-step prompt types: no history, images without captions, the five texts as the description
+    assert _flat(minigpt5_step_prompt(final, "no context")) == \
+        f"{SYSTEM}###Human:{instruction}{final.texts[-1]} ###Assistant:"
+    image_only = minigpt5_step_prompt(final, "image context")
+    assert _flat(image_only) == f"{SYSTEM}###Human:{image * 4}\n{instruction}{final.texts[-1]} ###Assistant:"
+    assert part_values([p for p in image_only if not isinstance(p, str)]) == part_values(
+        [context_image(path) for path in final.context_images])
+    assert minigpt5_step_prompt(final, "text context") == [
+        f"{SYSTEM}###Human:{instruction}{' '.join(final.texts)} ###Assistant:"]
+    with pytest.raises(ValueError, match="unknown VIST prompt type 'story'"):
+        minigpt5_step_prompt(final, "story")
+
+
+def test_answers_end_before_minigpt5s_stop_string(make_model):
+    from gill_hf.chat_templates import MINIGPT5_STOP
+    from gill_hf.evaluation import DiffusionSettings, EvaluatedModels
+
+    models = EvaluatedModels(make_model(), DiffusionSettings(num_inference_steps=1))
+    tok = models.model.processor.tokenizer
+    said = tok("dog ###", add_special_tokens=False)["input_ids"]  # what MiniGPT-5 writes: "{text} ###"
+    # growing biases on each prefix make the tiny LLM say "dog ###" over and over
+    models.model.generation_config.sequence_bias = [[said[:n], 100.0 * n] for n in range(1, len(said) + 1)]
+    outputs, pipe = [], models.pipe
+    models.pipe = lambda *args, **kwargs: outputs.append(pipe(*args, **kwargs)) or outputs[-1]
+    prompt = ["###Human: a red circle <Img>", Image.new("RGB", (30, 30), "red"), "</Img> ###Assistant:"]
+    assert models.gill_text(prompt, 2 * len(said)) == "dog ###dog ###"  # without a stop it runs on
+    assert models.gill_text(prompt, 2 * len(said), stop=MINIGPT5_STOP) == "dog"
+    generation = outputs[-1].generation
+    assert generation.sequences[0, generation.prompt_length:].tolist() == said  # it stopped at the stop string
+    text, image = models.gill_response(prompt, 0, 2 * len(said), stop=MINIGPT5_STOP)
+    assert (text, image) == ("dog", None)
+    with pytest.raises(ValueError, match="stop must be a non-empty string"):
+        models.gill_text(prompt, 4, stop=" ")
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, make_model, sbert_path):
@@ -243,7 +322,8 @@ def test_minigpt5_vist_end_to_end_matches_direct_metrics_and_resumes(env, monkey
         real = ChannelMeans()(uint8_pixels(targets)).double().numpy()
         target_embeds = _clip_embeddings(env, targets)[0]
         for row in tables[table]["rows"]:
-            key = ("gill-" if row["model"] == "GILL" else "sd-") + row["setting"].replace(" ", "_")
+            key = "sd-ground-truth_caption" if row["model"] != "GILL" else \
+                f"gill-{row['setting'].replace(' ', '_')}-minigpt5"  # the default prompt format's own folder
             generated = [os.path.join(out, "images", key, "0", f"{ex.example_id}.png") for ex in examples]
             assert row["clip_i"]["mean"] == pytest.approx(
                 _cosine(_clip_embeddings(env, generated)[0], target_embeds).mean(), rel=1e-4)
@@ -252,7 +332,8 @@ def test_minigpt5_vist_end_to_end_matches_direct_metrics_and_resumes(env, monkey
             if table == "final-step":
                 assert row["inception_score"]["mean"] == pytest.approx(InceptionScorer(ColourLogits(), 2).score(
                     [generated]), rel=1e-5)
-    texts = [Path(out, "texts", "gill-narration", "greedy", f"{s.example_id}.txt").read_text() for s in steps]
+    texts = [Path(out, "texts", "gill-narration-minigpt5", "greedy", f"{s.example_id}.txt").read_text()
+             for s in steps]
     narration = tables["narration"]["rows"][0]
     references = [s.texts[-1] for s in steps]
     assert narration["rouge_l"]["mean"] == pytest.approx(np.mean(text_metrics.rouge_l(texts, references)))
@@ -320,14 +401,18 @@ def _hand_mm_relevance(pairs) -> float:
 def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
     from torchmetrics.functional.text import bleu_score, rouge_score
 
+    from gill_hf.chat_templates import MINIGPT5_MMDIALOG_SYSTEM_PROMPT
     from gill_hf.cli import main
     from gill_hf.evaluation import EvaluatedModels
+    from gill_hf.evaluation.contexts import context_image
+    from gill_hf.evaluation.mmdialog import minigpt5_response_prompt
+    from gill_hf.training.mmdialog import read_mmdialog
 
     real_response, calls = EvaluatedModels.gill_response, []
 
-    def with_images(self, context, seed, max_new_tokens):  # the tiny GILL never emits [IMG0] by itself
-        calls.append(seed)
-        text, image = real_response(self, context, seed, max_new_tokens)
+    def with_images(self, context, seed, max_new_tokens, stop):  # the tiny GILL never emits [IMG0] by itself
+        calls.append((context, stop))
+        text, image = real_response(self, context, seed, max_new_tokens, stop)
         return text, image if image is not None or len(calls) == 2 else self.gill(context, seed)
 
     monkeypatch.setattr(EvaluatedModels, "gill_response", with_images)
@@ -340,10 +425,10 @@ def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
     assert results["num_dialogues"] == 2 and results["num_responses"] == 3  # turns 1, 2 of the first, 1 of the second
     predictions = {}
     for cid, turn in ((300, 1), (300, 2), (301, 1)):
-        with open(os.path.join(out, "responses", "gill", "0", f"{cid}-turn{turn}.json")) as f:
+        answers = os.path.join(out, "responses", "gill-minigpt5", "0")  # the default prompt format's own folder
+        with open(os.path.join(answers, f"{cid}-turn{turn}.json")) as f:
             saved = json.load(f)
-        predictions[cid, turn] = (saved["text"], saved["image"] and os.path.join(out, "responses", "gill", "0",
-                                                                                   saved["image"]))
+        predictions[cid, turn] = (saved["text"], saved["image"] and os.path.join(answers, saved["image"]))
     sbert = text_metrics.SentenceSimilarity(env["sbert"])
     expected = {name: [] for name in ("bleu_1", "bleu_2", "rouge_l", "sbert", "mm_relevance")}
     for c, cid in enumerate((300, 301)):
@@ -372,9 +457,27 @@ def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
     for name, values in expected.items():
         assert row[name]["mean"] == pytest.approx(np.mean(values), rel=1e-4, abs=1e-7), name
     assert "MM-Relevance ↑" in Path(out, "results.md").read_text()
+    # the default prompts are MiniGPT-5's (window, roles, <Img> placeholders), answers stopped at its "###"
+    dialogues = read_mmdialog(path)
+    responses = [(dialogues[0], 1), (dialogues[0], 2), (dialogues[1], 1)]
+    assert results["prompt_format"] == "minigpt5"
+    assert [(part_values(context), stop) for context, stop in calls] == [
+        (part_values(minigpt5_response_prompt(dialogue, turn)), "###") for dialogue, turn in responses]
+    assert _flat(calls[1][0]) == (MINIGPT5_MMDIALOG_SYSTEM_PROMPT + "###Human: we saw a dog at the park "
+                                  "<Img><|image|></Img>\n###Assistant: a big dog\n###Human:")
     assert main(argv) == 0
     again = _results(out)
     assert again["responses"] == {"generated": 0, "reused": 3} and again["rows"] == results["rows"]
+    calls.clear()
+    before = _mtimes(out)
+    assert main([*argv, "--prompt-format", "plain"]) == 0  # today's inputs, answered anew
+    plain = _results(out)
+    assert plain["prompt_format"] == "plain" and plain["responses"] == {"generated": 3, "reused": 0}
+    first = context_image(os.path.join(folder, "101.jpg"))
+    assert [(part_values(context), stop) for context, stop in calls] == [
+        (part_values(["we saw a dog at the park", first]), None),
+        (part_values(["we saw a dog at the park", first, "a big dog"]), None), (["the beach"], None)]
+    assert all(_mtimes(out)[name] == mtime for name, mtime in before.items())  # MiniGPT-5-format answers kept
     assert "fid_feature" not in results  # MMDialog has no FID, nor its options
     assert main([*argv, "--fid-cache", env["cache"]]) == 2
 
@@ -427,3 +530,76 @@ def test_bad_inputs_are_named_before_any_model_loads(tmp_path, capsys, monkeypat
     assert "--sbert-model do not apply to --tables final-step" in error(
         ["minigpt5-vist", *common, "--annotations", annotations, "--image-dir", image_dir, "--tables", "final-step",
          "--sbert-model", "x"])
+
+
+def test_minigpt5_vist_prompt_format_switch_inputs_results_and_stores(env, monkeypatch, capsys):
+    from eval_fixtures import write_vist
+
+    from gill_hf.cli import main
+    from gill_hf.evaluation import load_vist
+    from gill_hf.evaluation.contexts import ImageExample, context_image
+    from gill_hf.evaluation.minigpt5_vist import (
+        PROMPT_TYPES,
+        evaluate_minigpt5_vist,
+        minigpt5_narration_prompt,
+        minigpt5_step_prompt,
+        story_steps,
+    )
+    from gill_hf.pipeline_gill import GILLPipeline
+
+    annotations, image_dir = write_vist(env["root"] / "formats", num_stories=2)  # IS needs 2 images a row
+    out = str(env["root"] / "formats_out")
+    argv = ["eval", "minigpt5-vist", env["model"], "--out", out, "--annotations", annotations, "--image-dir",
+            image_dir, "--tables", "final-step", "narration", "--steps", "1", "--sbert-model", env["sbert"],
+            "--max-new-tokens", "3", *_metric_args(env)]
+    real_call, calls = GILLPipeline.__call__, []
+
+    def recording(self, prompt=None, **kwargs):
+        calls.append((prompt, kwargs))
+        return real_call(self, prompt, **kwargs)
+
+    monkeypatch.setattr(GILLPipeline, "__call__", recording)
+    stories = [story_steps(example) for example in load_vist(annotations, image_dir)]
+    steps, finals, types = [step for story in stories for step in story], [s[-1] for s in stories], \
+        list(PROMPT_TYPES.values())
+
+    def run(*extra) -> dict:
+        calls.clear()
+        assert main([*argv, *extra]) == 0
+        return _results(out)
+
+    results = run()  # the default: MiniGPT-5's prompts, narrations stopped at its "###"
+    assert results["prompt_format"] == "minigpt5"
+    assert [part_values(prompt) for prompt, _ in calls] == [
+        part_values(minigpt5_step_prompt(final, t)) for t in types for final in finals] + [
+        part_values(minigpt5_narration_prompt(step)) for step in steps]
+    assert [kwargs.get("stop_strings") for _, kwargs in calls] == [None] * 8 + [["###"]] * 10
+    assert results["images"] == {"generated": 10, "reused": 0}
+    assert results["tables"]["narration"]["texts"] == {"generated": 10, "reused": 0}
+
+    results = run("--prompt-format", "plain")  # today's inputs; nothing cached under "minigpt5" is reused
+    assert results["prompt_format"] == "plain"
+
+    def plain(final: ImageExample) -> list[list]:
+        texts, images = final.texts, [context_image(path) for path in final.context_images]
+        interleaved = [part for text, image in zip(texts, images) for part in (text, image)]
+        return [[texts[-1]], [" ".join(texts)], [*images, texts[-1]], [*interleaved, texts[-1]]] + [
+            ["Story:", *interleaved[:2 * j], context_image(path)] for j, path in enumerate([*final.context_images,
+                                                                                            final.target])]
+
+    expected = [plain(final) for final in finals]
+    assert [part_values(prompt) for prompt, _ in calls] == [
+        part_values(prompts[t]) for t in range(4) for prompts in expected] + [
+        part_values(prompt) for prompts in expected for prompt in prompts[4:]]
+    assert all("stop_strings" not in kwargs for _, kwargs in calls)
+    assert results["images"] == {"generated": 8, "reused": 2}  # the Stable Diffusion baseline is shared
+    assert results["tables"]["narration"]["texts"] == {"generated": 10, "reused": 0}
+
+    results = run()  # each format finds its own answers again
+    assert not calls and results["images"] == {"generated": 0, "reused": 10}
+    assert results["tables"]["narration"]["texts"] == {"generated": 0, "reused": 10}
+
+    assert main([*argv, "--prompt-format", "vicuna"]) == 2
+    assert "argument --prompt-format: invalid choice: 'vicuna'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"prompt_format must be one of \['plain', 'minigpt5'\], got 'vicuna'"):
+        evaluate_minigpt5_vist(None, [], out, [0], None, None, prompt_format="vicuna")

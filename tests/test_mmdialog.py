@@ -231,3 +231,33 @@ def test_train_cli_reads_mmdialog_for_stage2(tmp_path, image_dir, tiny_backbones
     vist, mmdialog = seen["dataset"].datasets if isinstance(seen["dataset"], ConcatDataset) else (None, None)
     assert isinstance(vist, VISTTaskDataset) and isinstance(mmdialog, MMDialogDataset)
     assert len(mmdialog) == 4 and seen["collator"].prompt_format == "minigpt5"  # turn 5 (4 tokens) cut
+
+
+# ---------------------------------------------------------------------------------------------- evaluation prompts
+def test_mmdialog_eval_prompts_are_what_stage2_training_builds(tmp_path, image_dir, processor):
+    from minigpt5_fixtures import as_context_image, minigpt5_training_prompt, part_values
+
+    from gill_hf.chat_templates import IMAGE_TOKEN
+    from gill_hf.evaluation.mmdialog import minigpt5_response_prompt
+    from gill_hf.training import InterleavedDataCollator
+    from gill_hf.training.mmdialog import MMDialogDataset
+
+    path = six_turns(tmp_path, image_dir)
+    with open(path, "a") as f:  # a window holding two images, in order
+        f.write(json.dumps({"conversation_id": 2, "conversation": [turn("u0", "m1"), turn("a1", "m3"),
+                                                                    turn("u2")]}) + "\n")
+    dialogues = read_mmdialog(path, image_dir)
+    dataset = MMDialogDataset(dialogues)
+    collator = InterleavedDataCollator(processor, max_length=1024, prompt_format="minigpt5")
+    prompts = []
+    for index, (d, i) in enumerate(dataset.examples):
+        parts = minigpt5_response_prompt(dialogues[d], i)
+        text, images, ids = minigpt5_training_prompt(dataset[index], collator)
+        prompts.append("".join(p if isinstance(p, str) else IMAGE_TOKEN for p in parts))
+        assert prompts[-1] == text
+        assert part_values([p for p in parts if not isinstance(p, str)]) == part_values(
+            [as_context_image(image) for image in images])
+        assert processor(parts, return_tensors=None)["input_ids"][0] == ids
+    assert prompts[:5] == REFERENCE_DIALOG  # MiniGPT-5's own strings
+    two_images = [p for p in minigpt5_response_prompt(dialogues[1], 2) if not isinstance(p, str)]
+    assert [image.getpixel((0, 0)) for image in two_images] == [(254, 0, 0), (0, 128, 1)]  # m1 red, then m3 green

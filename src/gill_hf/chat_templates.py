@@ -91,6 +91,20 @@ def minigpt5_target(text: str, img_tokens: list[str] | None = None) -> str:
     return " ".join(part for part in (text, "".join(img_tokens or []), MINIGPT5_STOP) if part)
 
 
+def placeholder_parts(text: str, images: list) -> list:
+    """A text with one ``<|image|>`` per image -> interleaved parts (str / image, empty texts dropped), the images
+    in placeholder order: the processor's parts form of ``processor(text=text, images=images)`` (the ids agree
+    unless the text spells a special token, which parts keep as text)."""
+    segments = text.split(IMAGE_TOKEN)
+    if len(segments) - 1 != len(images):
+        raise ValueError(f"the text holds {len(segments) - 1} '{IMAGE_TOKEN}' placeholders but {len(images)} images "
+                         f"were given")
+    parts = [segments[0]]
+    for image, segment in zip(images, segments[1:]):
+        parts += [image, segment]
+    return [part for part in parts if not isinstance(part, str) or part]
+
+
 def is_message(part) -> bool:
     """A chat message: a dict with ``content`` (and a ``role``)."""
     return isinstance(part, dict) and "content" in part

@@ -191,7 +191,7 @@ def run_minigpt5(args) -> int:
         metrics = _minigpt5_metrics(args, device, with_text=False) if image_tables else None
         evaluate_minigpt5_vist(_models(args, device, dtype), examples, args.out, args.seeds, metrics, text_scorers,
                                [PROMPT_TYPES[key] for key in args.prompt_types], args.tables, args.baseline,
-                               args.max_new_tokens)
+                               args.max_new_tokens, args.prompt_format)
     elif args.benchmark == "cc3m":
         from ..evaluation.cc3m import evaluate_cc3m
 
@@ -205,7 +205,7 @@ def run_minigpt5(args) -> int:
         dialogues = read_mmdialog(args.annotations, args.image_dir)[:args.limit]
         text_scorers, metrics = _text_scorers(args, device, meteor=False), _minigpt5_metrics(args, device, True)
         evaluate_mmdialog(_models(args, device, dtype), dialogues, args.out, args.seeds, metrics, text_scorers,
-                          args.max_new_tokens)
+                          args.max_new_tokens, args.prompt_format)
     _print_table(args.out)
     return 0
 
@@ -241,6 +241,17 @@ def _minigpt5_options(parser, clip: str, text: bool, fid: bool = True):
                                          for option in IMAGE_SCORER_OPTIONS + TEXT_SCORER_OPTIONS})
 
 
+def _prompt_format_option(parser):
+    """``--prompt-format``: MiniGPT-5's prompt strings (the default: what its checkpoints and this library's
+    stage-2 recipe train on) or the plain interleaved parts (e.g. for GILL checkpoints)."""
+    from ..training.data import PROMPT_FORMATS
+
+    parser.add_argument("--prompt-format", default="minigpt5", choices=PROMPT_FORMATS,
+                        help="minigpt5: prompt as MiniGPT-5's stage-2 data (system prompt, ###Human: / ###Assistant:, "
+                             "<Img> placeholders, answers ending at ###), for models trained on it (default); plain: "
+                             "the texts and images interleaved, as GILL")
+
+
 def _register_minigpt5(benchmarks):
     from ..evaluation.minigpt5_vist import PROMPT_TYPES, TABLES
 
@@ -251,6 +262,7 @@ def _register_minigpt5(benchmarks):
     vist.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
     vist.add_argument("--prompt-types", nargs="+", default=list(PROMPT_TYPES), choices=PROMPT_TYPES,
                       help="final-step inputs: none, text, image, image-text context")
+    _prompt_format_option(vist)
     _minigpt5_options(vist, "open_clip:ViT-L-14/openai", text=True)
 
     cc3m = benchmarks.add_parser("cc3m", parents=[_common(True)],
@@ -263,6 +275,7 @@ def _register_minigpt5(benchmarks):
                                      help="MiniGPT-5 Table 5: MMDialog multi-turn responses")
     mmdialog.add_argument("--annotations", required=True, help="MMDialog JSONL (e.g. test/test_conversations.txt)")
     mmdialog.add_argument("--image-dir", default=None, help="folder of <media id>.jpg (default: the file's)")
+    _prompt_format_option(mmdialog)
     _minigpt5_options(mmdialog, "open_clip:ViT-B-32/openai", text=True, fid=False)
     for sub in (vist, cc3m, mmdialog):
         sub.set_defaults(func=run_minigpt5)

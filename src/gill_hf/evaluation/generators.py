@@ -66,17 +66,35 @@ class EvaluatedModels:
                         max_new_tokens=self.model.config.num_img_tokens, **self._denoise_kwargs(seed))
         return out.images[0]
 
-    def gill_text(self, context: list, max_new_tokens: int = 32) -> str:
-        """GILL's greedy text continuation of a context, with no image (``max_images=0``)."""
-        out = self.pipe(context, max_images=0, max_new_tokens=max_new_tokens, do_sample=False)
-        return "".join(part for part in out.parts if isinstance(part, str)).strip()
+    def gill_text(self, context: list, max_new_tokens: int = 32, stop: str | None = None) -> str:
+        """GILL's greedy text continuation of a context, with no image (``max_images=0``); generation ends at
+        ``stop`` (a stop string, e.g. MiniGPT-5's ``###``), which is cut from the text with what follows it."""
+        out = self.pipe(context, max_images=0, max_new_tokens=max_new_tokens, do_sample=False,
+                        **self._stop_kwargs(stop))
+        return _answer_text(out.parts, stop)
 
-    def gill_response(self, context: list, seed: int, max_new_tokens: int = 32) -> tuple[str, Image.Image | None]:
-        """GILL's free answer to a context: its greedy text and its first image (generated), or None."""
+    def gill_response(self, context: list, seed: int, max_new_tokens: int = 32, stop: str | None = None
+                      ) -> tuple[str, Image.Image | None]:
+        """GILL's free answer to a context: its greedy text (ended at ``stop`` as in :meth:`gill_text`) and its
+        first image (generated), or None."""
         out = self.pipe(context, decision="generate", max_images=1, max_new_tokens=max_new_tokens, do_sample=False,
-                        **self._denoise_kwargs(seed))
-        return "".join(part for part in out.parts if isinstance(part, str)).strip(), (out.images or [None])[0]
+                        **self._stop_kwargs(stop), **self._denoise_kwargs(seed))
+        return _answer_text(out.parts, stop), (out.images or [None])[0]
+
+    def _stop_kwargs(self, stop: str | None) -> dict:
+        """``generate``'s stop-string options (transformers needs the tokenizer to match strings)."""
+        if stop is None:
+            return {}
+        if not isinstance(stop, str) or not stop.strip():
+            raise ValueError(f"stop must be a non-empty string or None, got {stop!r}")
+        return {"stop_strings": [stop], "tokenizer": self.model.processor.tokenizer}
 
     def stable_diffusion(self, context: list, seed: int) -> Image.Image:
         """Stable Diffusion's image for the context's text (images dropped; its tokenizer truncates at 77)."""
         return self.sd(context_text(context), **self._denoise_kwargs(seed)).images[0]
+
+
+def _answer_text(parts: list, stop: str | None) -> str:
+    """The text parts of an answer joined, cut before the first ``stop``, stripped."""
+    text = "".join(part for part in parts if isinstance(part, str))
+    return (text.split(stop, 1)[0] if stop else text).strip()

@@ -8,6 +8,13 @@
   image);
   SBERT, ROUGE-L, METEOR. Stable Diffusion generates no text, so this table has no baseline.
 
+GILL's inputs follow ``prompt_format``: "minigpt5" (the default) writes each step as MiniGPT-5's stage-2 VIST data
+does (``chat_templates.minigpt5_story_prompt``: its system prompt, ``###Human:``, the history's captions each
+followed by ``<Img><|image|></Img>``, the "gen" task's instruction with the step's text, ``###Assistant:``; for the
+narrations its image-to-text task with the step's image, generation ending at its ``###``), as a model trained by
+this library's stage-2 recipe or converted from MiniGPT-5's checkpoints saw in training; "plain" feeds the parts
+above (for GILL checkpoints). Answers are stored per format, never reused across formats.
+
 The image tables run Stable Diffusion on the step's ground-truth caption beside GILL. Differences from MiniGPT-5's
 ``metric.py``: no VIST CLIP-T (it was computed against the ``[IMG0]...[IMG7]`` placeholder string, not a caption),
 and FID is one statistic over all generated images of a row against all ground-truth images (the original's
@@ -15,7 +22,10 @@ per-story "task FID" over <= 5 images is not a meaningful estimate and is not re
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from ..chat_templates import MINIGPT5_STOP, minigpt5_story_prompt, placeholder_parts
+from ..training.data import PROMPT_FORMATS, TASK_INSTRUCTIONS
 from .contexts import ImageExample, context_image
 from .generators import EvaluatedModels
 from .image_benchmark import Row, generate_rows, sample_sections
@@ -73,17 +83,69 @@ def narration_context(step: ImageExample) -> list:
     return [NARRATION_PREFIX, *_history(step), context_image(step.target)]
 
 
-def _row(model: str, setting: str) -> Row:
-    return Row(model, setting, lambda step, setting=setting: step_context(step, setting))
+def minigpt5_step_prompt(step: ImageExample, prompt_type: str) -> list:
+    """One step's input as MiniGPT-5's stage-2 "gen" task prompt (``minigpt5_story_prompt``), as parts: the
+    history's captions and images per prompt type (``image context``: images without captions), then
+    ``Generate an image with the scene description: {text}`` with the step's text (``text context``: the five
+    texts as that description; ``no context``: no history)."""
+    instruction = TASK_INSTRUCTIONS["gen"]
+    if prompt_type == "text context":
+        return placeholder_parts(minigpt5_story_prompt([], instruction.format(text=" ".join(step.texts))), [])
+    history = {"no context": [], "image context": [""] * len(step.context_images),
+               "image-text context": step.texts[:-1]}.get(prompt_type)
+    if history is None:
+        raise ValueError(f"unknown VIST prompt type {prompt_type!r}; choose from {list(PROMPT_TYPES.values())}")
+    images = [context_image(path) for path in step.context_images[:len(history)]]
+    return placeholder_parts(minigpt5_story_prompt(history, instruction.format(text=step.texts[-1])), images)
 
 
-def image_rows(table: str, prompt_types: Sequence[str], baseline: bool) -> list[Row]:
+def minigpt5_narration_prompt(step: ImageExample) -> list:
+    """One step's narration input as MiniGPT-5's stage-2 image-to-text task prompt, as parts: the history's
+    captions and images, ``Tell me the next scene description by this image:`` and the step's own image."""
+    text = minigpt5_story_prompt(step.texts[:-1], TASK_INSTRUCTIONS["text"], instruction_image=True)
+    return placeholder_parts(text, [context_image(path) for path in [*step.context_images, step.target]])
+
+
+def check_prompt_format(prompt_format: str):
+    """``prompt_format`` is one of ``PROMPT_FORMATS`` ("minigpt5": MiniGPT-5's prompt strings, "plain": the
+    interleaved parts)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {list(PROMPT_FORMATS)}, got {prompt_format!r}")
+
+
+def stored_row(row: str, prompt_format: str) -> str:
+    """The store name of a GILL row: plain rows keep their name, others carry the format, so answers to one
+    prompt format are never reused for another."""
+    return row if prompt_format == "plain" else f"{row}-{prompt_format}"
+
+
+@dataclass
+class PromptedRow(Row):
+    """A GILL row under ``prompt_format``, stored apart from the other format's (see :func:`stored_row`)."""
+
+    prompt_format: str = "plain"
+
+    @property
+    def key(self) -> str:
+        return stored_row(super().key, self.prompt_format)
+
+
+def _row(model: str, setting: str, prompt_format: str) -> Row:
+    if model == "sd":
+        return Row(model, setting, lambda step, setting=setting: step_context(step, setting))
+    build = minigpt5_step_prompt if prompt_format == "minigpt5" else step_context
+    return PromptedRow(model, setting, lambda step, setting=setting: build(step, setting), prompt_format)
+
+
+def image_rows(table: str, prompt_types: Sequence[str], baseline: bool, prompt_format: str) -> list[Row]:
+    """The rows of an image table: the Stable Diffusion baseline (its caption whatever the format), then GILL's."""
     gill = prompt_types if table == "final-step" else ["image-text context"]
-    return ([_row("sd", BASELINE)] if baseline else []) + [_row("gill", p) for p in gill]
+    return ([_row("sd", BASELINE, prompt_format)] if baseline else []) + [_row("gill", p, prompt_format) for p in gill]
 
 
-def _image_table(table: str, models, steps, seeds, store, metrics, prompt_types, baseline) -> tuple[dict, list]:
-    rows = image_rows(table, prompt_types, baseline)
+def _image_table(table: str, models, steps, seeds, store, metrics, prompt_types, baseline, prompt_format
+                 ) -> tuple[dict, list]:
+    rows = image_rows(table, prompt_types, baseline, prompt_format)
     paths = generate_rows(models, rows, steps, seeds, store)
     reference = metrics.set_reference([step.target for step in steps])
     scored = score_images(rows, paths, steps, metrics, [key for key, _ in IMAGE_METRICS[table]])
@@ -91,10 +153,13 @@ def _image_table(table: str, models, steps, seeds, store, metrics, prompt_types,
             sample_sections(rows, paths, steps, num=4))
 
 
-def _narration_table(models: EvaluatedModels, steps, out_dir, scorers: TextScorers, max_new_tokens: int) -> dict:
+def _narration_table(models: EvaluatedModels, steps, out_dir, scorers: TextScorers, max_new_tokens: int,
+                     prompt_format: str) -> dict:
     store = TextStore(out_dir)
-    paths = store.ensure("gill-narration", "greedy", [step.example_id for step in steps],
-                         lambda i, _: models.gill_text(narration_context(steps[i]), max_new_tokens))
+    minigpt5 = prompt_format == "minigpt5"
+    prompt, stop = (minigpt5_narration_prompt, MINIGPT5_STOP) if minigpt5 else (narration_context, None)
+    paths = store.ensure(stored_row("gill-narration", prompt_format), "greedy", [step.example_id for step in steps],
+                         lambda i, _: models.gill_text(prompt(steps[i]), max_new_tokens, stop=stop))
     predictions = [TextStore.read(path) for path in paths]
     scores = scorers.score(predictions, [step.texts[-1] for step in steps], [key for key, _ in NARRATION_METRICS])
     row = {"model": "GILL", "setting": "image-text history + image",
@@ -106,10 +171,14 @@ def _narration_table(models: EvaluatedModels, steps, out_dir, scorers: TextScore
 def evaluate_minigpt5_vist(models: EvaluatedModels, examples: Sequence[ImageExample], out_dir: str,
                            seeds: Sequence[int], metrics: ImageMetrics | None, text_scorers: TextScorers | None,
                            prompt_types: Sequence[str] = tuple(PROMPT_TYPES.values()), tables: Sequence[str] = TABLES,
-                           baseline: bool = True, max_new_tokens: int = 32) -> dict:
+                           baseline: bool = True, max_new_tokens: int = 32, prompt_format: str = "minigpt5") -> dict:
     """Run the chosen ``tables`` on stories from :func:`load_vist`; returns the ``results.json`` content.
 
-    ``metrics`` is needed for the image tables, ``text_scorers`` (with SBERT) for ``narration``."""
+    ``metrics`` is needed for the image tables, ``text_scorers`` (with SBERT) for ``narration``.
+    ``prompt_format``: "minigpt5" prompts GILL as MiniGPT-5's stage-2 VIST data does (:func:`minigpt5_step_prompt`,
+    :func:`minigpt5_narration_prompt`; narrations end at its ``###``), "plain" with the interleaved parts
+    (:func:`step_context`, :func:`narration_context`)."""
+    check_prompt_format(prompt_format)
     bad = [t for t in tables if t not in TABLES] or [p for p in prompt_types if p not in PROMPT_TYPES.values()]
     if bad:
         raise ValueError(f"unknown table / prompt type {bad}; tables: {list(TABLES)}, prompt types: "
@@ -124,16 +193,17 @@ def evaluate_minigpt5_vist(models: EvaluatedModels, examples: Sequence[ImageExam
     store, results, markdown, sections = ImageStore(out_dir), {}, "", []
     for table in tables:
         if table == "narration":
-            results[table] = _narration_table(models, steps, out_dir, text_scorers, max_new_tokens)
+            results[table] = _narration_table(models, steps, out_dir, text_scorers, max_new_tokens, prompt_format)
             metric_columns = NARRATION_METRICS
         else:
             results[table], table_sections = _image_table(table, models, finals if table == "final-step" else steps,
-                                                          seeds, store, metrics, prompt_types, baseline)
+                                                          seeds, store, metrics, prompt_types, baseline,
+                                                          prompt_format)
             sections += table_sections
             metric_columns = IMAGE_METRICS[table]
         markdown += f"## {TITLES[table]}\n\n" + rows_table(results[table]["rows"], metric_columns) + "\n"
-    results = {"benchmark": "minigpt5-vist", "num_stories": len(examples), "seeds": list(seeds),
-               "tables": results, "diffusion": vars(models.settings),
+    results = {"benchmark": "minigpt5-vist", "prompt_format": prompt_format, "num_stories": len(examples),
+               "seeds": list(seeds), "tables": results, "diffusion": vars(models.settings),
                **(metrics.describe() if metrics is not None else {}),
                **({"sbert_model": text_scorers.sbert.name} if "narration" in tables else {}),
                "images": {"generated": store.num_generated, "reused": store.num_reused}}

@@ -2,8 +2,11 @@
 
 Dialogues come from :func:`~gill_hf.training.mmdialog.read_mmdialog` (its filtering). Every turn i > 0 is a
 response to predict from MiniGPT-5's history window (``history_window(i)``: the previous exchange, plus the current
-human turn for an assistant response), its texts and images interleaved; GILL answers freely (greedy text, at most
-one generated image). Per dialogue: BLEU-1,
+human turn for an assistant response); GILL answers freely (greedy text, at most one generated image). The window
+is written per ``prompt_format``: "minigpt5" (the default) as MiniGPT-5's stage-2 dialogue data
+(``chat_templates.minigpt5_dialogue_prompt``, the answer ending at its ``###``), what a model trained by this
+library's stage-2 recipe or converted from MiniGPT-5 saw; "plain" as texts and images interleaved (for GILL
+checkpoints). Answers are stored per format, never reused across formats. Per dialogue: BLEU-1,
 BLEU-2, ROUGE-L and SBERT averaged over its responses, and MM-Relevance (:mod:`.mm_relevance`, CLIP-F1 over its
 responses' text and image entries); each is then averaged over dialogues. IS is computed over all generated images
 (null when fewer than its splits were generated). Every metric is one value per seed, reported as mean ± std.
@@ -14,14 +17,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..training.mmdialog import Dialogue, history_window
+from ..chat_templates import MINIGPT5_STOP, minigpt5_dialogue_prompt, placeholder_parts
 from ..html_report import part_html
+from ..training.mmdialog import Dialogue, history_window
 from .contexts import context_image
 from .generators import EvaluatedModels
 from .image_benchmark import batches
 from .image_cache import ResponseStore, safe_name
 from .image_quality import ImageMetrics
 from .metrics import cosine_similarities, mean_std
+from .minigpt5_vist import check_prompt_format, stored_row
 from .mm_relevance import clip_f1, modality_entry
 from .report import figure, rows_table, thumbnail, write_report
 from .text_metrics import TextScorers
@@ -39,6 +44,19 @@ def response_context(dialogue: Dialogue, turn: int) -> list:
         if previous.image is not None:
             parts.append(context_image(previous.image))
     return parts
+
+
+def minigpt5_response_prompt(dialogue: Dialogue, turn: int) -> list:
+    """The window before ``turn`` as MiniGPT-5's stage-2 dialogue prompt (``minigpt5_dialogue_prompt``: its system
+    prompt, one ``###Human: {text} <Img><|image|></Img>`` line per turn, then the tag of ``turn``'s role), as parts
+    with the window's images (224 px) in placeholder order."""
+    window = [dialogue.turns[i] for i in history_window(turn)]
+    text = minigpt5_dialogue_prompt([(t.role, t.text, t.image is not None) for t in window], dialogue.turns[turn].role)
+    return placeholder_parts(text, [context_image(t.image) for t in window if t.image is not None])
+
+
+# prompt format -> (the prompt of a turn, the stop string ending the answer)
+PROMPTS = {"minigpt5": (minigpt5_response_prompt, MINIGPT5_STOP), "plain": (response_context, None)}
 
 
 def response_examples(dialogues: Sequence[Dialogue]) -> list[tuple[int, int, str]]:
@@ -77,8 +95,14 @@ def _dialogue_scores(dialogues, responses, predictions, metrics: ImageMetrics, t
 
 
 def evaluate_mmdialog(models: EvaluatedModels, dialogues: Sequence[Dialogue], out_dir: str, seeds: Sequence[int],
-                      metrics: ImageMetrics, text_scorers: TextScorers, max_new_tokens: int = 32) -> dict:
-    """Table 5 on ``dialogues`` (from :func:`read_mmdialog`); returns the ``results.json`` content."""
+                      metrics: ImageMetrics, text_scorers: TextScorers, max_new_tokens: int = 32,
+                      prompt_format: str = "minigpt5") -> dict:
+    """Table 5 on ``dialogues`` (from :func:`read_mmdialog`); returns the ``results.json`` content.
+
+    ``prompt_format``: "minigpt5" prompts each turn as MiniGPT-5's stage-2 dialogue data does
+    (:func:`minigpt5_response_prompt`) and ends answers at its ``###``; "plain" feeds :func:`response_context`."""
+    check_prompt_format(prompt_format)
+    prompt, stop = PROMPTS[prompt_format]
     if not seeds:
         raise ValueError("give at least one seed")
     responses = response_examples(dialogues)
@@ -87,8 +111,8 @@ def evaluate_mmdialog(models: EvaluatedModels, dialogues: Sequence[Dialogue], ou
     store, ids = ResponseStore(out_dir), [example_id for _, _, example_id in responses]
     per_seed, inception, predictions = {}, [], {}
     for seed in seeds:
-        paths = store.ensure("gill", seed, ids, lambda i, s: models.gill_response(
-            response_context(dialogues[responses[i][0]], responses[i][1]), s, max_new_tokens))
+        paths = store.ensure(stored_row("gill", prompt_format), seed, ids, lambda i, s: models.gill_response(
+            prompt(dialogues[responses[i][0]], responses[i][1]), s, max_new_tokens, stop=stop))
         predictions[seed] = [ResponseStore.read(path) for path in paths]
         for name, value in _dialogue_scores(dialogues, responses, predictions[seed], metrics, text_scorers).items():
             per_seed.setdefault(name, []).append(value)
@@ -98,22 +122,21 @@ def evaluate_mmdialog(models: EvaluatedModels, dialogues: Sequence[Dialogue], ou
     row = {"model": "GILL", "setting": "dialogue history",
            "inception_score": mean_std(inception) if None not in inception else None,
            **{name: mean_std(values) for name, values in per_seed.items()}}
-    results = {"benchmark": "mmdialog", "num_dialogues": len(dialogues), "num_responses": len(responses),
-               "seeds": list(seeds), **metrics.describe(), "sbert_model": text_scorers.sbert.name,
+    results = {"benchmark": "mmdialog", "prompt_format": prompt_format, "num_dialogues": len(dialogues),
+               "num_responses": len(responses), "seeds": list(seeds), **metrics.describe(), "sbert_model": text_scorers.sbert.name,
                "diffusion": vars(models.settings), "rows": [row],
                "generated_images": {seed: sum(image is not None for _, image in predictions[seed]) for seed in seeds},
                "responses": {"generated": store.num_generated, "reused": store.num_reused}}
-    sections = [_sample(dialogues[d], turn, predictions[seeds[0]][i])
+    sections = [_sample(dialogues[d], turn, prompt(dialogues[d], turn), predictions[seeds[0]][i])
                 for i, (d, turn, _) in enumerate(responses[:8])]
     write_report(out_dir, results, rows_table([row], LABELS), sections, "MMDialog multimodal response generation")
     return results
 
 
-def _sample(dialogue: Dialogue, turn: int, prediction: tuple[str, str | None]) -> str:
-    """One response in samples.html: the window, the ground truth and GILL's answer (text, image)."""
+def _sample(dialogue: Dialogue, turn: int, context: list, prediction: tuple[str, str | None]) -> str:
+    """One response in samples.html: the prompt GILL got, the ground truth and GILL's answer (text, image)."""
     reference, (text, image) = dialogue.turns[turn], prediction
-    prompt = "".join(part_html(thumbnail(p) if not isinstance(p, str) else p)
-                     for p in response_context(dialogue, turn))
+    prompt = "".join(part_html(thumbnail(p) if not isinstance(p, str) else p) for p in context)
     answer = f"<p><b>ground truth:</b> {html.escape(reference.text)}</p><p><b>GILL:</b> {html.escape(text)}</p>"
     images = (figure(reference.image, "ground truth") if reference.image else "") + (
         figure(image, "GILL") if image else "")
