@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from gill_hf.cli import main
 from gill_hf.training import GILLDataCollator, StopAtStepCallback, StreamingCaptionDataset, train_gill
 from gill_hf.training.streaming import _shuffled, find_shards
+from gill_hf.training.targets import KEYS_NAME, TargetStore, precompute_targets
 
 COLOURS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple"]
 QUIET = dict(disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, report_to="none", logging_steps=1)
@@ -198,8 +199,12 @@ def test_datasets_streams_are_split_per_process_and_train(tmp_path, make_model):
     trainer, seen = _run(make_model, hf, tmp_path / "run", 2, columns=columns)
     trainer.train()
     assert isinstance(trainer.train_dataset, StreamingCaptionDataset) and len(seen) == 4
-    with pytest.raises(ValueError, match="a stream has no such index"):
-        train_gill(make_model(), hf, str(tmp_path / "t"), columns=columns, targets=object(), max_steps=1, **QUIET)
+    old = precompute_targets(["a red square, number 0"], tmp_path / "old", lambda c: torch.zeros(len(c), 2, 3),
+                             progress=False)
+    os.remove(os.path.join(old, KEYS_NAME))  # a store written before caption keys: refused before training
+    with pytest.raises(ValueError, match="has no caption keys"):
+        train_gill(make_model(), hf, str(tmp_path / "t"), columns=columns, targets=TargetStore(old), max_steps=1,
+                   **QUIET)
 
 
 TWO_PROCESS_SCRIPT = """

@@ -22,7 +22,7 @@ at the exact sample. Config::
       columns: null                          #   {caption: txt, image: jpg}: the dataset's columns
       shuffle_buffer: 0                      # streams: seeded shuffle buffer (training.data_seed or seed)
       image_dir: null                        # default: the TSV's folder
-      targets: cc3m_targets/                 # from `gill-hf precompute-targets`
+      targets: cc3m_targets/                 # from `gill-hf precompute-targets` (of the TSV / shards / dataset)
       vist: null                             # stage 2: VIST SIS JSON (images in vist_image_dir), and / or
       vist_image_dir: null
       mmdialog: null                         #   MMDialog JSONL conversations (--mmdialog; <media_id>.jpg images in
@@ -243,7 +243,7 @@ def check_config(config: dict):
 
 def _check_pairs_source(data: dict, training: dict):
     """Stage 1 reads exactly one of data.tsv, data.shards (listed and opened here) and data.dataset; stream
-    settings apply to streams, targets to the TSV only, and streams need max_steps."""
+    settings apply to streams, a stream's targets need caption keys, and streams need max_steps."""
     from . import looks_local
 
     given = [name for name in ("tsv", "shards", "dataset") if data.get(name)]
@@ -269,9 +269,19 @@ def _check_pairs_source(data: dict, training: dict):
     if data.get("dataset") and looks_local(data["dataset"]):
         data["dataset"] = existing_path(data["dataset"], "data.dataset")
     if stream and data.get("targets"):
-        raise UsageError("data.targets index a TSV's examples; a stream has no such index (train it without targets)")
+        _check_keyed_targets(data["targets"])
     if stream and not training.get("max_steps", -1) > 0:
         raise UsageError("a stream has no length: set training.max_steps")
+
+
+def _check_keyed_targets(folder: str):
+    """A stream's data.targets: a finished store with caption keys (its examples find their rows by caption)."""
+    from ..training.targets import TargetStore
+
+    try:
+        TargetStore(folder).check_caption_keys()
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(f"data.targets: {error}") from None
 
 
 def _check_stage2_data(data: dict, stage: str):

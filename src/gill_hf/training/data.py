@@ -346,6 +346,14 @@ class SkippedExamplesCallback(TrainerCallback):
         logger.log(logging.WARNING if skipped else logging.INFO, message)
 
 
+TARGET_LOOKUPS = ("index", "caption")  # GILLDataCollator.targets_by
+
+
+def usable_caption(caption) -> bool:
+    """A stage-1 caption worth training on (a non-blank string); others are skipped by the collator."""
+    return isinstance(caption, str) and bool(caption.strip())
+
+
 @dataclass
 class GILLDataCollator(SkipCounter):
     """Stage-1 batches for ``GILLForConditionalGeneration.forward`` (+ ``ldm_pixel_values`` for the LDM loss).
@@ -354,6 +362,9 @@ class GILLDataCollator(SkipCounter):
         processor: the model's ``GILLProcessor``.
         max_length: caption length incl. BOS and the r [IMG] tokens (the original: 32).
         targets: a :class:`TargetStore` (or None: no l_g); adds ``gen_targets`` and ``null_gen_target``.
+        targets_by: how an example's row is found: ``"index"`` (its position, for a fixed-order dataset the store
+            was computed for) or ``"caption"`` (its caption text, for streams; a caption the store lacks is a
+            ``ValueError``, not a skip: the store does not match the data).
         ldm_image_size: when set, adds ``ldm_pixel_values`` ``(N, 3, S, S)`` in [-1, 1].
     """
 
@@ -361,12 +372,25 @@ class GILLDataCollator(SkipCounter):
     max_length: int = 32
     targets: TargetStore | None = None
     ldm_image_size: int | None = None
+    targets_by: str = "index"
+
+    def __post_init__(self):
+        if self.targets_by not in TARGET_LOOKUPS:
+            raise ValueError(f"targets_by must be one of {TARGET_LOOKUPS}, got {self.targets_by!r}")
+        if self.targets is not None and self.targets_by == "caption":
+            self.targets.check_caption_keys()
 
     def checked(self, example: dict) -> dict:
         caption = example["caption"]
-        if not isinstance(caption, str) or not caption.strip():
+        if not usable_caption(caption):
             raise ValueError(f"empty caption {caption!r}")
         return {**example, "image": _rgb(example["image"])}
+
+    def _target_rows(self, examples: list[dict]):
+        """The store rows of ``examples`` (see ``targets_by``)."""
+        if self.targets_by == "caption":
+            return self.targets.rows_for([ex["caption"] for ex in examples]).tolist()
+        return [ex["index"] for ex in examples]
 
     def __call__(self, examples: list[dict]) -> dict:
         examples = self.keep(examples)
@@ -375,10 +399,11 @@ class GILLDataCollator(SkipCounter):
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                  "pixel_values": self.processor.preprocess_images(images)}
         if self.targets is not None:
-            batch["gen_targets"] = torch.stack([self.targets[ex["index"]] for ex in examples])  # (N, L, D)
+            rows = self._target_rows(examples)
+            batch["gen_targets"] = torch.stack([self.targets[i] for i in rows])  # (N, L, D)
             batch["null_gen_target"] = self.targets.null  # (L, D)
             if self.targets.pooled_dim is not None:  # layouts with a pooled vector (SDXL)
-                batch["gen_pooled_targets"] = torch.stack([self.targets.pooled(ex["index"]) for ex in examples])
+                batch["gen_pooled_targets"] = torch.stack([self.targets.pooled(i) for i in rows])
                 batch["null_gen_pooled_target"] = self.targets.null_pooled  # (P,)
         if self.ldm_image_size:
             batch["ldm_pixel_values"] = torch.stack([ldm_pixel_values(im, self.ldm_image_size) for im in images])

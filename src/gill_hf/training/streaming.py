@@ -9,6 +9,9 @@ skips-and-counts what cannot be used (no image, no caption, a broken file; see :
 raw sample takes its place in a batch and step N ends at stream position N x gradient_accumulation_steps x batch
 size on every process.
 
+Generation targets (l_g) are looked up by caption (:meth:`~.targets.TargetStore.rows_for`): precompute them from
+:meth:`StreamingCaptionDataset.read_captions` (``gill-hf precompute-targets --shards / --dataset``).
+
 Resume: :class:`~.trainer.GILLTrainer` starts a resumed stream at that position (:attr:`StreamingCaptionDataset.start`);
 the stream skips the raw samples before it (no image decoded) instead of the Trainer re-collating the trained batches,
 and a resumed run sees exactly the samples an uninterrupted one sees (same seed, process count and batch size).
@@ -24,7 +27,7 @@ from functools import partial
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .data import _hf_image, _undecoded, as_caption_dataset, caption_image_columns
+from .data import _hf_image, _undecoded, as_caption_dataset, caption_image_columns, usable_caption
 
 CAPTION_KEY = "txt"  # img2dataset's caption file
 
@@ -155,6 +158,12 @@ class StreamingCaptionDataset(IterableDataset):
             raise ValueError(f"{self.num_shards} webdataset shard(s) for {world_size} processes: each process reads "
                              f"whole shards, so write at least {world_size} (img2dataset's number_sample_per_shard)")
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+
+    def read_captions(self) -> list[str]:
+        """The usable captions of one pass over the whole source (as one process reads it), exactly as the collator
+        gets them: what ``precompute_targets`` encodes for training this stream with targets (looked up by caption,
+        so the order does not matter). Reads every sample once; decodes no image."""
+        return [row["caption"] for row in self.rows(0, 1, 0) if usable_caption(row["caption"])]
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()

@@ -8,12 +8,18 @@ On disk a store is a folder::
     null.npy            (L, D) encoding of "" (the CFG target)
     shard-00000.npy     (shard_size, L, D) rows 0..shard_size-1, one file per shard
     null-pooled.npy, pooled-00000.npy   (P,) and (shard_size, P): the pooled vectors, for such layouts
+    caption-keys.npy    (num_items,) little-endian uint64: row i's caption key (:func:`caption_keys`)
 
 ``index.json`` is written first and records the settings (:func:`gill_hf.resumable.start_or_resume`: a run with
 other captions, settings or encoder is refused). Shards are written whole (a temporary name renamed), so a killed
 run resumes at the missing shards; processes launched together (torchrun / accelerate launch) or started with
 ``process_index`` / ``num_processes`` split them, and the store equals a one-process run's. Reading memory-maps the
 shards (``np.load(mmap_mode="r")``, never unpickling).
+
+Rows are found by position (``store[i]``: a TSV's example i, checked with :meth:`TargetStore.check_captions`) or by
+caption (:meth:`TargetStore.rows_for`: streams, whose examples have no fixed position): a caption's target depends
+on its text only. The keys are sorted once when first used and searched with ``np.searchsorted`` (no dict over
+millions of captions); a repeated caption may resolve to any of its rows (they hold the same target).
 """
 
 import hashlib
@@ -29,6 +35,7 @@ from ..resumable import PartsProgress, process_share, start_or_resume
 INDEX_NAME = "index.json"
 NULL_NAME = "null.npy"
 NULL_POOLED_NAME = "null-pooled.npy"
+KEYS_NAME = "caption-keys.npy"
 STORE_DTYPES = ("float16", "float32")
 
 
@@ -47,6 +54,26 @@ def captions_digest(captions) -> str:
         h.update(caption.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()
+
+
+def caption_keys(captions) -> np.ndarray:
+    """``(n,)`` little-endian uint64 keys: BLAKE2b with an 8-byte digest over each caption's UTF-8 bytes (the exact
+    string, no stripping)."""
+    digests = b"".join(hashlib.blake2b(c.encode("utf-8"), digest_size=8).digest() for c in captions)
+    return np.frombuffer(digests, dtype="<u8")
+
+
+def _checked_keys(captions: list[str]) -> np.ndarray:
+    """:func:`caption_keys` of ``captions``; a ``ValueError`` if two different captions share a key (odds ~n^2 /
+    2^65: about 1e-7 for 3M captions), which would give one of them the other's target."""
+    keys = caption_keys(captions)
+    order = np.argsort(keys, kind="stable")
+    for j in np.flatnonzero(keys[order][1:] == keys[order][:-1]):
+        first, second = captions[order[j]], captions[order[j + 1]]
+        if first != second:
+            raise ValueError(f"captions {first!r} and {second!r} share the 64-bit caption key "
+                             f"{int(keys[order[j]]):#018x}; change one of them (e.g. a trailing space)")
+    return keys
 
 
 def _atomic_save(path: str, array: np.ndarray):
@@ -126,7 +153,8 @@ def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder,
     encodes its shards, then waits until the store is complete, rank 0's bar counting every shard. Or give this
     process's share for runs started separately (each returns after its own shards). The store equals a
     one-process run's; a run into a folder holding other captions, settings or encoder (its encoding of ``""``)
-    is refused.
+    is refused. Each row's caption key is recorded (``caption-keys.npy``) for :meth:`TargetStore.rows_for`; a
+    re-run into a store written before keys existed adds them (the captions are checked against the store's).
     """
     process_index, num_processes, launched = process_share(process_index, num_processes)
     if batch_size < 1 or shard_size < 1:
@@ -147,6 +175,8 @@ def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder,
         index["pooled_dim"] = null_pooled.shape[-1]
     start_or_resume(os.path.join(out_dir, INDEX_NAME), index, "a target store",
                     "resume with the same captions, settings and encoder, or use a new folder")
+    if not os.path.exists(os.path.join(out_dir, KEYS_NAME)):  # any process: the same bytes (of the checked captions)
+        _atomic_save(os.path.join(out_dir, KEYS_NAME), _checked_keys(captions))
     if not os.path.exists(os.path.join(out_dir, NULL_NAME)):  # any process: the same bytes (their digest is checked)
         if null_pooled is not None:  # written first: null.npy marks the null targets as complete
             _atomic_save(os.path.join(out_dir, NULL_POOLED_NAME), null_pooled)
@@ -188,7 +218,8 @@ def _encode_shard(encoder, chunk: list[str], s: int, out_dir: str, batch_size: i
 
 class TargetStore:
     """Read-only view of a finished store: ``store[i]`` -> ``(L, D)`` float32 tensor; ``store.null`` likewise;
-    for layouts with a pooled vector ``store.pooled(i)`` -> ``(P,)`` and ``store.null_pooled`` (else None)."""
+    for layouts with a pooled vector ``store.pooled(i)`` -> ``(P,)`` and ``store.null_pooled`` (else None);
+    ``store.rows_for(captions)`` -> the rows of those captions."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -206,6 +237,7 @@ class TargetStore:
             raise ValueError(f"target store {self.path} is incomplete: {len(missing)} file(s) missing, e.g. "
                              f"{missing[:3]}; re-run precompute-targets to finish it")
         self._shards = {}
+        self._key_index = None  # (sorted keys (n,), their rows (n,)), on first use
         self.null = self._load(NULL_NAME)
         self.null_pooled = self._load(NULL_POOLED_NAME) if self.pooled_dim is not None else None
 
@@ -228,6 +260,38 @@ class TargetStore:
         if len(captions) != len(self) or captions_digest(captions) != self.index["captions_sha256"]:
             raise ValueError(f"target store {self.path} does not match this dataset's {len(captions)} captions "
                              f"(store holds {len(self)}); recompute it for this dataset")
+
+    def check_caption_keys(self) -> None:
+        """Load the caption keys (:meth:`rows_for`); a ``ValueError`` if the store has none (written before they
+        existed) or they do not fit its rows."""
+        if self._key_index is not None:
+            return
+        path = os.path.join(self.path, KEYS_NAME)
+        if not os.path.exists(path):
+            raise ValueError(f"target store {self.path} has no caption keys ({KEYS_NAME}; written by an older "
+                             "gill_hf): re-run `gill-hf precompute-targets` with the same captions and folder to add "
+                             "them (finished shards are kept)")
+        keys = np.load(path, allow_pickle=False)
+        if keys.dtype != np.dtype("<u8") or keys.shape != (len(self),):
+            raise ValueError(f"target store {self.path}: {KEYS_NAME} holds {keys.dtype} {keys.shape}, expected "
+                             f"uint64 ({len(self)},), one key per row; re-run precompute-targets into a new folder")
+        order = np.argsort(keys, kind="stable")
+        self._key_index = (keys[order], order)
+
+    def rows_for(self, captions: list[str]) -> np.ndarray:
+        """``(n,)`` int64 rows holding ``captions``' targets (the exact strings); a ``ValueError`` names the
+        captions the store does not hold."""
+        self.check_caption_keys()
+        sorted_keys, order = self._key_index
+        keys = caption_keys(captions)
+        at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+        found = sorted_keys[at] == keys
+        if not found.all():
+            missing = [c for c, hit in zip(captions, found) if not hit]
+            raise ValueError(f"target store {self.path} holds no target for the caption {missing[0]!r} "
+                             f"({len(missing)} of this batch's {len(captions)} missing): it was computed for other "
+                             "data; run `gill-hf precompute-targets` on this data")
+        return order[at]
 
     def _shard(self, name: str) -> np.ndarray:
         if name not in self._shards:

@@ -404,7 +404,8 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
         eval_dataset: the same kinds (or a dict of them); ``trainer.evaluate()`` and ``eval_strategy`` report
             ``eval_loss`` and every loss term as ``eval_<term>`` (training logs carry the bare names).
         targets / eval_targets: ``TargetStore`` s with the captions' text-encoder outputs of the train / eval split
-            (enable l_g and CFG targets; a store is indexed by example, so each split needs its own).
+            (enable l_g and CFG targets; a fixed-order dataset's store is indexed by example, so each split needs
+            its own; a stream's examples find their rows by caption, in a store with caption keys).
         columns: for ``datasets`` inputs, ``{"caption": <text column>, "image": <image column>}``; defaults to
             ``caption`` or ``text``, and ``image``.
         ldm_loss: the MiniGPT-5 latent-diffusion loss (needs ``config.ldm_loss_weight > 0``).
@@ -417,9 +418,7 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     """
     args = training_arguments(output_dir, **training_args)
     train_dataset = as_training_dataset(train_dataset, columns)
-    if targets is not None and isinstance(train_dataset, StreamingCaptionDataset):
-        raise ValueError("targets index the examples of a fixed-order dataset; a stream has no such index: train a "
-                         "stream without targets (no l_g), or a CaptionImageDataset with them")
+    stream = isinstance(train_dataset, StreamingCaptionDataset)  # its examples find their targets by caption
     if isinstance(eval_dataset, dict):
         eval_dataset = {name: as_caption_dataset(ds, columns) for name, ds in eval_dataset.items()}
     elif eval_dataset is not None:
@@ -445,7 +444,7 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
         data_collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_size)
     elif data_collator is None:
         data_collator = GILLDataCollator(model.processor, max_length=max_length, targets=targets,
-                                         ldm_image_size=ldm_size)
+                                         ldm_image_size=ldm_size, targets_by="caption" if stream else "index")
         if eval_dataset is not None and not isinstance(eval_dataset, VISTTaskDataset) and targets is not None:
             # the train store indexes train examples: eval batches get their own store, or no l_g
             eval_collator = GILLDataCollator(model.processor, max_length=max_length, targets=eval_targets,
