@@ -123,24 +123,24 @@ def stored_row(row: str, prompt_format: str) -> str:
 class PromptedRow(Row):
     """A GILL row under ``prompt_format``, stored apart from the other format's (see :func:`stored_row`)."""
 
-    prompt_format: str = "plain"
+    prompt_format: str
 
     @property
     def key(self) -> str:
         return stored_row(super().key, self.prompt_format)
 
 
-def _row(model: str, setting: str, prompt_format: str) -> Row:
-    if model == "sd":
-        return Row(model, setting, lambda step, setting=setting: step_context(step, setting))
+def _gill_row(prompt_type: str, prompt_format: str) -> PromptedRow:
     build = minigpt5_step_prompt if prompt_format == "minigpt5" else step_context
-    return PromptedRow(model, setting, lambda step, setting=setting: build(step, setting), prompt_format)
+    return PromptedRow("gill", prompt_type, lambda step: build(step, prompt_type), prompt_format)
 
 
 def image_rows(table: str, prompt_types: Sequence[str], baseline: bool, prompt_format: str) -> list[Row]:
-    """The rows of an image table: the Stable Diffusion baseline (its caption whatever the format), then GILL's."""
+    """The rows of an image table: the Stable Diffusion baseline (on the caption, whatever the format), then
+    GILL's under ``prompt_format``."""
     gill = prompt_types if table == "final-step" else ["image-text context"]
-    return ([_row("sd", BASELINE, prompt_format)] if baseline else []) + [_row("gill", p, prompt_format) for p in gill]
+    sd = [Row("sd", BASELINE, lambda step: step_context(step, BASELINE))] if baseline else []
+    return sd + [_gill_row(p, prompt_format) for p in gill]
 
 
 def _image_table(table: str, models, steps, seeds, store, metrics, prompt_types, baseline, prompt_format
