@@ -165,6 +165,25 @@ def test_streamed_batches_carry_the_encoders_output_of_their_captions(tmp_path, 
     assert [h["gen_loss"] for h in trainer.state.log_history if "gen_loss" in h][0] > 0
 
 
+def _pooled_encoding(captions):
+    """A layout with a pooled vector: ``((n, 3, 2), (n, 4))`` from each caption's text alone."""
+    codes = torch.tensor([[len(c), sum(map(ord, c)) % 101, c.count(" "), sum(map(ord, c[-1:]))] for c in captions],
+                         dtype=torch.float32)
+    return codes[:, :3, None].expand(-1, 3, 2) * torch.tensor([1.0, -1.0]), codes
+
+
+def test_pooled_targets_are_found_by_caption_too(tmp_path, make_model):
+    shards = _write_shards(tmp_path / "shards")
+    captions = StreamingCaptionDataset.from_shards(shards).read_captions()
+    store = TargetStore(precompute_targets(captions, tmp_path / "t", _pooled_encoding, shard_size=5, dtype="float32",
+                                           progress=False))
+    items = list(itertools.islice(iter(StreamingCaptionDataset.from_shards(shards, shuffle_buffer=6, seed=1)), 8))
+    batch = GILLDataCollator(make_model().processor, max_length=16, targets=store, targets_by="caption")(items)
+    sequence, pooled = _pooled_encoding([it["caption"] for it in items])
+    assert torch.equal(batch["gen_targets"], sequence) and torch.equal(batch["gen_pooled_targets"], pooled)
+    assert torch.equal(batch["null_gen_pooled_target"], _pooled_encoding([""])[1][0])
+
+
 def test_cli_trains_a_shard_stream_with_targets(capsys, monkeypatch, tmp_path, tiny_backbones):
     shards = _write_shards(tmp_path / "shards", bad=True)
     store = _stream_store(tmp_path, tiny_backbones["sd"], shards)
