@@ -1,13 +1,13 @@
 """The checks to run when a GPU is lent: one script, one ``device_checks.json`` (and a printed table) of what it saw.
 
     python bench/device_checks.py --out "$OUT"                                    # on the GPU machine
-    python bench/device_checks.py --out /tmp/device-checks --device cpu --skip benches   # a dry run on a CPU
+    python bench/device_checks.py --out /tmp/device-checks --device cpu --skip benches   # a CPU dry run
 
 Each check is timed and recorded as ok (with what it measured), failed (with its error) or skipped (with why), so one
 failure never costs the others. The backbones are the toy world's (shipped with the package, nothing downloaded):
   train-fp32 / train-bf16  ``train_gill`` with its defaults (bf16 autocast on where CUDA supports it) for --steps
-                           steps on toy pairs with l_g, backbones in fp32 / bf16: losses finite, trainables fp32 masters,
-                           seconds per step
+                           steps on toy pairs with l_g, backbones in fp32 / bf16: losses finite, trainables
+                           fp32 masters, seconds per step
   pipeline                 the trained model's ``GILLPipeline`` on the device: a forced generated answer and a
                            retrieved one, with the decision head's P(retrieve)
   offload                  ``enable_model_cpu_offload()``: the same generated image as the plain device run (max abs
@@ -38,7 +38,8 @@ CHECKS = ("train-fp32", "train-bf16", "pipeline", "offload", "llm-4bit", "benche
 BENCHES = {"bench_decode.py": [], "bench_train_step.py": [], "bench_index_search.py": ["--skip-ivfpq"]}
 
 
-def train(paths: dict, data, stores: dict, out: str, device: str, steps: int, dtype: torch.dtype) -> tuple[dict, object]:
+def train(paths: dict, data, stores: dict, out: str, device: str, steps: int, dtype: torch.dtype
+          ) -> tuple[dict, object]:
     """``train_gill`` defaults on the device; -> (measures, the trained model)."""
     model = GILLForConditionalGeneration.from_backbones(paths["llm"], paths["clip"], paths["sd"], dtype=dtype,
                                                         **MAPPER) if dtype != torch.float32 else build_model(paths, 0)

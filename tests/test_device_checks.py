@@ -18,6 +18,6 @@ def test_device_checks_dry_run_on_cpu(tmp_path):
         "train-fp32": "ok", "train-bf16": "ok", "pipeline": "ok", "offload": "skipped", "llm-4bit": "skipped",
         "benches": "skipped"}
     assert checks["train-bf16"]["result"]["backbone_dtype"] == "torch.bfloat16"
-    assert [part["kind"] for part in checks["pipeline"]["result"]["retrieve"] if isinstance(part, dict)] == ["retrieved"]
-    assert [part["kind"] for part in checks["pipeline"]["result"]["generate"] if isinstance(part, dict)] == ["generated"]
+    for mode, kind in (("retrieve", "retrieved"), ("generate", "generated")):
+        assert [part["kind"] for part in checks["pipeline"]["result"][mode] if isinstance(part, dict)] == [kind]
     assert "CUDA" in checks["offload"]["why"] and "CUDA" in checks["llm-4bit"]["why"]

@@ -123,7 +123,8 @@ def evaluate_mmdialog(models: EvaluatedModels, dialogues: Sequence[Dialogue], ou
            "inception_score": mean_std(inception) if None not in inception else None,
            **{name: mean_std(values) for name, values in per_seed.items()}}
     results = {"benchmark": "mmdialog", "prompt_format": prompt_format, "num_dialogues": len(dialogues),
-               "num_responses": len(responses), "seeds": list(seeds), **metrics.describe(), "sbert_model": text_scorers.sbert.name,
+               "num_responses": len(responses), "seeds": list(seeds), **metrics.describe(),
+               "sbert_model": text_scorers.sbert.name,
                "diffusion": vars(models.settings), "rows": [row],
                "generated_images": {seed: sum(image is not None for _, image in predictions[seed]) for seed in seeds},
                "responses": {"generated": store.num_generated, "reused": store.num_reused}}
