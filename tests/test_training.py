@@ -9,9 +9,9 @@ import yaml
 from transformers import TrainerCallback
 
 from gill_hf import GILLForConditionalGeneration
-from gill_hf.training import (CaptionImageDataset, GILLForInterleavedTraining, InterleavedDataCollator,
-                              LatentDiffusionLoss, StopAtStepCallback, TargetStore, VISTTaskDataset, apply_lora,
-                              parameter_groups, precompute_targets, train_gill)
+from gill_hf.training import (CaptionImageDataset, GILLDataCollator, GILLForInterleavedTraining,
+                              InterleavedDataCollator, LatentDiffusionLoss, StopAtStepCallback, TargetStore,
+                              VISTTaskDataset, apply_lora, parameter_groups, precompute_targets, train_gill)
 from gill_hf.training.lora import lora_parameters
 from gill_hf.training.targets import DiffusionTextEncoder
 from gill_hf.toy_world import write_toy_cc3m, write_toy_vist
@@ -350,6 +350,26 @@ def test_train_gill_eval_split_and_hf_datasets(make_model, toy_cc3m, tmp_path):
     assert len([h for h in trainer.state.log_history if "loss" in h]) == 2
     with pytest.raises(ValueError, match=r"lack \['image'\]"):
         train_gill(make_model(), hf, str(tmp_path / "bad"), max_steps=1, **QUIET)
+
+
+def test_train_gill_refuses_targets_it_would_not_use(make_model, toy_cc3m, tmp_path):
+    """A store train_gill's own collator would read is refused where that collator is not used, instead of
+    training (or evaluating) without l_g; eval_targets alone give eval batches l_g."""
+    ds, store = toy_cc3m
+    model = make_model(pack_prob=0.0)
+    with pytest.raises(ValueError, match="a data_collator of your own must hold the store"):
+        train_gill(model, ds, str(tmp_path / "a"), data_collator=GILLDataCollator(model.processor), targets=store,
+                   max_steps=1, **QUIET)
+    with pytest.raises(ValueError, match="eval_targets= feeds train_gill's own eval collator"):
+        train_gill(model, ds, str(tmp_path / "b"), data_collator=GILLDataCollator(model.processor, targets=store),
+                   targets=store, eval_dataset=ds, eval_targets=store, max_steps=1, **QUIET)
+    vist = VISTTaskDataset.from_json(write_toy_vist(tmp_path / "vist", 2))
+    with pytest.raises(ValueError, match="stage 2 .* takes no targets"):
+        train_gill(model, vist, str(tmp_path / "c"), targets=store, max_steps=1, **QUIET)
+    with pytest.raises(ValueError, match="stage 2 .* takes no eval_targets"):
+        train_gill(model, ds, str(tmp_path / "d"), eval_dataset=vist, eval_targets=store, max_steps=1, **QUIET)
+    trainer = train_gill(model, ds, str(tmp_path / "e"), eval_dataset=ds, eval_targets=store, max_steps=1, **QUIET)
+    assert "eval_gen_loss" in trainer.evaluate()  # used, though the train split has no store
 
 
 def test_train_gill_takes_every_training_argument_and_names_typos(make_model, toy_cc3m, tmp_path):

@@ -423,11 +423,21 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
         eval_dataset = {name: as_caption_dataset(ds, columns) for name, ds in eval_dataset.items()}
     elif eval_dataset is not None:
         eval_dataset = as_caption_dataset(eval_dataset, columns)
+    if targets is not None and isinstance(train_dataset, VISTTaskDataset):
+        raise ValueError("stage 2 (a VISTTaskDataset) has no l_g: it takes no targets")
+    if data_collator is not None and targets is not None and getattr(data_collator, "targets", None) is not targets:
+        raise ValueError("targets= feeds train_gill's own collator; a data_collator of your own must hold the store "
+                         "itself (e.g. GILLDataCollator(processor, targets=store)), or it would train without it")
+    if data_collator is not None and eval_targets is not None:
+        raise ValueError("eval_targets= feeds train_gill's own eval collator; with a data_collator of your own, "
+                         "evaluate with a collator holding the eval store")
     if targets is not None and hasattr(train_dataset, "captions"):
         targets.check_captions(train_dataset.captions)
     if eval_targets is not None:
         if eval_dataset is None or isinstance(eval_dataset, dict):
             raise ValueError("eval_targets needs one eval_dataset (a dict of splits takes a data_collator instead)")
+        if isinstance(eval_dataset, VISTTaskDataset):
+            raise ValueError("stage 2 (a VISTTaskDataset eval_dataset) has no l_g: it takes no eval_targets")
         if hasattr(eval_dataset, "captions"):
             eval_targets.check_captions(eval_dataset.captions)
     if model.config.ldm_loss_weight > 0 and ldm_loss is None:
@@ -445,7 +455,8 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     elif data_collator is None:
         data_collator = GILLDataCollator(model.processor, max_length=max_length, targets=targets,
                                          ldm_image_size=ldm_size, targets_by="caption" if stream else "index")
-        if eval_dataset is not None and not isinstance(eval_dataset, VISTTaskDataset) and targets is not None:
+        if eval_dataset is not None and not isinstance(eval_dataset, VISTTaskDataset) and (
+                targets is not None or eval_targets is not None):
             # the train store indexes train examples: eval batches get their own store, or no l_g
             eval_collator = GILLDataCollator(model.processor, max_length=max_length, targets=eval_targets,
                                              ldm_image_size=ldm_size)
