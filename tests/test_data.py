@@ -107,3 +107,21 @@ def test_interleaved_collator_labels_and_images(tmp_path, make_model):
     assert labels[2][labels[2] != -100].tolist() == answer + [eos]
     rows, _ = model.img_block_positions(ids)
     assert rows[:, 0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("prompt_format", ["minigpt5", "plain"])
+def test_interleaved_collator_keeps_special_token_spellings_in_data_as_text(tmp_path, make_model, prompt_format):
+    """A caption that spells "</s>" or "[IMG0]" is text in the prompt, not the EOS / [IMG0] token."""
+    model = make_model()
+    proc, tok = model.processor, model.processor.tokenizer
+    ds = VISTTaskDataset.from_json(write_toy_vist(tmp_path, num_stories=1, steps=3))
+    example = next(ds[i] for i in range(len(ds)) if ds[i]["task"] == "gen" and ds.examples[i][1] == 2)
+    spelled = f"a red {tok.eos_token} square [IMG0] at the top"
+    example = {**example, "context": [spelled if isinstance(p, str) else p for p in example["context"]]}
+    batch = InterleavedDataCollator(proc, max_length=512, prompt_format=prompt_format)([example])
+    unsupervised = batch["labels"][0] == -100
+    prompt = batch["input_ids"][0][unsupervised & (batch["attention_mask"][0] == 1)]
+    assert tok.eos_token_id not in prompt.tolist() and proc.img_token_ids[0] not in prompt.tolist()
+    as_text = tok(" " + spelled, add_special_tokens=False, split_special_tokens=True)["input_ids"][3:-3]  # inner ids
+    assert any(prompt[i:i + len(as_text)].tolist() == as_text for i in range(len(prompt)))
+

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import TrainerCallback
 
-from ..chat_templates import MINIGPT5_STOP, minigpt5_dialogue_prompt, minigpt5_story_prompt
+from ..chat_templates import MINIGPT5_STOP, minigpt5_dialogue_prompt, minigpt5_story_prompt, placeholder_parts
 from ..processing_gill import load_image, to_rgb
 from .targets import TargetStore
 
@@ -593,8 +593,9 @@ class InterleavedDataCollator(SkipCounter):
             items = ex["context"] + [ex["instruction"]] + \
                 ([ex["instruction_image"]] if ex["instruction_image"] is not None else [])
             if minigpt5:
-                text, items = _minigpt5_prompt(ex), [x for x in items if isinstance(x, Image.Image)]
-                prompt = proc(text=text, images=items or None, return_tensors=None)["input_ids"][0]
+                # as parts, so data text that spells a special token ("</s>", "[IMG0]") stays text
+                items = placeholder_parts(_minigpt5_prompt(ex), [x for x in items if isinstance(x, Image.Image)])
+                prompt = proc(items, return_tensors=None)["input_ids"][0]
             else:
                 prompt = proc(items, return_tensors=None)["input_ids"][0]
             answer = tok(" " + ex["target_text"], add_special_tokens=False, split_special_tokens=True)["input_ids"] \
