@@ -29,6 +29,7 @@ from nltk.translate.meteor_score import meteor_score
 from PIL import Image
 
 from gill_hf.evaluation import text_metrics
+from gill_hf.evaluation.image_cache import SETTINGS_NAME
 from gill_hf.evaluation.image_quality import InceptionScorer, reference_statistics
 from gill_hf.evaluation.metrics import FIDScorer, uint8_pixels
 from gill_hf.evaluation.mm_relevance import EXTRA, MISSING, clip_f1, modality_entry
@@ -303,7 +304,7 @@ def test_minigpt5_vist_end_to_end_matches_direct_metrics_and_resumes(env, monkey
 
     monkeypatch.setattr(EvaluatedModels, "gill", interrupted)
     assert main(argv) == 130  # killed during GILL's 5th image: 2 SD + 4 GILL images are on disk
-    on_disk = [f for _, _, files in os.walk(out) for f in files]
+    on_disk = [f for _, _, files in os.walk(out) for f in files if f != SETTINGS_NAME]  # each row's record
     assert len(on_disk) == 6 and all(f.endswith(".png") for f in on_disk)  # whole PNGs only, no temporary file
     monkeypatch.setattr(EvaluatedModels, "gill", real_gill)
     assert main(argv) == 0
@@ -398,7 +399,7 @@ def _hand_mm_relevance(pairs) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
-def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
+def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch, capsys):
     from torchmetrics.functional.text import bleu_score, rouge_score
 
     from gill_hf.chat_templates import MINIGPT5_MMDIALOG_SYSTEM_PROMPT
@@ -470,6 +471,12 @@ def test_mmdialog_end_to_end_per_dialogue_then_averaged(env, monkeypatch):
     assert again["responses"] == {"generated": 0, "reused": 3} and again["rows"] == results["rows"]
     calls.clear()
     before = _mtimes(out)
+    capsys.readouterr()
+    assert main([*argv, "--max-new-tokens", "5"]) == 1  # answers of 4 tokens are not reported as 5's
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"gill-hf: error: {os.path.join(out, 'responses', 'gill-minigpt5')} holds answers made with other settings "
+        "(max_new_tokens 4 -> 5); rerun with those settings")
+    assert not calls and _mtimes(out) == before
     assert main([*argv, "--prompt-format", "plain"]) == 0  # today's inputs, answered anew
     plain = _results(out)
     assert plain["prompt_format"] == "plain" and plain["responses"] == {"generated": 3, "reused": 0}
@@ -598,6 +605,14 @@ def test_minigpt5_vist_prompt_format_switch_inputs_results_and_stores(env, monke
     results = run()  # each format finds its own answers again
     assert not calls and results["images"] == {"generated": 0, "reused": 10}
     assert results["tables"]["narration"]["texts"] == {"generated": 0, "reused": 10}
+    capsys.readouterr()
+    before = _mtimes(out)
+    # narrations of 3 tokens are not reported as 4's, refused before seed 1's new images are made
+    assert main([*argv, "--max-new-tokens", "4", "--seeds", "0", "1"]) == 1 and not calls and _mtimes(out) == before
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"gill-hf: error: {os.path.join(out, 'texts', 'gill-narration-minigpt5')} holds answers made with other "
+        "settings (max_new_tokens 3 -> 4); rerun with those settings")
+    assert not os.path.exists(os.path.join(out, "images", "sd-ground-truth_caption", "1"))
 
     assert main([*argv, "--prompt-format", "vicuna"]) == 2
     assert "argument --prompt-format: invalid choice: 'vicuna'" in capsys.readouterr().err

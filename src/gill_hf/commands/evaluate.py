@@ -1,7 +1,8 @@
 """``gill-hf eval vist|visdial|retrieval|decision|fid|minigpt5-vist|cc3m|mmdialog MODEL --out DIR ...``: reproduce
 GILL's evaluations (Tables 1, 2, 5, 6, 8 and Fig. 8) and MiniGPT-5's (Tables 1-3, 5, 6) for a GILL checkpoint;
 writes results.json, results.md and samples.html to DIR. Generated images and texts are kept under DIR and reused
-when the command is run again."""
+when the command is run again with the same model and settings; a rerun into DIR with another model or other
+generation settings is refused, naming what changed (use another --out, or delete the folder it names)."""
 
 import argparse
 

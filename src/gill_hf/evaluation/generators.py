@@ -2,10 +2,15 @@
 the plain Stable Diffusion pipeline of the same checkpoint on the context's text (the paper's baseline).
 
 Both share one loaded diffusion model; every image is seeded by its own ``torch.Generator().manual_seed(seed)``
-(on CPU, so a seed gives the same latents on any device).
+(on CPU, so a seed gives the same latents on any device). :meth:`EvaluatedModels.answer_settings` lists what makes
+an answer (the models' identities and options), the record that ties stored answers to their settings.
 """
 
+import hashlib
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from PIL import Image
@@ -37,6 +42,7 @@ class EvaluatedModels:
         source = diffusion_model or model.config.diffusion_model_name_or_path
         if not source:
             raise ValueError("the GILL config names no diffusion model; pass diffusion_model=")
+        self.diffusion_source = source
         sd = StableDiffusionPipeline.from_pretrained(source, dtype=dtype, safety_checker=None,
                                                      requires_safety_checker=False).to(device)
         if self.settings.scheduler == "ddim":
@@ -55,6 +61,49 @@ class EvaluatedModels:
         """From a saved GILL folder or Hub id (``GILLForConditionalGeneration.from_pretrained``)."""
         return cls(GILLForConditionalGeneration.from_pretrained(model_path, dtype=dtype), device=device,
                    dtype=dtype, **kwargs)
+
+    ANSWER_KINDS = ("gill", "sd", "gill_text")
+
+    def answer_settings(self, kind: str, **generation) -> dict:
+        """What makes one answer of ``kind``: "sd" (Stable Diffusion's images: the diffusion model's identity and
+        options only, so baseline answers stay valid across GILL models), "gill" (images or responses: GILL's
+        identity and the diffusion's) or "gill_text" (texts, no diffusion: GILL's identity); plus ``generation``
+        (e.g. ``max_new_tokens``, ``stop``, ``prompt_format``) as given. JSON-able (see ``ImageStore.claim``)."""
+        if kind not in self.ANSWER_KINDS:
+            raise ValueError(f"unknown answer kind {kind!r}; choose from {list(self.ANSWER_KINDS)}")
+        parts = {"gill": (self._gill_identity, self._diffusion_identity), "sd": (self._diffusion_identity,),
+                 "gill_text": (self._gill_identity,)}[kind]
+        return {"answers": kind, **{k: v for part in parts for k, v in part.items()}, **generation}
+
+    @cached_property
+    def _gill_identity(self) -> dict:
+        """The GILL model: where it was loaded from, its config and its trained tensors (adapter, LoRA), the LLM's
+        dtype; the frozen backbones are named by the config."""
+        config = self.model.config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version"):
+            config.pop(volatile, None)
+        trained = [*self.model.adapter_state_dict().items(),
+                   *((name, p) for name, p in self.model.language_model.named_parameters() if "lora_" in name)]
+        return {"gill_model": self.model.config._name_or_path or "(in memory)",
+                "gill_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()
+                                                     ).hexdigest(),
+                "gill_weights_sha256": tensors_sha256(trained), "gill_dtype": str(self.model.language_model.dtype)}
+
+    @cached_property
+    def _diffusion_identity(self) -> dict:
+        """The diffusion model (source, weights of UNet / VAE / text encoder, scheduler, dtype, output size in
+        pixels) and the denoising options."""
+        sd = self.sd
+        scheduler = json.dumps([type(sd.scheduler).__name__, dict(sd.scheduler.config)], sort_keys=True, default=str)
+        weights = [(f"{name}.{key}", value) for name in ("unet", "vae", "text_encoder")
+                   for key, value in getattr(sd, name).state_dict().items()]
+        size = sd.unet.config.sample_size * sd.vae_scale_factor
+        return {"diffusion_model": self.diffusion_source, "diffusion_weights_sha256": tensors_sha256(weights),
+                "scheduler": self.settings.scheduler,
+                "scheduler_config_sha256": hashlib.sha256(scheduler.encode()).hexdigest(),
+                "num_inference_steps": self.settings.num_inference_steps,
+                "guidance_scale": self.settings.guidance_scale, "diffusion_dtype": str(sd.unet.dtype),
+                "image_size": [size, size]}
 
     def _denoise_kwargs(self, seed: int) -> dict:
         return {"num_inference_steps": self.settings.num_inference_steps,
@@ -98,3 +147,12 @@ def _answer_text(parts: list, stop: str | None) -> str:
     """The text parts of an answer joined, cut before the first ``stop``, stripped."""
     text = "".join(part for part in parts if isinstance(part, str))
     return (text.split(stop, 1)[0] if stop else text).strip()
+
+
+def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of each tensor in name order: changes whenever a value does."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -1,8 +1,9 @@
 """The generate-then-compare loop shared by the VIST and VisDial evaluations (paper Tables 1, 2, Fig. 8).
 
 Each :class:`Row` is one model on one input setting; for every seed its images are generated (or reused from the
-:class:`ImageStore`) and compared with the ground-truth images by CLIP cosine similarity and LPIPS; a metric is
-averaged over examples per seed, then reported as mean ± std over seeds.
+:class:`ImageStore`, whose row folders record the settings that made them) and compared with the ground-truth
+images by CLIP cosine similarity and LPIPS; a metric is averaged over examples per seed, then reported as mean ±
+std over seeds.
 """
 
 from collections.abc import Callable, Sequence
@@ -32,10 +33,21 @@ class Row:
     def key(self) -> str:
         return safe_name(f"{self.model}-{self.setting}")
 
+    def answer_settings(self, models: EvaluatedModels) -> dict:
+        """What makes this row's images (its store folder's record)."""
+        return models.answer_settings(self.model)
+
+
+def row_settings(models: EvaluatedModels, rows: Sequence[Row]) -> dict[str, dict]:
+    """``{row.key: what makes its images}``, for ``ImageStore.check`` / ``claim``."""
+    return {row.key: row.answer_settings(models) for row in rows}
+
 
 def generate_rows(models: EvaluatedModels, rows: Sequence[Row], examples: Sequence[ImageExample],
                   seeds: Sequence[int], store: ImageStore) -> dict[str, dict[int, list[str]]]:
-    """``{row.key: {seed: [image path per example]}}``, generating only the images not on disk yet."""
+    """``{row.key: {seed: [image path per example]}}``, generating only the images not on disk yet; every row's
+    folder is claimed first (``ImageStore.claim``: other settings are a ``ValueError``, before any image)."""
+    store.claim(row_settings(models, rows))
     ids = [ex.example_id for ex in examples]
     paths = {}
     for row in rows:

@@ -3,6 +3,12 @@
 
 Every item is written to a temporary file in its folder and renamed into place, so an interrupted run leaves
 only complete files; a rerun loads them instead of generating again.
+
+Each row folder records the settings that make its items (:data:`SETTINGS_NAME`: the model's identity, diffusion
+and generation options; see :meth:`ImageStore.claim`), written before its first item. A rerun with the same
+settings reuses the items; other settings, or a folder holding items but no record (written before records
+existed), are refused before anything is generated, so answers are never reported for settings that did not make
+them.
 """
 
 import json
@@ -16,6 +22,8 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_path, write_text_atomic
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+SETTINGS_NAME = "settings.json"  # a row folder's record of the settings that make its items
+_TEMPORARY_PREFIX = ".gill-"  # atomic_path's temporary files (a killed write may leave one): not items
 
 
 def safe_name(text: str) -> str:
@@ -31,9 +39,51 @@ class ImageStore:
     def __init__(self, root: str | os.PathLike):
         self.root = os.path.join(os.fspath(root), self.folder)
         self.num_generated = self.num_reused = 0
+        self._claimed: dict[str, dict] = {}  # row -> the settings checked or recorded by this store
 
     def path(self, row: str, seed: int | str, example_id: str) -> str:
-        return os.path.join(self.root, safe_name(row), str(seed), safe_name(example_id) + self.suffix)
+        return os.path.join(self.row_folder(row), str(seed), safe_name(example_id) + self.suffix)
+
+    def row_folder(self, row: str) -> str:
+        return os.path.join(self.root, safe_name(row))
+
+    def check(self, settings: dict[str, dict]) -> dict[str, dict]:
+        """Whether each row folder may take items made with its settings (a JSON-able dict): ``{row: settings}``.
+
+        A folder without items may; one with items must hold the same record (:data:`SETTINGS_NAME`). Otherwise a
+        ``ValueError`` names each refused folder with each differing field's old and new value (or the missing
+        record). Writes nothing; returns the settings as JSON reads them back."""
+        settings = {row: json.loads(json.dumps(value)) for row, value in settings.items()}  # tuples -> lists
+        problems = [problem for row, value in settings.items() if (problem := self._problem(row, value))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return settings
+
+    def claim(self, settings: dict[str, dict]):
+        """:meth:`check`, then tie each row folder to its settings: a folder without items records them
+        (atomically, before its first item). Every row is checked before any record is written."""
+        settings = self.check(settings)
+        for row, value in settings.items():
+            if self._claimed.get(row) != value and not _has_items(self.row_folder(row)):
+                write_text_atomic(os.path.join(self.row_folder(row), SETTINGS_NAME),
+                                  json.dumps(value, indent=1, sort_keys=True))
+            self._claimed[row] = value
+
+    def _problem(self, row: str, settings: dict) -> str | None:
+        """Why ``row``'s folder cannot take items made with ``settings`` (None: it can)."""
+        folder = self.row_folder(row)
+        if self._claimed.get(row) == settings or not _has_items(folder):
+            return None
+        old = _read_record(os.path.join(folder, SETTINGS_NAME))
+        remedy = f"use another --out (output folder), or delete {folder} to make them again"
+        if old is None:
+            return (f"{folder} holds answers but no {SETTINGS_NAME} (written before settings were recorded), so "
+                    f"the settings that made them are unknown; {remedy}")
+        if old == settings:
+            return None
+        changed = ", ".join(f"{key} {_shown(old, key)} -> {_shown(settings, key)}"
+                            for key in sorted(set(old) | set(settings)) if old.get(key) != settings.get(key))
+        return f"{folder} holds answers made with other settings ({changed}); rerun with those settings, {remedy}"
 
     @staticmethod
     def save(image: Image.Image, path: str):
@@ -42,7 +92,11 @@ class ImageStore:
 
     def ensure(self, row: str, seed: int | str, example_ids: Sequence[str], make: Callable[[int, int], Image.Image]
                ) -> list[str]:
-        """Paths of the items of ``row``/``seed``; missing ones are made by ``make(example_index, seed)``."""
+        """Paths of the items of ``row``/``seed``; missing ones are made by ``make(example_index, seed)``. The row
+        must be claimed first (:meth:`claim`)."""
+        if row not in self._claimed:
+            raise ValueError(f"row {row!r} of {self.root} is not claimed: call claim({{row: settings}}) before "
+                             "ensure, so its items are tied to the settings that make them")
         paths = [self.path(row, seed, example_id) for example_id in example_ids]
         todo = [i for i, path in enumerate(paths) if not os.path.isfile(path)]
         self.num_reused += len(paths) - len(todo)
@@ -50,6 +104,33 @@ class ImageStore:
             self.save(make(i, seed), paths[i])
             self.num_generated += 1
         return paths
+
+
+def _read_record(path: str) -> dict | None:
+    """A row folder's settings record, None when it has none; an unreadable one is an ``OSError`` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise OSError(f"{path} is not valid JSON ({err}); delete its folder to make its answers again") from err
+
+
+def _has_items(folder: str) -> bool:
+    """Whether ``folder`` holds any file besides its record and temporary files."""
+    return any(name != SETTINGS_NAME and not name.startswith(_TEMPORARY_PREFIX)
+               for _, _, names in os.walk(folder) for name in names)
+
+
+def _shown(settings: dict, key: str) -> str:
+    """``settings[key]`` for an error message ("(absent)" if missing); digests cut to 12 characters."""
+    if key not in settings:
+        return "(absent)"
+    value = settings[key]
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
+    return repr(value)
 
 
 class TextStore(ImageStore):

@@ -13,7 +13,8 @@ does (``chat_templates.minigpt5_story_prompt``: its system prompt, ``###Human:``
 followed by ``<Img><|image|></Img>``, the "gen" task's instruction with the step's text, ``###Assistant:``; for the
 narrations its image-to-text task with the step's image, generation ending at its ``###``), as a model trained by
 this library's stage-2 recipe or converted from MiniGPT-5's checkpoints saw in training; "plain" feeds the parts
-above (for GILL checkpoints). Answers are stored per format, never reused across formats.
+above (for GILL checkpoints). Answers are stored per format, never reused across formats, and each store folder
+records the settings that made its answers (another model, ``max_new_tokens``, diffusion options ... are refused).
 
 The image tables run Stable Diffusion on the step's ground-truth caption beside GILL. Differences from MiniGPT-5's
 ``metric.py``: no VIST CLIP-T (it was computed against the ``[IMG0]...[IMG7]`` placeholder string, not a caption),
@@ -28,7 +29,7 @@ from ..chat_templates import MINIGPT5_STOP, minigpt5_story_prompt, placeholder_p
 from ..training.data import PROMPT_FORMATS, TASK_INSTRUCTIONS
 from .contexts import ImageExample, context_image
 from .generators import EvaluatedModels
-from .image_benchmark import Row, generate_rows, sample_sections
+from .image_benchmark import Row, generate_rows, row_settings, sample_sections
 from .image_cache import ImageStore, TextStore
 from .image_quality import ImageMetrics, score_images
 from .metrics import mean_std
@@ -129,6 +130,9 @@ class PromptedRow(Row):
     def key(self) -> str:
         return stored_row(super().key, self.prompt_format)
 
+    def answer_settings(self, models: EvaluatedModels) -> dict:
+        return models.answer_settings(self.model, prompt_format=self.prompt_format)
+
 
 def _gill_row(prompt_type: str, prompt_format: str) -> PromptedRow:
     build = minigpt5_step_prompt if prompt_format == "minigpt5" else step_context
@@ -153,12 +157,24 @@ def _image_table(table: str, models, steps, seeds, store, metrics, prompt_types,
             sample_sections(rows, paths, steps, num=4))
 
 
-def _narration_table(models: EvaluatedModels, steps, out_dir, scorers: TextScorers, max_new_tokens: int,
+def _narration_prompt(prompt_format: str) -> tuple:
+    """(the narration input of a step, the stop string) under ``prompt_format``."""
+    return (minigpt5_narration_prompt, MINIGPT5_STOP) if prompt_format == "minigpt5" else (narration_context, None)
+
+
+def _narration_settings(models: EvaluatedModels, max_new_tokens: int, prompt_format: str) -> dict[str, dict]:
+    """``{row: settings}`` of the narrations' store folder (for ``TextStore.check`` / ``claim``)."""
+    return {stored_row("gill-narration", prompt_format): models.answer_settings(
+        "gill_text", max_new_tokens=max_new_tokens, stop=_narration_prompt(prompt_format)[1],
+        prompt_format=prompt_format)}
+
+
+def _narration_table(models: EvaluatedModels, steps, store: TextStore, scorers: TextScorers, max_new_tokens: int,
                      prompt_format: str) -> dict:
-    store = TextStore(out_dir)
-    minigpt5 = prompt_format == "minigpt5"
-    prompt, stop = (minigpt5_narration_prompt, MINIGPT5_STOP) if minigpt5 else (narration_context, None)
-    paths = store.ensure(stored_row("gill-narration", prompt_format), "greedy", [step.example_id for step in steps],
+    prompt, stop = _narration_prompt(prompt_format)
+    settings = _narration_settings(models, max_new_tokens, prompt_format)
+    store.claim(settings)
+    paths = store.ensure(next(iter(settings)), "greedy", [step.example_id for step in steps],
                          lambda i, _: models.gill_text(prompt(steps[i]), max_new_tokens, stop=stop))
     predictions = [TextStore.read(path) for path in paths]
     scores = scorers.score(predictions, [step.texts[-1] for step in steps], [key for key, _ in NARRATION_METRICS])
@@ -190,10 +206,16 @@ def evaluate_minigpt5_vist(models: EvaluatedModels, examples: Sequence[ImageExam
         raise ValueError("give at least one seed")
     stories = [story_steps(example) for example in examples]
     steps, finals = [step for story in stories for step in story], [story[-1] for story in stories]
-    store, results, markdown, sections = ImageStore(out_dir), {}, "", []
+    store, text_store, results, markdown, sections = ImageStore(out_dir), TextStore(out_dir), {}, "", []
+    # every store folder is checked before anything is written or generated
+    store.check(row_settings(models, [row for table in image_tables
+                                      for row in image_rows(table, prompt_types, baseline, prompt_format)]))
+    if "narration" in tables:
+        text_store.check(_narration_settings(models, max_new_tokens, prompt_format))
     for table in tables:
         if table == "narration":
-            results[table] = _narration_table(models, steps, out_dir, text_scorers, max_new_tokens, prompt_format)
+            results[table] = _narration_table(models, steps, text_store, text_scorers, max_new_tokens,
+                                              prompt_format)
             metric_columns = NARRATION_METRICS
         else:
             results[table], table_sections = _image_table(table, models, finals if table == "final-step" else steps,

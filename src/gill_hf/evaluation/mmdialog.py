@@ -6,10 +6,11 @@ human turn for an assistant response); GILL answers freely (greedy text, at most
 is written per ``prompt_format``: "minigpt5" (the default) as MiniGPT-5's stage-2 dialogue data
 (``chat_templates.minigpt5_dialogue_prompt``, the answer ending at its ``###``), what a model trained by this
 library's stage-2 recipe or converted from MiniGPT-5 saw; "plain" as texts and images interleaved (for GILL
-checkpoints). Answers are stored per format, never reused across formats. Per dialogue: BLEU-1,
-BLEU-2, ROUGE-L and SBERT averaged over its responses, and MM-Relevance (:mod:`.mm_relevance`, CLIP-F1 over its
-responses' text and image entries); each is then averaged over dialogues. IS is computed over all generated images
-(null when fewer than its splits were generated). Every metric is one value per seed, reported as mean ± std.
+checkpoints). Answers are stored per format, never reused across formats, nor across models or generation
+settings (the store folder records them). Per dialogue: BLEU-1, BLEU-2, ROUGE-L and SBERT averaged over its
+responses, and MM-Relevance (:mod:`.mm_relevance`, CLIP-F1 over its responses' text and image entries); each is
+then averaged over dialogues. IS is computed over all generated images (null when fewer than its splits were
+generated). Every metric is one value per seed, reported as mean ± std.
 """
 
 import html
@@ -108,10 +109,13 @@ def evaluate_mmdialog(models: EvaluatedModels, dialogues: Sequence[Dialogue], ou
     responses = response_examples(dialogues)
     if not responses:
         raise ValueError("no dialogue has a response to predict (every kept dialogue has a single turn)")
-    store, ids = ResponseStore(out_dir), [example_id for _, _, example_id in responses]
+    store, row = ResponseStore(out_dir), stored_row("gill", prompt_format)
+    ids = [example_id for _, _, example_id in responses]
+    store.claim({row: models.answer_settings("gill", max_new_tokens=max_new_tokens, stop=stop,
+                                             prompt_format=prompt_format)})
     per_seed, inception, predictions = {}, [], {}
     for seed in seeds:
-        paths = store.ensure(stored_row("gill", prompt_format), seed, ids, lambda i, s: models.gill_response(
+        paths = store.ensure(row, seed, ids, lambda i, s: models.gill_response(
             prompt(dialogues[responses[i][0]], responses[i][1]), s, max_new_tokens, stop=stop))
         predictions[seed] = [ResponseStore.read(path) for path in paths]
         for name, value in _dialogue_scores(dialogues, responses, predictions[seed], metrics, text_scorers).items():
