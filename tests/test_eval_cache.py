@@ -129,6 +129,8 @@ def test_answer_settings_follow_the_model_and_the_options(make_model):
     assert gill["gill_weights_sha256"] == tensors_sha256(model.adapter_state_dict().items())  # no LoRA here
     assert {k: gill[k] for k in sd if k != "answers"} == {k: v for k, v in sd.items() if k != "answers"}
     assert (gill["answers"], sd["answers"], gill["image_size"]) == ("gill", "sd", [32, 32])
+    assert gill["gill_model"] == "(in memory)" and sd["diffusion_model"] == os.path.abspath(
+        model.config.diffusion_model_name_or_path)
     with torch.no_grad():
         model.adapter.mapper.queries.add_(1e-3)
     retrained = EvaluatedModels(model, DiffusionSettings(2, 3.0, "ddim"))
@@ -158,8 +160,8 @@ def env(tmp_path_factory, make_model, tiny_backbones):
 def test_cli_refuses_other_settings_in_one_line_and_keeps_the_baseline(env, capsys, monkeypatch):
     out = str(env["root"] / "out")
 
-    def argv(model="gill", *extra):
-        return ["eval", "vist", str(env["root"] / model), "--out", out, *env["data"], "--settings", "1cap",
+    def argv(model="gill", *extra):  # a model of env["root"], or a path relative to the working directory
+        return ["eval", "vist", os.path.join(env["root"], model) if "/" not in model else model, "--out", out, *env["data"], "--settings", "1cap",
                 "--clip-model", env["clip"], "--steps", "1", *extra]
 
     def results():
@@ -167,6 +169,9 @@ def test_cli_refuses_other_settings_in_one_line_and_keeps_the_baseline(env, caps
             return json.load(f)["images"]
 
     assert main(argv()) == 0 and results() == {"generated": 2, "reused": 0}
+    with monkeypatch.context() as mp:  # the same folder named from elsewhere: the same model
+        mp.chdir(env["root"] / "vist_images")
+        assert main(argv("../gill")) == 0 and results() == {"generated": 0, "reused": 2}
     capsys.readouterr()
     before, made = _files(out), []
     monkeypatch.setattr(EvaluatedModels, "gill", lambda *a: made.append(a))  # nothing may be generated below

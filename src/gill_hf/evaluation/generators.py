@@ -8,6 +8,7 @@ an answer (the models' identities and options), the record that ties stored answ
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -84,7 +85,7 @@ class EvaluatedModels:
             config.pop(volatile, None)
         trained = [*self.model.adapter_state_dict().items(),
                    *((name, p) for name, p in self.model.language_model.named_parameters() if "lora_" in name)]
-        return {"gill_model": self.model.config._name_or_path or "(in memory)",
+        return {"gill_model": _source_name(self.model.config._name_or_path) or "(in memory)",
                 "gill_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()
                                                      ).hexdigest(),
                 "gill_weights_sha256": tensors_sha256(trained), "gill_dtype": str(self.model.language_model.dtype)}
@@ -98,7 +99,7 @@ class EvaluatedModels:
         weights = [(f"{name}.{key}", value) for name in ("unet", "vae", "text_encoder")
                    for key, value in getattr(sd, name).state_dict().items()]
         size = sd.unet.config.sample_size * sd.vae_scale_factor
-        return {"diffusion_model": self.diffusion_source, "diffusion_weights_sha256": tensors_sha256(weights),
+        return {"diffusion_model": _source_name(self.diffusion_source), "diffusion_weights_sha256": tensors_sha256(weights),
                 "scheduler": self.settings.scheduler,
                 "scheduler_config_sha256": hashlib.sha256(scheduler.encode()).hexdigest(),
                 "num_inference_steps": self.settings.num_inference_steps,
@@ -147,6 +148,11 @@ def _answer_text(parts: list, stop: str | None) -> str:
     """The text parts of an answer joined, cut before the first ``stop``, stripped."""
     text = "".join(part for part in parts if isinstance(part, str))
     return (text.split(stop, 1)[0] if stop else text).strip()
+
+
+def _source_name(source: str) -> str:
+    """A local folder as its absolute path (the same folder however it was named), a Hub id as it is."""
+    return os.path.abspath(source) if source and os.path.isdir(source) else source
 
 
 def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
