@@ -161,7 +161,8 @@ def test_cli_refuses_other_settings_in_one_line_and_keeps_the_baseline(env, caps
     out = str(env["root"] / "out")
 
     def argv(model="gill", *extra):  # a model of env["root"], or a path relative to the working directory
-        return ["eval", "vist", os.path.join(env["root"], model) if "/" not in model else model, "--out", out, *env["data"], "--settings", "1cap",
+        path = os.path.join(env["root"], model) if "/" not in model else model
+        return ["eval", "vist", path, "--out", out, *env["data"], "--settings", "1cap",
                 "--clip-model", env["clip"], "--steps", "1", *extra]
 
     def results():

@@ -99,8 +99,8 @@ class EvaluatedModels:
         weights = [(f"{name}.{key}", value) for name in ("unet", "vae", "text_encoder")
                    for key, value in getattr(sd, name).state_dict().items()]
         size = sd.unet.config.sample_size * sd.vae_scale_factor
-        return {"diffusion_model": _source_name(self.diffusion_source), "diffusion_weights_sha256": tensors_sha256(weights),
-                "scheduler": self.settings.scheduler,
+        return {"diffusion_model": _source_name(self.diffusion_source),
+                "diffusion_weights_sha256": tensors_sha256(weights), "scheduler": self.settings.scheduler,
                 "scheduler_config_sha256": hashlib.sha256(scheduler.encode()).hexdigest(),
                 "num_inference_steps": self.settings.num_inference_steps,
                 "guidance_scale": self.settings.guidance_scale, "diffusion_dtype": str(sd.unet.dtype),
