@@ -15,6 +15,7 @@ from PIL import Image
 
 from gill_hf.cli import main
 from gill_hf.evaluation import DiffusionSettings, EvaluatedModels
+from gill_hf.evaluation import generators
 from gill_hf.evaluation.generators import tensors_sha256
 from gill_hf.evaluation.image_cache import SETTINGS_NAME, ImageStore, ResponseStore, TextStore
 
@@ -118,28 +119,35 @@ def test_tensors_sha256_by_hand():
     assert tensors_sha256([("a", a + 1e-6), ("b", b)]) != expected.hexdigest()
 
 
-def test_answer_settings_follow_the_model_and_the_options(make_model):
+def test_answer_settings_follow_the_model_and_the_options(make_model, monkeypatch):
     model = make_model()
-    models = EvaluatedModels(model, DiffusionSettings(1, 7.5))
+    models, hashed = EvaluatedModels(model, DiffusionSettings(1, 7.5)), []
+    monkeypatch.setattr(generators, "tensors_sha256", lambda named: hashed.append(len(named)) or tensors_sha256(
+        named))
     gill, sd, text = models.answer_settings("gill"), models.answer_settings("sd"), models.answer_settings(
         "gill_text", max_new_tokens=4, stop="###", prompt_format="minigpt5")
     assert not any(key.startswith("gill_") for key in sd)  # the baseline stays valid across GILL models
     assert "num_inference_steps" not in text and "diffusion_model" not in text  # texts use no diffusion
     assert (text["max_new_tokens"], text["stop"], text["prompt_format"]) == (4, "###", "minigpt5")
-    assert gill["gill_weights_sha256"] == tensors_sha256(model.adapter_state_dict().items())  # no LoRA here
+    assert hashed == [len(model.adapter.state_dict()), len(models.sd.unet.state_dict()) + len(
+        models.sd.vae.state_dict()) + len(models.sd.text_encoder.state_dict())]  # each model hashed once
+    assert gill["gill_weights_sha256"] == tensors_sha256(model.adapter.state_dict().items())  # no LoRA here
     assert {k: gill[k] for k in sd if k != "answers"} == {k: v for k, v in sd.items() if k != "answers"}
     assert (gill["answers"], sd["answers"], gill["image_size"]) == ("gill", "sd", [32, 32])
     assert gill["gill_model"] == "(in memory)" and sd["diffusion_model"] == os.path.abspath(
         model.config.diffusion_model_name_or_path)
-    with torch.no_grad():
+    with torch.no_grad():  # trained further in place, the options edited: the same object follows both
         model.adapter.mapper.queries.add_(1e-3)
-    retrained = EvaluatedModels(model, DiffusionSettings(2, 3.0, "ddim"))
-    changed = retrained.answer_settings("gill")
-    assert {k for k in gill if gill[k] != changed[k]} == {
-        "gill_weights_sha256", "num_inference_steps", "guidance_scale", "scheduler"}
-    other_scheduler = EvaluatedModels(model, DiffusionSettings(2, 3.0, "ddim"))
-    other_scheduler.sd.scheduler = PNDMScheduler.from_config(other_scheduler.sd.scheduler.config)
-    assert {k for k in gill if other_scheduler.answer_settings("gill")[k] != changed[k]} == {"scheduler_config_sha256"}
+    models.settings.num_inference_steps, models.settings.guidance_scale = 2, 3.0
+    changed = models.answer_settings("gill")
+    assert hashed[2:] == [len(model.adapter.state_dict())]  # only the changed model is hashed again
+    assert {k for k in gill if gill[k] != changed[k]} == {"gill_weights_sha256", "num_inference_steps",
+                                                          "guidance_scale"}
+    ddim = EvaluatedModels(model, DiffusionSettings(2, 3.0, "ddim"))  # the tiny SD's own scheduler is DDIM
+    assert {k for k in gill if ddim.answer_settings("gill")[k] != changed[k]} == {"scheduler"}
+    ddim.sd.scheduler = ddim.pipe.scheduler = PNDMScheduler.from_config(ddim.sd.scheduler.config)
+    assert {k for k in gill if ddim.answer_settings("gill")[k] != changed[k]} == {"scheduler",
+                                                                                   "scheduler_config_sha256"}
     with pytest.raises(ValueError, match=r"unknown answer kind 'llm'; choose from \['gill', 'sd', 'gill_text'\]"):
         models.answer_settings("llm")
 

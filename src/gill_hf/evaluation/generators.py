@@ -11,7 +11,6 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from PIL import Image
@@ -40,6 +39,7 @@ class EvaluatedModels:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         self.model, self.settings = model.to(device), settings or DiffusionSettings()
+        self._weight_digests: dict[str, tuple] = {}  # part -> (tensor identities and versions, sha256)
         source = diffusion_model or model.config.diffusion_model_name_or_path
         if not source:
             raise ValueError("the GILL config names no diffusion model; pass diffusion_model=")
@@ -74,37 +74,46 @@ class EvaluatedModels:
             raise ValueError(f"unknown answer kind {kind!r}; choose from {list(self.ANSWER_KINDS)}")
         parts = {"gill": (self._gill_identity, self._diffusion_identity), "sd": (self._diffusion_identity,),
                  "gill_text": (self._gill_identity,)}[kind]
-        return {"answers": kind, **{k: v for part in parts for k, v in part.items()}, **generation}
+        return {"answers": kind, **{k: v for part in parts for k, v in part().items()}, **generation}
 
-    @cached_property
     def _gill_identity(self) -> dict:
         """The GILL model: where it was loaded from, its config and its trained tensors (adapter, LoRA), the LLM's
         dtype; the frozen backbones are named by the config."""
         config = self.model.config.to_dict()
         for volatile in ("_name_or_path", "transformers_version"):
             config.pop(volatile, None)
-        trained = [*self.model.adapter_state_dict().items(),
+        trained = [*self.model.adapter.state_dict(keep_vars=True).items(),
                    *((name, p) for name, p in self.model.language_model.named_parameters() if "lora_" in name)]
         return {"gill_model": _source_name(self.model.config._name_or_path) or "(in memory)",
                 "gill_config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()
                                                      ).hexdigest(),
-                "gill_weights_sha256": tensors_sha256(trained), "gill_dtype": str(self.model.language_model.dtype)}
+                "gill_weights_sha256": self._weights_sha256("gill", trained),
+                "gill_dtype": str(self.model.language_model.dtype)}
 
-    @cached_property
     def _diffusion_identity(self) -> dict:
         """The diffusion model (source, weights of UNet / VAE / text encoder, scheduler, dtype, output size in
         pixels) and the denoising options."""
         sd = self.sd
         scheduler = json.dumps([type(sd.scheduler).__name__, dict(sd.scheduler.config)], sort_keys=True, default=str)
         weights = [(f"{name}.{key}", value) for name in ("unet", "vae", "text_encoder")
-                   for key, value in getattr(sd, name).state_dict().items()]
+                   for key, value in getattr(sd, name).state_dict(keep_vars=True).items()]
         size = sd.unet.config.sample_size * sd.vae_scale_factor
         return {"diffusion_model": _source_name(self.diffusion_source),
-                "diffusion_weights_sha256": tensors_sha256(weights), "scheduler": self.settings.scheduler,
+                "diffusion_weights_sha256": self._weights_sha256("diffusion", weights),
+                "scheduler": self.settings.scheduler,
                 "scheduler_config_sha256": hashlib.sha256(scheduler.encode()).hexdigest(),
                 "num_inference_steps": self.settings.num_inference_steps,
                 "guidance_scale": self.settings.guidance_scale, "diffusion_dtype": str(sd.unet.dtype),
                 "image_size": [size, size]}
+
+    def _weights_sha256(self, part: str, named: list[tuple[str, torch.Tensor]]) -> str:
+        """:func:`tensors_sha256` of ``named``, kept until a tensor is replaced or changed in place (its version
+        counter moves), so a run hashes each model once however many rows it records."""
+        key = tuple((name, id(tensor), tensor._version) for name, tensor in named)
+        cached = self._weight_digests.get(part)
+        if cached is None or cached[0] != key:
+            cached = self._weight_digests[part] = (key, tensors_sha256(named))
+        return cached[1]
 
     def _denoise_kwargs(self, seed: int) -> dict:
         return {"num_inference_steps": self.settings.num_inference_steps,
