@@ -143,6 +143,9 @@ def test_answer_settings_follow_the_model_and_the_options(make_model, monkeypatc
     assert hashed[2:] == [len(model.adapter.state_dict())]  # only the changed model is hashed again
     assert {k for k in gill if gill[k] != changed[k]} == {"gill_weights_sha256", "num_inference_steps",
                                                           "guidance_scale"}
+    penalty, model.generation_config.repetition_penalty = model.generation_config.repetition_penalty, 1.3
+    assert {k for k in changed if models.answer_settings("gill")[k] != changed[k]} == {"gill_config_sha256"}
+    model.generation_config.repetition_penalty = penalty  # saved with the model, it changes greedy answers
     ddim = EvaluatedModels(model, DiffusionSettings(2, 3.0, "ddim"))  # the tiny SD's own scheduler is DDIM
     assert {k for k in gill if ddim.answer_settings("gill")[k] != changed[k]} == {"scheduler"}
     ddim.sd.scheduler = ddim.pipe.scheduler = PNDMScheduler.from_config(ddim.sd.scheduler.config)

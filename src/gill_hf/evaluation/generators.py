@@ -77,11 +77,13 @@ class EvaluatedModels:
         return {"answers": kind, **{k: v for part in parts for k, v in part().items()}, **generation}
 
     def _gill_identity(self) -> dict:
-        """The GILL model: where it was loaded from, its config and its trained tensors (adapter, LoRA), the LLM's
-        dtype; the frozen backbones are named by the config."""
+        """The GILL model: where it was loaded from, its config and generation config, its trained tensors
+        (adapter, LoRA), the LLM's dtype; the frozen backbones are named by the config."""
         config = self.model.config.to_dict()
         for volatile in ("_name_or_path", "transformers_version"):
             config.pop(volatile, None)
+        config = [config, json.loads(self.model.generation_config.to_json_string(use_diff=True,
+                                                                                  ignore_metadata=True))]
         trained = [*self.model.adapter.state_dict(keep_vars=True).items(),
                    *((name, p) for name, p in self.model.language_model.named_parameters() if "lora_" in name)]
         return {"gill_model": _source_name(self.model.config._name_or_path) or "(in memory)",
