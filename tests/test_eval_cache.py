@@ -95,6 +95,11 @@ def test_a_folder_without_a_record_is_refused(tmp_path):
                                          r"them are unknown; use another --out"):
         ImageStore(tmp_path).claim({"gill-row": {"num_inference_steps": 1}})
     assert _files(tmp_path) == before
+    record = legacy.parent / SETTINGS_NAME
+    for damaged, problem in (("{", "is not valid JSON"), ("[1]", r"is not a settings record \(a JSON object\)")):
+        record.write_text(damaged)
+        with pytest.raises(OSError, match=rf"{record} {problem}.*delete its folder to make its answers again"):
+            ImageStore(tmp_path).claim({"gill-row": {"num_inference_steps": 1}})
 
 
 def test_a_record_without_items_is_replaced_and_unclaimed_rows_are_refused(tmp_path):

@@ -110,11 +110,14 @@ def _read_record(path: str) -> dict | None:
     """A row folder's settings record, None when it has none; an unreadable one is an ``OSError`` naming it."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            record = json.load(f)
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as err:
         raise OSError(f"{path} is not valid JSON ({err}); delete its folder to make its answers again") from err
+    if not isinstance(record, dict):
+        raise OSError(f"{path} is not a settings record (a JSON object); delete its folder to make its answers again")
+    return record
 
 
 def _has_items(folder: str) -> bool:
