@@ -126,18 +126,26 @@ def _safe_relative(name: str) -> bool:
                                                                                 for p in parts)
 
 
+def read_json_record(path: str | os.PathLike, remedy: str):
+    """The JSON value in ``path``, None when there is no such file; an ``OSError`` naming the file and ``remedy``
+    when it is not UTF-8 JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise OSError(f"{os.fspath(path)} is not valid JSON ({err}); {remedy}") from err
+
+
 def read_manifest(folder: str | os.PathLike) -> dict | None:
     """The manifest of ``folder`` (``{"save_id", "files": {name: {"size", "sha256"}}}``), None when it has none.
 
     Raises ``OSError`` naming the file when it is unreadable or malformed (names must stay inside the folder)."""
     path = os.path.join(os.fspath(folder), MANIFEST_NAME)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:
+    manifest = read_json_record(path, "delete it to load the folder's files unchecked")
+    if manifest is None:
         return None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise OSError(f"{path} is not valid JSON ({err}); delete it to load the folder's files unchecked") from err
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or \
             not isinstance(manifest.get("files"), dict):
         raise OSError(f"{path} is not a gill_hf save manifest")

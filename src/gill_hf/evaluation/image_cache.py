@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path, write_text_atomic
+from ..atomic import atomic_path, read_json_record, write_text_atomic
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 SETTINGS_NAME = "settings.json"  # a row folder's record of the settings that make its items
@@ -108,14 +108,8 @@ class ImageStore:
 
 def _read_record(path: str) -> dict | None:
     """A row folder's settings record, None when it has none; an unreadable one is an ``OSError`` naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise OSError(f"{path} is not valid JSON ({err}); delete its folder to make its answers again") from err
-    if not isinstance(record, dict):
+    record = read_json_record(path, "delete its folder to make its answers again")
+    if record is not None and not isinstance(record, dict):
         raise OSError(f"{path} is not a settings record (a JSON object); delete its folder to make its answers again")
     return record
 
