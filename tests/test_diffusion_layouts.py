@@ -167,8 +167,8 @@ def test_sdxl_targets_are_the_stock_pipelines_embeds_and_round_trip(sdxl, tmp_pa
     store = TargetStore(precompute_targets(captions, tmp_path / "t", encoder, shard_size=2, dtype="float32",
                                            progress=False))
     assert store.pooled_dim == 32 and sorted(p.name for p in (tmp_path / "t").iterdir()) == [
-        "caption-keys.npy", "index.json", "null-pooled.npy", "null.npy", "pooled-00000.npy", "pooled-00001.npy", "shard-00000.npy",
-        "shard-00001.npy"]
+        "caption-keys.npy", "index.json", "null-pooled.npy", "null.npy", "pooled-00000.npy", "pooled-00001.npy",
+        "shard-00000.npy", "shard-00001.npy"]
     shards = [encoder(captions[:2]), encoder(captions[2:])]  # as written: one batch per shard
     for i in range(3):
         shard_embeds, shard_pooled = shards[i // 2]
