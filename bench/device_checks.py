@@ -19,6 +19,7 @@ failure never costs the others. The backbones are the toy world's (shipped with 
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -95,6 +96,8 @@ def offload(pipe: GILLPipeline, data, device: str) -> dict:
 def llm_4bit(paths: dict, data, device: str) -> dict:
     if device != "cuda":
         raise SkipCheck("bitsandbytes 4-bit loads need a CUDA device")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SkipCheck("bitsandbytes is not installed (pip install gill_hf[quantization-gpu])")
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
