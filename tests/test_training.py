@@ -6,6 +6,7 @@ import pytest
 import safetensors.torch
 import torch
 import yaml
+from torch.utils.data import ConcatDataset
 from transformers import TrainerCallback
 
 from gill_hf import GILLForConditionalGeneration
@@ -370,6 +371,30 @@ def test_train_gill_refuses_targets_it_would_not_use(make_model, toy_cc3m, tmp_p
         train_gill(model, ds, str(tmp_path / "d"), eval_dataset=vist, eval_targets=store, max_steps=1, **QUIET)
     trainer = train_gill(model, ds, str(tmp_path / "e"), eval_dataset=ds, eval_targets=store, max_steps=1, **QUIET)
     assert "eval_gen_loss" in trainer.evaluate()  # used, though the train split has no store
+    with pytest.raises(ValueError, match="stage 2 .* takes no targets"):
+        train_gill(model, ConcatDataset([vist, vist]), str(tmp_path / "f"), targets=store, max_steps=1, **QUIET)
+
+
+def test_streams_find_their_targets_by_caption_in_train_and_eval(make_model, toy_cc3m, tmp_path):
+    """A stream's items have no fixed position: an index-lookup collator is refused for one, and a streamed eval
+    split (here with a blank caption, which the store built from its usable captions leaves out) is looked up by
+    caption."""
+    import datasets
+
+    ds, _ = toy_cc3m
+    captions = list(ds.captions[:4])
+    captions[1] = "  "
+    rows = datasets.Dataset.from_dict({"caption": captions, "image": [ds[i]["image"] for i in range(4)]})
+    store = TargetStore(precompute_targets([c for c in captions if c.strip()], tmp_path / "eval-targets",
+                                           DiffusionTextEncoder(make_model().config.diffusion_model_name_or_path),
+                                           dtype="float32", progress=False))
+    model = make_model(pack_prob=0.0)
+    with pytest.raises(ValueError, match="must find targets by caption"):
+        train_gill(model, rows.to_iterable_dataset(), str(tmp_path / "a"), max_steps=1, targets=store,
+                   data_collator=GILLDataCollator(model.processor, targets=store), **QUIET)
+    trainer = train_gill(model, ds, str(tmp_path / "b"), eval_dataset=rows.to_iterable_dataset(),
+                         eval_targets=store, max_steps=1, per_device_eval_batch_size=4, **QUIET)
+    assert trainer.evaluate()["eval_gen_loss"] > 0
 
 
 def test_train_gill_takes_every_training_argument_and_names_typos(make_model, toy_cc3m, tmp_path):

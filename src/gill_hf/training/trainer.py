@@ -12,6 +12,7 @@ import re
 from collections import defaultdict
 
 import torch
+from torch.utils.data import ConcatDataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
@@ -25,6 +26,7 @@ from .data import (GILLDataCollator, InterleavedDataCollator, SkipCounter, Skipp
 from .distributed import (DEEPSPEED_NO_RESUME, gathered, gather_with_grad, prepare_for_zero3,
                           replicate_adapter_under_fsdp)
 from .lora import load_lora_weights
+from .mmdialog import MMDialogDataset
 from .streaming import StreamingCaptionDataset, as_training_dataset, streaming_dataloader
 
 logger = logging.get_logger(__name__)
@@ -423,11 +425,15 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
         eval_dataset = {name: as_caption_dataset(ds, columns) for name, ds in eval_dataset.items()}
     elif eval_dataset is not None:
         eval_dataset = as_caption_dataset(eval_dataset, columns)
-    if targets is not None and isinstance(train_dataset, VISTTaskDataset):
-        raise ValueError("stage 2 (a VISTTaskDataset) has no l_g: it takes no targets")
+    interleaved = _is_stage2(train_dataset)
+    if targets is not None and interleaved:
+        raise ValueError("stage 2 (VIST / MMDialog examples) has no l_g: it takes no targets")
     if data_collator is not None and targets is not None and getattr(data_collator, "targets", None) is not targets:
         raise ValueError("targets= feeds train_gill's own collator; a data_collator of your own must hold the store "
                          "itself (e.g. GILLDataCollator(processor, targets=store)), or it would train without it")
+    if stream and getattr(data_collator, "targets", None) is not None and data_collator.targets_by != "caption":
+        raise ValueError("a stream's examples have no fixed position: its collator must find targets by caption "
+                         "(GILLDataCollator(..., targets=store, targets_by='caption'))")
     if data_collator is not None and eval_targets is not None:
         raise ValueError("eval_targets= feeds train_gill's own eval collator; with a data_collator of your own, "
                          "evaluate with a collator holding the eval store")
@@ -436,8 +442,8 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     if eval_targets is not None:
         if eval_dataset is None or isinstance(eval_dataset, dict):
             raise ValueError("eval_targets needs one eval_dataset (a dict of splits takes a data_collator instead)")
-        if isinstance(eval_dataset, VISTTaskDataset):
-            raise ValueError("stage 2 (a VISTTaskDataset eval_dataset) has no l_g: it takes no eval_targets")
+        if _is_stage2(eval_dataset):
+            raise ValueError("stage 2 (VIST / MMDialog eval examples) has no l_g: it takes no eval_targets")
         if hasattr(eval_dataset, "captions"):
             eval_targets.check_captions(eval_dataset.captions)
     if model.config.ldm_loss_weight > 0 and ldm_loss is None:
@@ -450,21 +456,30 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     model.contrastive_gather = gather_with_grad  # identity in a single process
     ldm_size = ldm_loss.image_size if ldm_loss is not None else None
     eval_collator = None
-    if data_collator is None and isinstance(train_dataset, VISTTaskDataset):
+    if data_collator is None and interleaved:
         data_collator = InterleavedDataCollator(model.processor, ldm_image_size=ldm_size)
     elif data_collator is None:
         data_collator = GILLDataCollator(model.processor, max_length=max_length, targets=targets,
                                          ldm_image_size=ldm_size, targets_by="caption" if stream else "index")
-        if eval_dataset is not None and not isinstance(eval_dataset, VISTTaskDataset) and (
+        if eval_dataset is not None and not _is_stage2(eval_dataset) and (
                 targets is not None or eval_targets is not None):
-            # the train store indexes train examples: eval batches get their own store, or no l_g
-            eval_collator = GILLDataCollator(model.processor, max_length=max_length, targets=eval_targets,
-                                             ldm_image_size=ldm_size)
+            # the train store indexes train examples: eval batches get their own store, or no l_g; a streamed eval
+            # split has no fixed positions, so its rows are found by caption
+            eval_collator = GILLDataCollator(
+                model.processor, max_length=max_length, targets=eval_targets, ldm_image_size=ldm_size,
+                targets_by="index" if eval_targets is None or hasattr(eval_dataset, "captions") else "caption")
     summary = [SkippedExamplesCallback(data_collator)] if isinstance(data_collator, SkipCounter) else []
     return GILLTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                        data_collator=data_collator, eval_data_collator=eval_collator, ldm_loss=ldm_loss,
                        mapper_lr_mult=mapper_lr_mult,
                        callbacks=[RenormalizeImgEmbeddingsCallback(), *summary, *callbacks])
+
+
+def _is_stage2(dataset) -> bool:
+    """Whether ``dataset`` holds stage-2 examples (VIST tasks, MMDialog turns, or a concatenation of them)."""
+    if isinstance(dataset, ConcatDataset):
+        return bool(dataset.datasets) and all(_is_stage2(part) for part in dataset.datasets)
+    return isinstance(dataset, (VISTTaskDataset, MMDialogDataset))
 
 
 TRAINING_FIELDS = ("training_stage", "caption_loss_weight", "img_token_loss_weight", "gen_loss_weight", "ret_loss_weight",
