@@ -156,6 +156,12 @@ def test_answer_settings_follow_the_model_and_the_options(make_model, monkeypatc
     ddim.sd.scheduler = ddim.pipe.scheduler = PNDMScheduler.from_config(ddim.sd.scheduler.config)
     assert {k for k in gill if ddim.answer_settings("gill")[k] != changed[k]} == {"scheduler",
                                                                                    "scheduler_config_sha256"}
+    before = models.answer_settings("gill")["gill_weights_sha256"]
+    queries = model.adapter.mapper.queries
+    queries.data = queries.data + 1.0  # replaced storage, same Parameter and version counter
+    assert models.answer_settings("gill")["gill_weights_sha256"] != before
+    model.adapter.half()  # a dtype change keeps the Parameter objects
+    assert models.answer_settings("gill")["gill_weights_sha256"] == tensors_sha256(model.adapter.state_dict().items())
     with pytest.raises(ValueError, match=r"unknown answer kind 'llm'; choose from \['gill', 'sd', 'gill_text'\]"):
         models.answer_settings("llm")
 

@@ -67,8 +67,10 @@ def test_stores_without_keys_or_with_wrong_keys_are_named_and_a_rerun_adds_them(
 def test_colliding_caption_keys_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("gill_hf.training.targets.caption_keys", lambda captions: np.zeros(len(captions), "<u8"))
     with pytest.raises(ValueError, match="captions 'a' and 'b' share the 64-bit caption key 0x0000000000000000"):
-        precompute_targets(["a", "a", "b"], tmp_path, FakeEncoder(), progress=False)
-    assert not (tmp_path / KEYS_NAME).exists()
+        precompute_targets(["a", "a", "b"], tmp_path / "store", FakeEncoder(), progress=False)
+    assert not (tmp_path / "store").exists()  # nothing written: the remedy (change a caption) works in place
+    monkeypatch.undo()
+    precompute_targets(["a", "a", "b "], tmp_path / "store", FakeEncoder(), progress=False)
 
 
 def test_precompute_from_shards_and_datasets_equals_the_tsv_bit_for_bit(tmp_path, tiny_backbones, monkeypatch):

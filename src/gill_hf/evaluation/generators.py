@@ -109,9 +109,12 @@ class EvaluatedModels:
                 "image_size": [size, size]}
 
     def _weights_sha256(self, part: str, named: list[tuple[str, torch.Tensor]]) -> str:
-        """:func:`tensors_sha256` of ``named``, kept until a tensor is replaced or changed in place (its version
-        counter moves), so a run hashes each model once however many rows it records."""
-        key = tuple((name, id(tensor), tensor._version) for name, tensor in named)
+        """:func:`tensors_sha256` of ``named``, kept until a tensor is replaced (its storage, dtype, device or shape
+        change, as ``module.half()`` or ``p.data = ...`` do) or changed in place through autograd-visible ops (its
+        version counter moves), so a run hashes each model once however many rows it records. An in-place edit of
+        ``p.data`` is invisible to both; hash afresh (a new EvaluatedModels) after one."""
+        key = tuple((name, id(tensor), tensor.data_ptr(), tensor.dtype, tensor.device, tuple(tensor.shape),
+                     tensor._version) for name, tensor in named)
         cached = self._weight_digests.get(part)
         if cached is None or cached[0] != key:
             cached = self._weight_digests[part] = (key, tensors_sha256(named))

@@ -173,10 +173,11 @@ def precompute_targets(captions: list[str], out_dir: str | os.PathLike, encoder,
              "batch_size": batch_size, "null_sha256": _null_digest(null, null_pooled)}
     if null_pooled is not None:
         index["pooled_dim"] = null_pooled.shape[-1]
+    keys = _checked_keys(captions)  # before anything is written: a collision leaves no store behind
     start_or_resume(os.path.join(out_dir, INDEX_NAME), index, "a target store",
                     "resume with the same captions, settings and encoder, or use a new folder")
     if not os.path.exists(os.path.join(out_dir, KEYS_NAME)):  # any process: the same bytes (of the checked captions)
-        _atomic_save(os.path.join(out_dir, KEYS_NAME), _checked_keys(captions))
+        _atomic_save(os.path.join(out_dir, KEYS_NAME), keys)
     if not os.path.exists(os.path.join(out_dir, NULL_NAME)):  # any process: the same bytes (their digest is checked)
         if null_pooled is not None:  # written first: null.npy marks the null targets as complete
             _atomic_save(os.path.join(out_dir, NULL_POOLED_NAME), null_pooled)
