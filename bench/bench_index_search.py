@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from gill_hf import RetrievalIndex
+from gill_hf.retrieval import fp16_codes
 
 
 def exact_vs_floor(rows: int, dim: int, k: int, device: str, repeats: int, evict_mib: int):
@@ -87,12 +88,7 @@ READS = {"fp16 sum": lambda rows: lambda: rows.sum(), "int64 sum": lambda rows: 
 
 def _scanned_bytes(index: RetrievalIndex) -> torch.Tensor:
     """The fp16 rows a search of ``index`` reads: its embeddings, or the codes of its exact fp16 FAISS index."""
-    if index._faiss is None:
-        return index.embeddings
-    import faiss
-
-    codes = faiss.rev_swig_ptr(index._faiss.codes.data(), index._faiss.ntotal * index._faiss.code_size)
-    return torch.from_numpy(codes.view("float16").reshape(len(index), index.dim))
+    return index.embeddings if index._faiss is None else torch.from_numpy(fp16_codes(index._faiss))
 
 
 def timed_interleaved(fns: dict, device: str, repeats: int, before=lambda: None) -> dict[str, list[float]]:

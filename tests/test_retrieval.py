@@ -208,14 +208,53 @@ def test_faiss_scan_runs_in_a_forked_child_after_the_parent_scanned():
     """The parent's scan threads do not survive a fork; the child must get a pool of its own, not hang."""
     index = RetrievalIndex(torch.randn(5000, 8), [str(i) for i in range(5000)], dtype=torch.float16)
     query = torch.randn(8)
-    expected = index.search(query, k=3, scan="faiss")[1]
-    with multiprocessing.get_context("fork").Pool(1) as pool:
-        found = pool.apply_async(_search_in_child, (index, query)).get(timeout=60)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # the pool is used from 2 threads on, whatever the machine's core count
+    try:
+        expected = index.search(query, k=3, scan="faiss")[1]
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            found = pool.apply_async(_search_in_child, (index, query)).get(timeout=60)
+    finally:
+        torch.set_num_threads(previous)
     assert torch.equal(found, expected)
 
 
 def _search_in_child(index, query):
+    torch.set_num_threads(2)
     return index.search(query, k=3, scan="faiss")[1]
+
+
+def test_an_explicit_scan_bypasses_the_faiss_index_in_use(monkeypatch):
+    calls = []
+    real = retrieval._faiss_fp16_topk
+    monkeypatch.setattr(retrieval, "_faiss_fp16_topk", lambda *args: calls.append(1) or real(*args))
+    g = torch.Generator().manual_seed(7)
+    index = RetrievalIndex(torch.randn(300, 16, generator=g), [str(i) for i in range(300)], dtype=torch.float16)
+    query = torch.randn(16, generator=g)
+    exact = index.search(query, k=4, scan="torch")
+    index.use_faiss("fp16")
+    calls.clear()
+    assert torch.equal(index.search(query, k=4, scan="torch")[1], exact[1]) and calls == []  # torch, not FAISS
+    assert torch.equal(index.search(query, k=4)[1], exact[1]) and calls == [1]  # auto: the fp16 index's codes
+    flat = RetrievalIndex(index.embeddings.float(), index.paths, normalized=True).use_faiss("flat")
+    with pytest.raises(ValueError, match="not fp16"):  # the stored rows, whatever index is in use
+        flat.search(query, scan="faiss")
+
+
+def test_huge_pages_fall_back_to_plain_memory_where_the_kernel_refuses_them(monkeypatch):
+    class NoHugePages:
+        def madvise(self, advice):
+            raise OSError(22, "Invalid argument")
+
+        def close(self):
+            self.closed = True
+
+    refused = NoHugePages()
+    monkeypatch.setattr(retrieval, "_HUGE_PAGE_BYTES", 1)
+    monkeypatch.setattr(retrieval.mmap_module, "mmap", lambda *args, **kwargs: refused)
+    rows = torch.randn(64, 8)
+    index = RetrievalIndex(rows, [str(i) for i in range(64)], dtype=torch.float16)
+    assert refused.closed and torch.equal(index.embeddings, F.normalize(rows, dim=-1).half())
 
 
 def test_large_in_memory_rows_live_in_huge_pages(tmp_path, monkeypatch):

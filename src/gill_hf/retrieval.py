@@ -221,11 +221,12 @@ class RetrievalIndex:
         and row indices ``(Q, k)``. ``exclude``: a bool ``(Q, N)`` mask of candidates to skip (e.g. images
         already shown; it bypasses FAISS). Rows are scanned ``chunk_size`` at a time, so memory stays bounded.
 
-        ``scan`` picks the kernel of the exact scan over the stored rows (a FAISS index in use searches itself):
-        ``"torch"`` matmuls; ``"faiss"`` FAISS's fp16 scanner over row blocks in ``torch.get_num_threads()``
-        threads (fp16 rows on the CPU, no ``exclude``; scores are fp32 dot products of the fp16 rows, as the torch
-        path's re-scoring gives); ``"auto"`` the FAISS scanner for up to two queries when it applies and faiss is
-        installed, else torch."""
+        ``scan``: ``"auto"`` searches the FAISS index in use (see :meth:`use_faiss`), else scans the stored rows
+        exactly with FAISS's fp16 scanner for up to two queries when it applies and faiss is installed, else with
+        torch. ``"torch"`` / ``"faiss"`` scan the stored rows exactly with that kernel, bypassing a FAISS index in
+        use: torch matmuls, or FAISS's fp16 scanner over row blocks in ``torch.get_num_threads()`` threads (fp16
+        rows on the CPU, no ``exclude``; scores are fp32 dot products of the fp16 rows, as the torch path's
+        re-scoring gives)."""
         if scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
         single = queries.dim() == 1
@@ -239,7 +240,7 @@ class RetrievalIndex:
             raise ValueError(f"query rows {_rows(bad)} hold NaN or inf values")
         k = min(k, len(self))
         unit = F.normalize(queries.float(), dim=-1)
-        if self._faiss is not None and exclude is None:
+        if self._faiss is not None and exclude is None and scan == "auto":
             scores, indices = self._faiss_topk(unit.cpu(), k)
             short = (indices < 0).any(dim=1)  # an approximate index found fewer than k candidates
             if short.any():
@@ -253,8 +254,7 @@ class RetrievalIndex:
         """FAISS's top-k cosines and rows (-1 where it found too few), re-ranked exactly when ``_rerank > 1``."""
         index = self._faiss
         if _is_fp16_flat(index) and unit.shape[0] <= _FAISS_SCAN_QUERIES:  # its codes in parallel row blocks
-            codes = import_faiss().rev_swig_ptr(index.codes.data(), index.ntotal * index.code_size)
-            return _faiss_fp16_topk(codes.view(np.float16).reshape(index.ntotal, index.d), unit.numpy(), k)
+            return _faiss_fp16_topk(fp16_codes(index), unit.numpy(), k)
         cos, idx = index.search(unit.numpy(), min(k * self._rerank, len(self)))
         scores, indices = torch.from_numpy(cos).float(), torch.from_numpy(idx).long()
         if self._rerank == 1:
@@ -393,6 +393,12 @@ def _faiss_installed() -> bool:
     return True
 
 
+def fp16_codes(index) -> np.ndarray:
+    """The ``(N, p)`` fp16 rows an exact fp16 FAISS index holds, as a view of its codes (in memory or mapped)."""
+    codes = import_faiss().rev_swig_ptr(index.codes.data(), index.ntotal * index.code_size)
+    return codes.view(np.float16).reshape(index.ntotal, index.d)
+
+
 def _is_fp16_flat(index) -> bool:
     """Whether a FAISS index is the exact fp16 ``IndexScalarQuantizer`` (its codes are fp16 rows)."""
     faiss = import_faiss()
@@ -441,7 +447,11 @@ def _huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor
     if nbytes < _HUGE_PAGE_BYTES or not hasattr(mmap_module, "MADV_HUGEPAGE"):
         return None
     memory = mmap_module.mmap(-1, nbytes, flags=mmap_module.MAP_PRIVATE | mmap_module.MAP_ANONYMOUS)
-    memory.madvise(mmap_module.MADV_HUGEPAGE)
+    try:
+        memory.madvise(mmap_module.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages (EINVAL): plain memory instead
+        memory.close()
+        return None
     return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps the map alive
 
 
