@@ -2,6 +2,7 @@
 the stock ``StableDiffusion3Pipeline`` / ``FluxPipeline`` to GILLPipeline's pixels, the flow-matching objective,
 save/load, the precompute CLI and the layout-mismatch error."""
 
+import asyncio
 import copy
 
 import numpy as np
@@ -120,9 +121,10 @@ def test_flux_encode_prompt_drives_the_stock_pipeline_to_the_same_image(flux_mod
         pipe(prompt_embeds=embeds[..., :32], pooled_prompt_embeds=pooled, **DIFFUSION)
 
 
-def test_a_flux_transformer_without_guidance_embedding_refuses_guidance_scale(flux_model, flux):
+def test_a_flux_transformer_without_guidance_embedding_refuses_guidance_scale(flux_model, flux, monkeypatch):
     """FLUX.1-schnell has no guidance embedding: an explicit guidance_scale would be silently dropped, so it is
-    refused; None runs as the stock pipeline does. The web demo hides its guidance control and passes None."""
+    refused; None runs as the stock pipeline does. The web demo's panel holds a hidden None there instead of a
+    slider, and passes an API caller's value on (refused)."""
     from diffusers import FluxTransformer2DModel
 
     from gill_hf.demo.web import DemoSettings
@@ -146,7 +148,24 @@ def test_a_flux_transformer_without_guidance_embedding_refuses_guidance_scale(fl
     stock.set_progress_bar_config(disable=True)
     assert np.array_equal(image, stock(prompt_embeds=embeds, pooled_prompt_embeds=pooled, generator=seeded(0),
                                        output_type="np", **DIFFUSION).images[0])
-    assert DemoSettings(guidance_scale=2.0).pipeline_kwargs(pipe)["guidance_scale"] is None
+    assert DemoSettings().pipeline_kwargs(pipe)["guidance_scale"] is None  # the hidden control's value
+    import gradio as gr
+
+    from gill_hf.demo.web import build_demo
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+
+    async def build():  # inside a running loop: gradio makes (and never closes) one per lock otherwise
+        return build_demo(pipe)
+
+    control = next(block for block in asyncio.run(build()).blocks.values()
+                   if getattr(block, "label", None) == "Guidance scale")
+    assert isinstance(control, gr.Number) and not control.visible and control.value is None
+    assert control.preprocess(None) is None  # what the handlers receive from it
+    explicit = DemoSettings(guidance_scale=2.0, num_inference_steps=2).pipeline_kwargs(pipe)
+    with pytest.raises(ValueError, match="does not apply"):  # an /answer caller's explicit value is refused too
+        pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=32, width=32,
+             **{k: v for k, v in explicit.items() if k in ("guidance_scale", "num_inference_steps")})
 
 
 def _latents(ldm, pixels):

@@ -49,8 +49,9 @@ class DemoSettings:
     """The answer settings, one control each in the Settings panel (these are its starting values).
 
     ``temperature`` 0 decodes greedily; ``force_image`` asks for one image after ``force_image_after`` text
-    tokens; ``guidance_scale`` <= 1 turns classifier-free guidance off, None is the diffusion family's default
-    (``GILLPipeline.default_guidance_scale``: 7.5 for SD 1.x / 2.x, 5.0 for SDXL...).
+    tokens; ``guidance_scale`` <= 1 turns classifier-free guidance off (for Flux it is the embedded guidance), None
+    is the diffusion family's default (``GILLPipeline.default_guidance_scale``: 7.5 for SD 1.x / 2.x, 5.0 for
+    SDXL...), and the only value a Flux transformer without a guidance embedding takes (the panel then hides it).
     """
 
     decision: Literal["auto", "generate", "retrieve"] = "auto"
@@ -98,8 +99,7 @@ class DemoSettings:
     def pipeline_kwargs(self, pipe: GILLPipeline) -> dict:
         """Keyword arguments of ``pipe(...)`` for these settings (a fresh seeded generator each call)."""
         kwargs = dict(decision=self.decision, max_new_tokens=self.max_new_tokens,
-                      guidance_scale=self.guidance_scale if pipe.guidance_applies else None,
-                      num_inference_steps=self.num_inference_steps,
+                      guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
                       generator=torch.Generator(device=pipe.device).manual_seed(self.seed), num_candidates=3)
         if self.temperature > 0:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
@@ -379,7 +379,7 @@ def _describe(pipe: GILLPipeline) -> str:
     index = pipe.retrieval_index
     found = f"{len(index)} retrieval candidates" if index is not None else \
         "no retrieval index (auto generates every image; start with --index DIR to retrieve)"
-    return f"LLM `{os.path.basename(str(llm))}` on {pipe.unet.device.type}; {found}."
+    return f"LLM `{os.path.basename(str(llm))}` on {pipe.device.type}; {found}."  # UNet or transformer families
 
 
 def build_demo(pipeline_or_path=None, index=None, *, device=None, settings: DemoSettings | None = None,
@@ -424,8 +424,9 @@ def build_demo(pipeline_or_path=None, index=None, *, device=None, settings: Demo
                     gr.Slider(0.05, 1, value=settings.top_p, step=0.05, label="Top-p"),
                     gr.Slider(1, 256, value=settings.max_new_tokens, step=1, label="Max new tokens"),
                     gr.Slider(0, 20, value=pipe.default_guidance_scale if settings.guidance_scale is None
-                              else settings.guidance_scale, step=0.5, label="Guidance scale",
-                              visible=pipe.guidance_applies),  # hidden (and unused) without a guidance embedding
+                              else settings.guidance_scale, step=0.5, label="Guidance scale")
+                    if pipe.guidance_applies else gr.Number(value=None, visible=False, label="Guidance scale"),
+                    # a transformer without a guidance embedding takes none: a hidden None
                     gr.Slider(1, 100, value=settings.num_inference_steps, step=1, label="Diffusion steps"),
                     gr.Number(value=settings.seed, precision=0, minimum=0, maximum=MAX_SEED, label="Seed"),
                 ]
