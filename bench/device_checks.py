@@ -76,25 +76,25 @@ def pipeline(model, data, device: str) -> tuple[dict, GILLPipeline]:
 
 
 def offload(pipe: GILLPipeline, data, device: str) -> dict:
-    if device != "cuda":
+    if torch.device(device).type != "cuda":
         raise SkipCheck("model CPU offload needs a CUDA device")
 
     def image():
         torch.cuda.reset_peak_memory_stats()
         out = pipe([data.heldout_captions[0]], decision="generate", force_image_after=0, max_images=1,
-                   max_new_tokens=8, num_inference_steps=8, generator=torch.Generator("cuda").manual_seed(0),
+                   max_new_tokens=8, num_inference_steps=8, generator=torch.Generator(device).manual_seed(0),
                    output_type="pt")
         return torch.as_tensor(out.images[0]).float().cpu(), torch.cuda.max_memory_allocated()
 
     plain, plain_peak = image()
-    pipe.enable_model_cpu_offload()
+    pipe.enable_model_cpu_offload(device=device)
     offloaded, offload_peak = image()
     return {"max_abs_pixel_diff": (plain - offloaded).abs().max().item(), "peak_bytes_plain": plain_peak,
             "peak_bytes_offload": offload_peak}
 
 
 def llm_4bit(paths: dict, data, device: str) -> dict:
-    if device != "cuda":
+    if torch.device(device).type != "cuda":
         raise SkipCheck("bitsandbytes 4-bit loads need a CUDA device")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise SkipCheck("bitsandbytes is not installed (pip install gill_hf[quantization-gpu])")
@@ -102,10 +102,10 @@ def llm_4bit(paths: dict, data, device: str) -> dict:
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     models = {name: GILLForConditionalGeneration.from_backbones(
-        paths["llm"], paths["clip"], paths["sd"], dtype=torch.bfloat16, device_map="cuda", **MAPPER, **extra)
+        paths["llm"], paths["clip"], paths["sd"], dtype=torch.bfloat16, device_map=device, **MAPPER, **extra)
         for name, extra in (("bf16", {}), ("nf4", {"quantization_config": config}))}
     batch = models["bf16"].processor.encode_captions(data.train_captions[:4], max_length=32)
-    ids, mask = batch["input_ids"].to("cuda"), batch["attention_mask"].to("cuda")
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = ids.masked_fill(mask == 0, -100)
     out = {}
     for name, model in models.items():
@@ -140,13 +140,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for device_checks.json and the working files")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=_positive, default=20)
     parser.add_argument("--skip", nargs="*", default=[], choices=CHECKS)
     parser.add_argument("--bench-timeout-s", type=int, default=150)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     report = {"device": args.device, "torch": torch.__version__,
-              "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "checks": {}}
+              "gpu": torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else None,
+              "checks": {}}
     paths = toy_backbones(os.path.join(args.out, "backbones"))
     data = make_toy_data(QuickstartSettings(train_size=128), os.path.join(args.out, "data"))
     stores = make_target_stores({"train": data.train_captions}, paths["sd"], args.out)
@@ -180,6 +181,12 @@ def main():
               flush=True)
         with open(os.path.join(args.out, "device_checks.json"), "w") as handle:
             json.dump(report, handle, indent=1, default=str)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _keep(state: dict, key: str, result: dict, value) -> dict:
