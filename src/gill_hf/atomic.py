@@ -22,6 +22,7 @@ import uuid
 
 MANIFEST_NAME = "gill_manifest.json"
 MANIFEST_FORMAT = "gill_hf save manifest"
+TEMPORARY_PREFIX = ".gill-"  # atomic_path's temporary files (a killed write may leave one)
 STAGING_PREFIX = ".gill-save-"
 LOAD_RETRY_SECONDS = 2.0  # how long a reader waits for a save that is being moved in before it gives up
 _CHUNK = 1 << 20
@@ -44,7 +45,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
     with the usual file permissions, on error removed. ``suffix`` lets writers that go by extension pick a format."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gill-", suffix=suffix, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=suffix, dir=directory)
     os.close(fd)
     try:
         yield tmp

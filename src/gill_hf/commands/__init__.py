@@ -54,6 +54,17 @@ def output_path(value: str, what: str, kind: str) -> str:
     return path
 
 
+def found_shards(specs, what: str) -> list[str]:
+    """Webdataset shard files from brace patterns, folders or files (``~`` expanded); a ``UsageError`` naming ``what``
+    (the option or config field) when one is missing or not a tar, or webdataset is not installed."""
+    from ..training.streaming import find_shards
+
+    try:
+        return find_shards(os.path.expanduser(spec) for spec in ([specs] if isinstance(specs, str) else specs))
+    except (ValueError, ImportError) as error:
+        raise UsageError(f"{what}: {error}") from None
+
+
 def torch_device(text: str) -> str:
     """An argparse ``type``: a torch device name (cpu, cuda, cuda:1, mps ...)."""
     import torch

@@ -10,7 +10,8 @@ processes, one GPU each (each reads the captions itself)."""
 
 import os
 
-from . import UsageError, bounded, existing_path, looks_local, model_source, output_path, torch_device
+from . import (UsageError, bounded, existing_path, found_shards, looks_local, model_source, output_path,
+               torch_device)
 
 DATASET_OPTIONS = ("data_files", "split", "streaming")  # apply to --dataset only
 
@@ -33,7 +34,7 @@ def check_args(args):
     if args.tsv:
         args.tsv = existing_path(args.tsv, "tsv", "file")
     if args.shards:
-        args.shards = _found_shards(args.shards)
+        args.shards = found_shards(args.shards, "--shards")
     if args.dataset and looks_local(args.dataset):
         args.dataset = existing_path(args.dataset, "--dataset")
     args.out_dir = output_path(args.out_dir, "out_dir", "folder")
@@ -49,15 +50,6 @@ def check_args(args):
         args.rank = process_share(args.process_index, args.num_processes)[0]
     except ValueError as err:
         raise UsageError(str(err)) from err
-
-
-def _found_shards(specs: list[str]) -> list[str]:
-    from ..training.streaming import find_shards
-
-    try:
-        return find_shards(os.path.expanduser(spec) for spec in specs)
-    except (ValueError, ImportError) as error:
-        raise UsageError(f"--shards: {error}") from None
 
 
 def read_captions(args) -> list[str]:

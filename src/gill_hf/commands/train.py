@@ -46,7 +46,7 @@ import typing
 
 import yaml
 
-from . import UsageError, existing_path, model_source, output_path
+from . import UsageError, existing_path, found_shards, model_source, output_path
 
 STREAM_DEFAULTS = {"shards": None, "dataset": None, "data_files": None, "split": "train", "streaming": False,
                    "columns": None, "shuffle_buffer": 0}  # stage-1 sources other than the TSV
@@ -260,12 +260,7 @@ def _check_pairs_source(data: dict, training: dict):
         raise UsageError(f"data.shuffle_buffer ({data['shuffle_buffer']}) takes a value >= 0 and applies to streams "
                          "(data.shards, or data.dataset with data.streaming; the Trainer shuffles the others)")
     if data.get("shards"):
-        from ..training.streaming import find_shards
-
-        try:
-            data["shards"] = find_shards(os.path.expanduser(s) for s in _as_list(data["shards"]))
-        except (ValueError, ImportError) as error:
-            raise UsageError(f"data.shards: {error}") from None
+        data["shards"] = found_shards(_as_list(data["shards"]), "data.shards")
     if data.get("dataset") and looks_local(data["dataset"]):
         data["dataset"] = existing_path(data["dataset"], "data.dataset")
     if stream and data.get("targets"):

@@ -19,11 +19,10 @@ from collections.abc import Callable, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path, read_json_record, write_text_atomic
+from ..atomic import TEMPORARY_PREFIX, atomic_path, read_json_record, write_text_atomic
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 SETTINGS_NAME = "settings.json"  # a row folder's record of the settings that make its items
-_TEMPORARY_PREFIX = ".gill-"  # atomic_path's temporary files (a killed write may leave one): not items
 
 
 def safe_name(text: str) -> str:
@@ -116,7 +115,7 @@ def _read_record(path: str) -> dict | None:
 
 def _has_items(folder: str) -> bool:
     """Whether ``folder`` holds any file besides its record and temporary files."""
-    return any(name != SETTINGS_NAME and not name.startswith(_TEMPORARY_PREFIX)
+    return any(name != SETTINGS_NAME and not name.startswith(TEMPORARY_PREFIX)
                for _, _, names in os.walk(folder) for name in names)
 
 
