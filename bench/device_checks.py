@@ -31,7 +31,7 @@ import traceback
 import torch
 
 from gill_hf import GILLForConditionalGeneration, GILLPipeline, RetrievalIndex
-from gill_hf.demo.quickstart import MAPPER, QuickstartSettings, build_model, make_target_stores, make_toy_data
+from gill_hf.demo.quickstart import MAPPER, QuickstartSettings, make_target_stores, make_toy_data
 from gill_hf.toy_world.backbones import toy_backbones
 from gill_hf.training import CaptionImageDataset, train_gill
 
@@ -42,8 +42,9 @@ BENCHES = {"bench_decode.py": [], "bench_train_step.py": [], "bench_index_search
 def train(paths: dict, data, stores: dict, out: str, device: str, steps: int, dtype: torch.dtype
           ) -> tuple[dict, object]:
     """``train_gill`` defaults on the device; -> (measures, the trained model)."""
+    torch.manual_seed(0)  # the same fresh adapter for both backbone dtypes
     model = GILLForConditionalGeneration.from_backbones(paths["llm"], paths["clip"], paths["sd"], dtype=dtype,
-                                                        **MAPPER) if dtype != torch.float32 else build_model(paths, 0)
+                                                        **MAPPER)
     trainer = train_gill(model, CaptionImageDataset(data.train_captions, data.train_images), out,
                          targets=stores["train"], max_steps=steps, per_device_train_batch_size=16, logging_steps=1,
                          report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=device == "cpu")

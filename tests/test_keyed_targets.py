@@ -113,7 +113,7 @@ def _precompute_usage(capsys, argv, message):
     assert code == 2 and message in err and "Traceback" not in err, err
 
 
-def test_precompute_cli_names_bad_sources(capsys, tmp_path):
+def test_precompute_cli_names_bad_sources(capsys, tmp_path, monkeypatch):
     shards = _write_shards(tmp_path / "shards", num_shards=1)
     tsv = tmp_path / "t.tsv"
     tsv.write_text("caption\timage\na\t0.png\n")
@@ -125,6 +125,11 @@ def test_precompute_cli_names_bad_sources(capsys, tmp_path):
                       "--caption-column applies to a TSV or --dataset")
     _precompute_usage(capsys, [str(tsv), "out", "--streaming"], "--streaming applies to --dataset only")
     _precompute_usage(capsys, ["out", "--dataset", "./nope"], "--dataset: no such file or folder: ./nope")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    rows = tmp_path / "rows.json"
+    rows.write_text('{"words": "a red square"}\n')
+    _precompute_usage(capsys, [str(tmp_path / "out"), "--dataset", "json", "--data-files", str(rows)],
+                      "--dataset json: ")  # gill-hf train's loader, named by this command's option
     assert not (tmp_path / "out").exists()
 
 

@@ -53,35 +53,20 @@ def check_args(args):
 
 
 def read_captions(args) -> list[str]:
-    """The captions of the source given, as training reads them (empty ones left out)."""
+    """The captions of the source given, as ``gill-hf train`` reads it (:func:`.train.build_pairs`; empty ones
+    left out)."""
     from ..training import CaptionImageDataset, StreamingCaptionDataset
+    from .train import build_pairs
 
     if args.tsv:
         return CaptionImageDataset.from_tsv(args.tsv, caption_column=args.caption_column or "caption",
                                             image_column=args.image_column or "image").captions
-    if args.shards:
-        return StreamingCaptionDataset.from_shards(args.shards).read_captions()
-    return _dataset_captions(args)
-
-
-def _dataset_captions(args) -> list[str]:
-    """``datasets.load_dataset(--dataset, data_files=, split=, streaming=)``'s captions; a dataset that does not load
-    or lacks the columns is a ``UsageError``."""
-    import datasets
-
-    from ..training import StreamingCaptionDataset
-    from ..training.data import as_caption_dataset
-
     columns = {name: value for name, value in (("caption", args.caption_column), ("image", args.image_column))
                if value is not None}
-    try:
-        dataset = datasets.load_dataset(args.dataset, data_files=args.data_files, split=args.split or "train",
-                                        streaming=args.streaming)
-        if args.streaming:
-            return StreamingCaptionDataset.from_hf_dataset(dataset, columns).read_captions()
-        return as_caption_dataset(dataset, columns).captions
-    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise UsageError(f"--dataset {args.dataset}: {' '.join(str(error).split())}") from None
+    pairs = build_pairs({"shards": args.shards, "dataset": args.dataset, "data_files": args.data_files,
+                         "split": args.split or "train", "streaming": args.streaming, "columns": columns or None,
+                         "shuffle_buffer": 0}, seed=0, label="--dataset")
+    return pairs.read_captions() if isinstance(pairs, StreamingCaptionDataset) else pairs.captions
 
 
 def run(args) -> int:

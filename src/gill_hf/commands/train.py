@@ -372,9 +372,9 @@ def build_model(model_cfg: dict):
     return model
 
 
-def build_pairs(data: dict, seed: int):
+def build_pairs(data: dict, seed: int, label: str = "data.dataset"):
     """Stage 1's image-caption pairs: the TSV, the shards' stream or the ``datasets`` dataset (a stream when
-    ``data.streaming``); a dataset that does not load or lacks the columns is a ``UsageError``."""
+    ``data.streaming``); a dataset that does not load or lacks the columns is a ``UsageError`` naming ``label``."""
     from ..training import CaptionImageDataset, StreamingCaptionDataset
     from ..training.data import as_caption_dataset
 
@@ -392,7 +392,7 @@ def build_pairs(data: dict, seed: int):
                                                            shuffle_buffer=data["shuffle_buffer"], seed=seed)
         return as_caption_dataset(dataset, data["columns"])
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise UsageError(f"data.dataset {data['dataset']}: {' '.join(str(error).split())}") from None
+        raise UsageError(f"{label} {data['dataset']}: {' '.join(str(error).split())}") from None
 
 
 def build_trainer(config: dict):

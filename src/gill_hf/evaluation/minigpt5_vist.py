@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..chat_templates import MINIGPT5_STOP, minigpt5_story_prompt, placeholder_parts
-from ..training.data import PROMPT_FORMATS, TASK_INSTRUCTIONS
+from ..training.data import TASK_INSTRUCTIONS, check_prompt_format
 from .contexts import ImageExample, context_image
 from .generators import EvaluatedModels
 from .image_benchmark import Row, generate_rows, row_settings, sample_sections
@@ -105,13 +105,6 @@ def minigpt5_narration_prompt(step: ImageExample) -> list:
     captions and images, ``Tell me the next scene description by this image:`` and the step's own image."""
     text = minigpt5_story_prompt(step.texts[:-1], TASK_INSTRUCTIONS["text"], instruction_image=True)
     return placeholder_parts(text, [context_image(path) for path in [*step.context_images, step.target]])
-
-
-def check_prompt_format(prompt_format: str):
-    """``prompt_format`` is one of ``PROMPT_FORMATS`` ("minigpt5": MiniGPT-5's prompt strings, "plain": the
-    interleaved parts)."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"prompt_format must be one of {list(PROMPT_FORMATS)}, got {prompt_format!r}")
 
 
 def stored_row(row: str, prompt_format: str) -> str:

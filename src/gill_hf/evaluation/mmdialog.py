@@ -20,6 +20,7 @@ import numpy as np
 
 from ..chat_templates import MINIGPT5_STOP, minigpt5_dialogue_prompt, placeholder_parts
 from ..html_report import part_html
+from ..training.data import check_prompt_format
 from ..training.mmdialog import Dialogue, history_window
 from .contexts import context_image
 from .generators import EvaluatedModels
@@ -27,7 +28,7 @@ from .image_benchmark import batches
 from .image_cache import ResponseStore, safe_name
 from .image_quality import ImageMetrics
 from .metrics import cosine_similarities, mean_std
-from .minigpt5_vist import check_prompt_format, stored_row
+from .minigpt5_vist import stored_row
 from .mm_relevance import clip_f1, modality_entry
 from .report import figure, rows_table, thumbnail, write_report
 from .text_metrics import TextScorers

@@ -413,6 +413,13 @@ class GILLDataCollator(SkipCounter):
 # ---------------------------------------------------------------------------------------------------- stage 2
 TASKS = ("gen", "text_image", "text")  # MiniGPT-5's image-only, text+image and text-only generation tasks
 PROMPT_FORMATS = ("plain", "minigpt5")  # InterleavedDataCollator.prompt_format
+
+
+def check_prompt_format(prompt_format: str):
+    """``prompt_format`` is one of ``PROMPT_FORMATS`` ("minigpt5": MiniGPT-5's prompt strings, "plain": the
+    interleaved parts), else a ``ValueError``."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {list(PROMPT_FORMATS)}, got {prompt_format!r}")
 TASK_INSTRUCTIONS = {
     "gen": "Generate an image with the scene description: {text}",
     "text_image": "Tell me the next scene with image.",
@@ -573,8 +580,7 @@ class InterleavedDataCollator(SkipCounter):
     prompt_format: str = "plain"
 
     def __post_init__(self):
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        check_prompt_format(self.prompt_format)
 
     def checked(self, example: dict) -> dict:
         decoded = {key: _rgb(example[key]) for key in ("instruction_image", "output_image")

@@ -431,7 +431,8 @@ def train_gill(model, train_dataset, output_dir: str, *, data_collator=None, tar
     if data_collator is not None and targets is not None and getattr(data_collator, "targets", None) is not targets:
         raise ValueError("targets= feeds train_gill's own collator; a data_collator of your own must hold the store "
                          "itself (e.g. GILLDataCollator(processor, targets=store)), or it would train without it")
-    if stream and getattr(data_collator, "targets", None) is not None and data_collator.targets_by != "caption":
+    if stream and getattr(data_collator, "targets", None) is not None and \
+            getattr(data_collator, "targets_by", "index") != "caption":
         raise ValueError("a stream's examples have no fixed position: its collator must find targets by caption "
                          "(GILLDataCollator(..., targets=store, targets_by='caption'))")
     if data_collator is not None and eval_targets is not None:
